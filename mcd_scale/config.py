@@ -1,0 +1,533 @@
+"""One typed configuration tree for every stage of mcd_scale.
+
+The tree is a set of dataclasses (one per section) loaded from YAML files, later files overriding
+earlier ones, then ``--set section.key=value`` overrides. Everything is validated at parse time:
+unknown keys (with the nearest valid name), wrong types, and the cross-field rules of the
+parallel layout (see :func:`validate_layout`). The DeepSpeed JSON is *derived* from this tree by
+:func:`deepspeed_config`; nobody writes it by hand. The resolved tree is written to
+``<run.dir>/config.resolved.yaml`` and into every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem. The message names the field (or file) and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """The run directory: config.resolved.yaml, metrics.jsonl, tb/, checkpoints/."""
+    name: str = "mcd"
+    """A human-readable run name used in logs."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    """Number of real tokens V. The mask id is V (the model has V+1 meaningful outputs)."""
+    pad_vocab_multiple: int = 128
+    """The embedding/output table is padded to a multiple of this (independent of TP, so weights
+    are layout-independent); must be divisible by parallel.tp. Padded logits are set to -inf."""
+    seq_len: int = 128
+    """Tokens per sequence (fixed length, no padding)."""
+    hidden: int = 256
+    """Model width."""
+    layers: int = 4
+    """Number of transformer blocks; must be divisible by parallel.pp."""
+    heads: int = 4
+    """Attention heads; must be divisible by parallel.tp and divide hidden."""
+    ffn_hidden: int = 1024
+    """Width of the MLP; must be divisible by parallel.tp."""
+    dropout: float = 0.0
+    """Dropout on attention output and MLP output (0 disables)."""
+    time_conditioning: bool = False
+    """adaLN time conditioning (DiT-style). MDLM's OWT models are time-agnostic (False), which also
+    lets samplers reuse the network output when nothing changed."""
+    cond_dim: int = 128
+    """Width of the time embedding when time_conditioning is on."""
+    tie_embeddings: bool = False
+    """Tie the output projection to the input embedding (tied across pipeline stages if pp>1)."""
+    rope_base: float = 10000.0
+    """Rotary embedding base."""
+    norm_eps: float = 1e-5
+    """LayerNorm epsilon."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation."""
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size
+
+    @property
+    def padded_vocab(self) -> int:
+        m = self.pad_vocab_multiple
+        return int(math.ceil((self.vocab_size + 1) / m) * m)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (megatron-core column/row parallel layers)."""
+    pp: int = 1
+    """Pipeline-parallel size (DeepSpeed PipelineModule). Only with ZeRO stage 0 or 1."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0..3. Stage 2/3 only without pipeline parallelism."""
+    micro_batch: int = 4
+    """Sequences per data-parallel rank per micro-step."""
+    global_batch: int = 8
+    """Sequences per optimizer step across all data-parallel ranks:
+    global_batch = micro_batch x grad_accum x dp."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (saves memory, costs ~1/3 more compute)."""
+    pipeline_partition: str = "uniform"
+    """How PipelineModule splits layers: 'uniform' or 'parameters'."""
+    offload_optimizer: bool = False
+    """ZeRO optimizer-state offload to CPU (JIT-builds DeepSpeedCPUAdam on first use)."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 100
+    """Linear warmup steps from 0 to optimizer.lr."""
+    decay: str = "cosine"
+    """'cosine', 'linear' or 'constant' after warmup (over train.steps)."""
+    min_lr_ratio: float = 0.1
+    """Final lr as a fraction of the peak for cosine/linear decay."""
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "mdlm"
+    """'mdlm' (teacher pretraining, NELBO), 'mcd' (masked consistency distillation) or 'sdtt'
+    (the stochastic self-distillation baseline)."""
+    steps: int = 1000
+    """Optimizer steps to run in this job (for distillation: per round, see distill.steps_per_round)."""
+    seed: int = 1234
+    """Root seed. Every reproducible draw is keyed by (purpose, global sample id, seed)."""
+    precision: str = "fp32"
+    """'fp32' or 'bf16'."""
+    eval_every: int = 200
+    """Run validation every N steps (0 disables)."""
+    eval_batches: int = 4
+    """Global batches per validation."""
+    log_every: int = 10
+    """Console / TensorBoard / metrics.jsonl logging interval in steps."""
+    ema_decay: float = 0.0
+    """EMA of the trained weights (0 disables; distillation uses 0.999)."""
+    max_nonfinite_in_a_row: int = 5
+    """Abort with exit code 3 (diverged) after this many consecutive non-finite losses."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/prepared"
+    """Prepared token shards (tools/prepare_data.py output, with manifest.json)."""
+    trajectories: str = ""
+    """Trajectory shards for offline distillation (tools/precompute_trajectories.py output)."""
+    num_workers: int = 0
+    """Background reader workers per rank."""
+    skip_corrupt: bool = False
+    """Opt-in: skip (and count) unreadable samples instead of failing."""
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "loglinear"
+    """Masking schedule alpha_t: 'loglinear' (1-(1-eps)t) or 'cosine'."""
+    eps: float = 1e-3
+    """Schedule epsilon: alpha_1 = eps for loglinear."""
+    t_min: float = 1e-3
+    """Smallest sampled time: t = (1 - t_min) u + t_min."""
+    antithetic: bool = True
+    """Stratify t over the global batch (low-variance NELBO estimate)."""
+    duality_form: str = "uniform"
+    """How coupled trajectories draw thresholds: 'uniform' (fast, exact) or 'gaussian'."""
+
+
+@dataclass
+class TemperatureConfig:
+    schedule: str = "paper"
+    """'paper' (start, minus step per round, floored), 'constant' (start every round) or 'off' (1.0)."""
+    start: float = 0.96
+    step: float = 0.03
+    floor: float = 0.75
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""
+    """Teacher checkpoint directory (or a consolidated .safetensors file)."""
+    teacher_mode: str = "offline"
+    """'offline' (top-k targets streamed from trajectory shards) or 'online' (frozen teacher in job)."""
+    round: int = 0
+    """The distillation round this job trains (dt = dt0 * growth(round))."""
+    rounds: int = 4
+    """Total rounds the driver runs."""
+    steps_per_round: int = 500
+    """Optimizer steps per round."""
+    dt0: float = 1.0 / 512
+    """Step size of round 0."""
+    dt_growth: str = "double"
+    """'double' (dt0 * 2^n) or 'linear' (dt0 * (n+1))."""
+    divergence: str = "reverse_kl"
+    """Divergence on tokens masked at both t and s: 'reverse_kl' or 'forward_kl'."""
+    top_k: int = 64
+    """Teacher log-probabilities kept per position in trajectory shards (plus a tail bucket)."""
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+    """Teacher temperature per round."""
+    sdtt_teacher_steps: int = 2
+    """SDTT baseline: number of stochastic teacher steps of size dt."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    """Save every N steps (0: only at the end)."""
+    keep_last: int = 3
+    """Keep the newest N checkpoints (0 keeps all)."""
+    load: str = "latest"
+    """'latest' (resume if present), 'none', or a step number / tag to resume from."""
+    consolidated: bool = True
+    """Also write layout-independent full weights (model.safetensors) with each checkpoint."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard events under <run.dir>/tb."""
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s of one device for MFU (e.g. 989 for H100 bf16). None => MFU is null."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES = {
+    "parallel.pipeline_partition": ("uniform", "parameters"),
+    "schedule.decay": ("cosine", "linear", "constant"),
+    "train.objective": ("mdlm", "mcd", "sdtt"),
+    "train.precision": ("fp32", "bf16"),
+    "diffusion.schedule": ("loglinear", "cosine"),
+    "diffusion.duality_form": ("uniform", "gaussian"),
+    "distill.teacher_mode": ("offline", "online"),
+    "distill.dt_growth": ("double", "linear"),
+    "distill.divergence": ("reverse_kl", "forward_kl"),
+    "distill.temperature.schedule": ("paper", "constant", "off"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def _nearest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(sorted(options))}."
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML value to the dataclass field type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}.")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}.")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}.")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(eval_fraction(value))
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}.")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}.")
+    raise ConfigError(f"{where}: unsupported field type {tp!r}.")
+
+
+def eval_fraction(text: str) -> float:
+    """Parse '0.5', '1e-3' or a fraction like '1/512'."""
+    text = text.strip()
+    if "/" in text:
+        num, den = text.split("/", 1)
+        return float(num) / float(den)
+    return float(text)
+
+
+def _apply(obj: Any, data: dict, prefix: str, source: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{prefix or 'top level'}' must be a mapping, got {data!r}.")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{where}'.{_nearest(key, names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            _apply(getattr(obj, key), value if value is not None else {}, where + ".", source)
+        else:
+            setattr(obj, key, _coerce(value, tp, f"{source}: '{where}'"))
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value (e.g. --set parallel.tp=2).")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a Config from YAML files (later override earlier) and 'a.b=c' overrides.
+
+    Field-level validation (types, choices, ranges) happens here; layout rules that need the world
+    size happen in :func:`validate_layout`.
+    """
+    cfg = Config()
+    for path in files:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' does not exist (pass --config with a YAML file, "
+                              f"e.g. configs/tiny/teacher.yaml).")
+        with open(path, "r", encoding="utf-8") as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        _apply(cfg, data, "", path)
+    for text in overrides:
+        keys, value = _parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _apply(cfg, nested, "", f"--set {text}")
+    validate_fields(cfg)
+    return cfg
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate_fields(cfg: Config) -> None:
+    """Checks that need no world size."""
+    for dotted, options in CHOICES.items():
+        value = get_field(cfg, dotted)
+        _require(value in options, f"'{dotted}' = {value!r} is not one of {', '.join(options)}.")
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    for name in ("vocab_size", "seq_len", "hidden", "layers", "heads", "ffn_hidden", "pad_vocab_multiple"):
+        _require(getattr(m, name) > 0, f"'model.{name}' must be positive, got {getattr(m, name)}.")
+    _require(m.hidden % m.heads == 0,
+             f"'model.hidden' ({m.hidden}) must be divisible by 'model.heads' ({m.heads}).")
+    _require((m.hidden // m.heads) % 2 == 0,
+             f"head dim hidden/heads = {m.hidden // m.heads} must be even for rotary embeddings.")
+    _require(0.0 <= m.dropout < 1.0, f"'model.dropout' must be in [0, 1), got {m.dropout}.")
+    for name in ("tp", "pp", "micro_batch", "global_batch"):
+        _require(getattr(p, name) >= 1, f"'parallel.{name}' must be >= 1, got {getattr(p, name)}.")
+    _require(p.zero_stage in (0, 1, 2, 3), f"'parallel.zero_stage' must be 0, 1, 2 or 3, got {p.zero_stage}.")
+    _require(t.steps >= 0, f"'train.steps' must be >= 0, got {t.steps}.")
+    _require(0.0 <= t.ema_decay < 1.0, f"'train.ema_decay' must be in [0, 1), got {t.ema_decay}.")
+    _require(t.log_every >= 1, f"'train.log_every' must be >= 1, got {t.log_every}.")
+    _require(0.0 < cfg.diffusion.eps < 1.0, f"'diffusion.eps' must be in (0, 1), got {cfg.diffusion.eps}.")
+    _require(0.0 < cfg.diffusion.t_min < 1.0, f"'diffusion.t_min' must be in (0, 1), got {cfg.diffusion.t_min}.")
+    d = cfg.distill
+    _require(0.0 < d.dt0 < 1.0, f"'distill.dt0' must be in (0, 1), got {d.dt0}.")
+    _require(d.top_k >= 1, f"'distill.top_k' must be >= 1, got {d.top_k}.")
+    _require(0.0 < d.temperature.floor <= d.temperature.start,
+             f"'distill.temperature.floor' ({d.temperature.floor}) must be in (0, start={d.temperature.start}].")
+    _require(cfg.checkpoint.keep_last >= 0, "'checkpoint.keep_last' must be >= 0.")
+    _require(cfg.checkpoint.every >= 0, "'checkpoint.every' must be >= 0.")
+    if t.objective in ("mcd", "sdtt"):
+        _require(p.pp == 1 or (t.objective == "mcd" and d.teacher_mode == "offline"),
+                 "distillation with a teacher inside the job ('distill.teacher_mode: online' or "
+                 "'train.objective: sdtt') needs 'parallel.pp: 1'; use the TP x DP + ZeRO-3 menu, "
+                 "or offline trajectory shards with pipeline parallelism.")
+
+
+MENUS = ("the two valid menus are (a) 3D: TP x PP x DP with 'parallel.zero_stage' 0 or 1, "
+         "or (b) TP x DP with 'parallel.zero_stage: 3' (and 'parallel.pp: 1')")
+
+
+def validate_layout(cfg: Config, world_size: int) -> None:
+    """Rules that depend on the number of ranks. Raised before any process group exists."""
+    p, m = cfg.parallel, cfg.model
+    if p.pp > 1 and p.zero_stage >= 2:
+        raise ConfigError(f"'parallel.pp' = {p.pp} with 'parallel.zero_stage' = {p.zero_stage}: DeepSpeed's "
+                          f"pipeline engine refuses ZeRO-2/3; {MENUS}.")
+    if p.pp > 1 and p.zero_stage == 0 and cfg.train.precision == "bf16":
+        raise ConfigError("'parallel.pp' > 1 with bf16 and 'parallel.zero_stage: 0' cannot reload its own "
+                          "checkpoints (a DeepSpeed bug: KeyError in bf16_optimizer); set "
+                          "'parallel.zero_stage: 1'.")
+    _require(world_size % (p.tp * p.pp) == 0,
+             f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {p.tp} x {p.pp}; "
+             f"launch a multiple of {p.tp * p.pp} ranks or change the layout.")
+    dp = world_size // (p.tp * p.pp)
+    _require(m.heads % p.tp == 0, f"'model.heads' ({m.heads}) is not divisible by 'parallel.tp' ({p.tp}).")
+    _require(m.ffn_hidden % p.tp == 0,
+             f"'model.ffn_hidden' ({m.ffn_hidden}) is not divisible by 'parallel.tp' ({p.tp}).")
+    _require(m.padded_vocab % p.tp == 0,
+             f"padded vocabulary {m.padded_vocab} is not divisible by 'parallel.tp' ({p.tp}); raise "
+             f"'model.pad_vocab_multiple'.")
+    _require(m.layers % p.pp == 0, f"'model.layers' ({m.layers}) is not divisible by 'parallel.pp' ({p.pp}).")
+    _require(p.global_batch % (p.micro_batch * dp) == 0,
+             f"'parallel.global_batch' ({p.global_batch}) must equal micro_batch ({p.micro_batch}) x "
+             f"grad_accum x dp ({dp}); make it a multiple of {p.micro_batch * dp}.")
+
+
+def grad_accum(cfg: Config, world_size: int) -> int:
+    dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
+    return cfg.parallel.global_batch // (cfg.parallel.micro_batch * dp)
+
+
+# --------------------------------------------------------------------------------------------
+# Derived: DeepSpeed config, serialisation
+# --------------------------------------------------------------------------------------------
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON, derived from the tree (the only place it is written)."""
+    validate_layout(cfg, world_size)
+    p = cfg.parallel
+    ds: dict = {
+        "train_batch_size": p.global_batch,
+        "train_micro_batch_size_per_gpu": p.micro_batch,
+        "gradient_accumulation_steps": grad_accum(cfg, world_size),
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "steps_per_print": 10 ** 9,  # we log ourselves
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": p.zero_stage},
+        "zero_allow_untested_optimizer": True,
+    }
+    if p.zero_stage == 3:
+        ds["zero_optimization"].update({
+            "stage3_param_persistence_threshold": 0,
+            "stage3_gather_16bit_weights_on_model_save": False,
+        })
+    if p.offload_optimizer and p.zero_stage >= 1:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if cfg.train.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    if p.pp > 1:
+        ds["pipeline"] = {"activation_checkpoint_interval": 1 if p.activation_checkpointing else 0}
+    return ds
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(data: dict, source: str = "<dict>") -> Config:
+    cfg = Config()
+    _apply(cfg, data, "", source)
+    validate_fields(cfg)
+    return cfg
+
+
+def save_resolved(cfg: Config, path: str) -> None:
+    """Write the resolved YAML atomically."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(to_yaml(cfg))
+    os.replace(tmp, path)
+
+
+def get_field(cfg: Any, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def field_docs() -> dict[str, str]:
+    """{'section.key': docstring} for the config reference (docs/config.md is generated from it)."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+
+    def visit(cls, prefix):
+        src = inspect.getsource(cls)
+        tree = ast.parse(src)
+        body = tree.body[0].body
+        for i, node in enumerate(body):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                name = node.target.id
+                doc = ""
+                if i + 1 < len(body) and isinstance(body[i + 1], ast.Expr) and isinstance(
+                        getattr(body[i + 1], "value", None), ast.Constant):
+                    doc = " ".join(str(body[i + 1].value.value).split())
+                tp = typing.get_type_hints(cls)[name]
+                if dataclasses.is_dataclass(tp):
+                    visit(tp, f"{prefix}{name}.")
+                else:
+                    docs[f"{prefix}{name}"] = doc
+
+    visit(Config, "")
+    return docs

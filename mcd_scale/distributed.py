@@ -1,0 +1,311 @@
+"""Process start-up on every launcher, and the explicit parallel layout object.
+
+Launchers: ``deepspeed`` and ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* already set),
+``srun`` (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, master = first host of the node list) and
+``mpirun``/``mpiexec`` (OMPI_COMM_WORLD_* or PMI_*; we set MASTER_ADDR/PORT ourselves because
+DeepSpeed's own MPI discovery forces a non-loopback address and port 29500).
+
+Rank order (the same in megatron-core's groups and DeepSpeed's PipeModelDataParallelTopology):
+tensor fastest, then data, then pipe::
+
+    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+
+There is no process-group global of our own: :class:`ParallelDims` is built once and passed
+explicitly. (megatron-core's tensor-parallel layers read its ``parallel_state`` internally; we
+initialise it from the same object so the two agree.)
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher environment
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # 'torchrun' | 'slurm' | 'mpi' | 'single'
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First hostname of a SLURM node list such as 'gpu[003-005,009],login1' -> 'gpu003'."""
+    nodelist = nodelist.strip()
+    m = re.match(r"^([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if not m:
+        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, bracket = m.group(1), m.group(3)
+    if not bracket:
+        return prefix
+    first = bracket.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _slurm_port(job_id: str) -> int:
+    # Same on every task of the job without communication; avoids 29500 clashes between jobs on a node.
+    return 20000 + (int(job_id) % 20000) if job_id.isdigit() else 29500
+
+
+def detect_launch_env(env: Optional[dict] = None) -> LaunchEnv:
+    """Read rank/world/master from whichever launcher started us (pure: reads `env`)."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        addr = env.get("MASTER_ADDR") or first_slurm_host(nodelist)
+        port = int(env.get("MASTER_PORT") or _slurm_port(env.get("SLURM_JOB_ID", "")))
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                         addr, port, "slurm")
+    for rank_key, size_key, local_key in (
+            ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+            ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+            ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK")):
+        if rank_key in env and size_key in env:
+            return LaunchEnv(int(env[rank_key]), int(env[size_key]), int(env.get(local_key, 0)),
+                             env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 0)), "mpi")
+    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)), "single")
+
+
+def _mpi_agree_on_port(le: LaunchEnv) -> int:
+    """Under MPI, rank 0 picks a free port and broadcasts it (MASTER_PORT wins if set)."""
+    if le.master_port:
+        return le.master_port
+    from mpi4py import MPI  # imported only under MPI
+
+    port = _free_port() if le.rank == 0 else None
+    return int(MPI.COMM_WORLD.bcast(port, root=0))
+
+
+def export_launch_env(le: LaunchEnv) -> LaunchEnv:
+    """Set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* so torch and DeepSpeed skip their own discovery."""
+    if le.launcher == "mpi":
+        le.master_port = _mpi_agree_on_port(le)
+    elif le.launcher == "single" and not le.master_port:
+        le.master_port = _free_port()
+    os.environ.update({
+        "RANK": str(le.rank), "WORLD_SIZE": str(le.world_size), "LOCAL_RANK": str(le.local_rank),
+        "LOCAL_SIZE": os.environ.get("LOCAL_SIZE", str(le.world_size)),
+        "MASTER_ADDR": le.master_addr, "MASTER_PORT": str(le.master_port),
+    })
+    return le
+
+
+# --------------------------------------------------------------------------------------------
+# The layout
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ParallelDims:
+    """World layout: tensor x data x pipe, tensor fastest. Build with :meth:`build`."""
+    world_size: int
+    tp: int
+    pp: int
+    rank: int = 0
+    groups: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.world_size % (self.tp * self.pp) != 0:
+            raise ValueError(f"world size {self.world_size} not divisible by tp*pp={self.tp * self.pp}")
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+    # --- pure mapping (tested against DeepSpeed's topology for 1, 2, 4, 8 ranks) ---
+    def coords(self, rank: Optional[int] = None) -> tuple[int, int, int]:
+        """(pp_rank, dp_rank, tp_rank) of a global rank."""
+        r = self.rank if rank is None else rank
+        return r // (self.dp * self.tp), (r // self.tp) % self.dp, r % self.tp
+
+    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
+        return pp_rank * (self.dp * self.tp) + dp_rank * self.tp + tp_rank
+
+    def tp_ranks(self, rank: Optional[int] = None) -> list[int]:
+        p, d, _ = self.coords(rank)
+        return [self.rank_of(p, d, t) for t in range(self.tp)]
+
+    def dp_ranks(self, rank: Optional[int] = None) -> list[int]:
+        p, _, t = self.coords(rank)
+        return [self.rank_of(p, d, t) for d in range(self.dp)]
+
+    def pp_ranks(self, rank: Optional[int] = None) -> list[int]:
+        _, d, t = self.coords(rank)
+        return [self.rank_of(p, d, t) for p in range(self.pp)]
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coords()[0]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coords()[1]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coords()[2]
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    # --- groups ---
+    @classmethod
+    def build(cls, tp: int, pp: int) -> "ParallelDims":
+        """Create megatron-core's groups (tp-dp-pp order) on an initialised torch.distributed."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        dims = cls(world_size=world, tp=tp, pp=pp, rank=rank)
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     order="tp-cp-ep-dp-pp")
+        dims.groups = {"tp": ps.get_tensor_model_parallel_group(), "dp": ps.get_data_parallel_group(),
+                       "pp": ps.get_pipeline_model_parallel_group()}
+        # The groups we rely on must hold exactly the ranks our mapping says.
+        for name, expected in (("tp", dims.tp_ranks()), ("dp", dims.dp_ranks()), ("pp", dims.pp_ranks())):
+            got = sorted(dist.get_process_group_ranks(dims.groups[name]))
+            if got != expected:
+                raise RuntimeError(f"megatron-core {name} group {got} != expected {expected} on rank {rank}")
+        return dims
+
+    @property
+    def tp_group(self):
+        return self.groups.get("tp")
+
+    @property
+    def dp_group(self):
+        return self.groups.get("dp")
+
+    @property
+    def pp_group(self):
+        return self.groups.get("pp")
+
+    def mpu(self) -> "DeepSpeedMPU":
+        return DeepSpeedMPU(self)
+
+    def deepspeed_topology(self):
+        """DeepSpeed's pipeline topology (axes pipe, data, model) for the same layout."""
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+        return PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
+
+
+class DeepSpeedMPU:
+    """The `mpu` object DeepSpeed expects, answering from a ParallelDims (megatron names included)."""
+
+    def __init__(self, dims: ParallelDims):
+        self.dims = dims
+
+    def get_model_parallel_rank(self):
+        return self.dims.tp_rank
+
+    def get_model_parallel_world_size(self):
+        return self.dims.tp
+
+    def get_model_parallel_group(self):
+        return self.dims.tp_group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self):
+        return self.dims.dp_rank
+
+    def get_data_parallel_world_size(self):
+        return self.dims.dp
+
+    def get_data_parallel_group(self):
+        return self.dims.dp_group
+
+    def get_pipeline_model_parallel_rank(self):
+        return self.dims.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self):
+        return self.dims.pp
+
+    def get_pipeline_model_parallel_group(self):
+        return self.dims.pp_group
+
+
+# --------------------------------------------------------------------------------------------
+# Start-up
+# --------------------------------------------------------------------------------------------
+def backend_for_device() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(tp: int = 1, pp: int = 1, timeout_s: float = 600.0) -> ParallelDims:
+    """Start torch.distributed (via DeepSpeed's comm) under any launcher and build the layout."""
+    import datetime
+
+    import deepspeed
+
+    le = export_launch_env(detect_launch_env())
+    if torch.cuda.is_available():
+        torch.cuda.set_device(le.local_rank % max(torch.cuda.device_count(), 1))
+    deepspeed.init_distributed(dist_backend=backend_for_device(), auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    return ParallelDims.build(tp=tp, pp=pp)
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    try:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+    except Exception:  # pragma: no cover - best effort on exit paths
+        pass
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_ranks_agree_ok(ok: bool, message: str = "") -> None:
+    """Raise on every rank if any rank failed (so errors never leave peers hanging in a collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if not ok:
+            raise RuntimeError(message)
+        return
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    dist.all_reduce(flag)
+    if int(flag.item()) > 0:
+        raise RuntimeError(message or f"{int(flag.item())} rank(s) failed; see their logs")
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def rank0_print(*args: Any, **kwargs: Any) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)

@@ -1,0 +1,60 @@
+"""Entry point: ``deepspeed mcd_scale/train.py --config FILE [FILE ...] [--set key=value ...]``.
+
+Also ``python -m mcd_scale.train`` under torchrun / srun / mpirun. The config is parsed and
+validated before anything else (no process group, no heavy import), so a bad config fails on
+every rank within seconds with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mcd_scale import EXIT_CONFIG  # noqa: E402
+from mcd_scale.config import ConfigError, load_config, validate_layout  # noqa: E402
+from mcd_scale.distributed import detect_launch_env  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mcd_scale/train.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", nargs="+", required=True, metavar="FILE",
+                   help="YAML config files; later files override earlier ones")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field, e.g. --set parallel.tp=2 (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config (and the layout for --world-size) and exit")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: the number of ranks to validate for (default: the launcher's)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    world = args.world_size or detect_launch_env().world_size
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate_layout(cfg, world)
+    except ConfigError as exc:
+        print(f"[rank {detect_launch_env().rank}] config error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    if args.dry_run:
+        from mcd_scale.config import deepspeed_config, grad_accum
+        import json
+
+        print(json.dumps({"ok": True, "world_size": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
+                          "dp": world // (cfg.parallel.tp * cfg.parallel.pp),
+                          "grad_accum": grad_accum(cfg, world),
+                          "deepspeed": deepspeed_config(cfg, world)}, indent=2))
+        return 0
+    from mcd_scale.trainer import run_training
+
+    return run_training(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mcd_scale",
+    version="0.1.0",
+    description="Distributed training of masked diffusion LMs and Masked Consistency Distillation students",
+    packages=find_packages(include=["mcd_scale", "mcd_scale.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4", "deepspeed>=0.16", "megatron-core>=0.12", "webdataset>=0.2.90",
+        "sentencepiece", "tensorboard", "numpy", "pyyaml", "tqdm", "matplotlib", "safetensors", "scipy",
+    ],
+    extras_require={
+        "mpi": ["mpi4py"],
+        # NVIDIA apex is built from source on GPU clusters (see docs/install.md); the PyPI package
+        # named 'apex' is an unrelated project and must never be installed.
+        "test": ["pytest"],
+    },
+)

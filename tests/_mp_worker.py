@@ -1,0 +1,34 @@
+"""One rank of tests.mp.run_ranks: import module:function, call it, save the result."""
+import importlib
+import os
+import sys
+import traceback
+
+import torch
+
+
+def main() -> int:
+    target, tmp = sys.argv[1], sys.argv[2]
+    module, _, name = target.partition(":")
+    kwargs = torch.load(os.path.join(tmp, "kwargs.pt"), weights_only=False)
+    rank = int(os.environ["RANK"])
+    try:
+        fn = getattr(importlib.import_module(module), name)
+        result = fn(**kwargs)
+        torch.save(result, os.path.join(tmp, f"result{rank}.pt"))
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        return 1
+    finally:
+        try:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
