@@ -1,0 +1,258 @@
+"""The one training loop, shared by teacher pretraining (MDLM) and distillation (MCD / SDTT).
+
+    for step in [state.step, train.steps):
+        micro-batches of this DP rank  ->  objective.prepare  ->  engine.train_step
+        non-finite policy (all-reduced skip; abort after K in a row with EXIT_DIVERGED)
+        log (console / TensorBoard / metrics.jsonl), validate, checkpoint
+        preemption (SIGTERM / SIGUSR1): checkpoint, exit EXIT_PREEMPTED
+
+Exit paths are API: normal end saves a final checkpoint and closes writers (EXIT_OK); preemption
+saves and returns EXIT_PREEMPTED so a SLURM script can requeue; divergence returns EXIT_DIVERGED.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from mcd_scale import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
+from mcd_scale.checkpoint import (TrainState, checkpoint_root, load_rng_states, load_train_state,
+                                  resolve_load_tag, restore_rng, save_checkpoint)
+from mcd_scale.config import Config, save_resolved, to_yaml
+from mcd_scale.distributed import ParallelDims, init_distributed, shutdown
+from mcd_scale.metrics import MetricsLogger, format_eta, plot_loss_curves
+
+
+class _Preemption:
+    """SIGTERM/SIGUSR1 set a flag; the loop all-reduces it at a step boundary (never mid-step)."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. in-process tests)
+                pass
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def any_rank(self) -> bool:
+        t = torch.tensor([1.0 if self.requested else 0.0], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def build_data(cfg: Config, dims: ParallelDims, objective_name: str):
+    """(train dataset, validation dataset) — token shards, or trajectory shards for offline MCD."""
+    from mcd_scale.data.shards import ShardedDataset
+
+    if objective_name == "mcd" and cfg.distill.teacher_mode == "offline":
+        from mcd_scale.data.trajectories import open_trajectories
+
+        train = open_trajectories(cfg)
+    else:
+        train = _open_tokens(cfg, "train")
+    val = _open_tokens(cfg, "validation")
+    return train, val
+
+
+def _open_tokens(cfg: Config, split: str):
+    from mcd_scale.data.manifest import check_manifest, load_manifest
+    from mcd_scale.data.shards import ShardedDataset
+
+    manifest = load_manifest(cfg.data.path)
+    check_manifest(manifest, {"seq_len": cfg.model.seq_len, "vocab_size": cfg.model.vocab_size},
+                   os.path.join(cfg.data.path, "manifest.json"))
+    return ShardedDataset(os.path.join(cfg.data.path, split), skip_corrupt=cfg.data.skip_corrupt)
+
+
+def _loader(cfg: Config, dims: ParallelDims, dataset, start_step: int, seed_purpose: int = 0):
+    from mcd_scale.data.loader import MicroBatchLoader
+    from mcd_scale.data.sampler import GlobalBatchSampler
+
+    sampler = GlobalBatchSampler(len(dataset), cfg.parallel.global_batch, cfg.train.seed + seed_purpose)
+    return sampler, MicroBatchLoader(dataset, sampler, dims.dp_rank, dims.dp, cfg.parallel.micro_batch,
+                                     start_step=start_step, num_workers=cfg.data.num_workers)
+
+
+def run_training(cfg: Config, dims: Optional[ParallelDims] = None) -> int:
+    """Entry used by mcd_scale/train.py. Returns an exit code (see mcd_scale.EXIT_*)."""
+    own_dist = dims is None
+    if dims is None:
+        dims = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
+    try:
+        return Trainer(cfg, dims).fit()
+    finally:
+        if own_dist:
+            shutdown()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dims: ParallelDims):
+        from mcd_scale.engine import TrainEngine
+        from mcd_scale.objectives import MdlmObjective, build_objective
+
+        self.cfg, self.dims = cfg, dims
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.run_dir = cfg.run.dir
+        if self.rank == 0:
+            save_resolved(cfg, os.path.join(self.run_dir, "config.resolved.yaml"))
+        teacher_state = self._teacher_state()
+        self.objective = build_objective(cfg, dims, teacher_state)
+        self.eval_objective = MdlmObjective(cfg, dims)  # validation NELBO for every stage
+        self.engine = TrainEngine(cfg, dims, self.objective.loss, init_state=teacher_state)
+        if hasattr(self.objective, "attach"):
+            self.objective.attach(self.engine)
+        self.train_set, self.val_set = build_data(cfg, dims, cfg.train.objective)
+        self.state = TrainState(round=cfg.distill.round)
+        self.root = checkpoint_root(self.run_dir)
+        self._maybe_resume()
+        self.ema = None
+        if cfg.train.ema_decay > 0:
+            from mcd_scale.distill.ema import EMA
+
+            self.ema = EMA([p for p in self.engine.module.parameters() if p.requires_grad], cfg.train.ema_decay)
+        self.logger = MetricsLogger(self.run_dir, self.rank == 0, cfg.logging.tensorboard, cfg.train.steps)
+        from mcd_scale.model.flops import training_flops_per_token
+
+        self.flops_per_token = training_flops_per_token(cfg.model)
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _teacher_state(self) -> Optional[dict]:
+        """Distillation: the student starts from the teacher's consolidated weights."""
+        if self.cfg.train.objective == "mdlm" or not self.cfg.distill.teacher:
+            return None
+        from mcd_scale.distill.checkpoints import load_teacher_weights
+
+        return load_teacher_weights(self.cfg.distill.teacher)
+
+    def _maybe_resume(self) -> None:
+        # Every rank resolves the tag itself: checkpoints live on a filesystem all ranks share.
+        tag = resolve_load_tag(self.root, self.cfg.checkpoint.load)
+        if tag is None:
+            return
+        self.engine.engine.load_checkpoint(self.root, tag=tag)
+        self.state = load_train_state(self.root, tag)
+        rest = restore_rng(load_rng_states(self.root, tag, self.rank))
+        if rest and hasattr(self.engine.module, "load_rng_tracker_states"):
+            self.engine.module.load_rng_tracker_states(rest)
+        if self.rank == 0:
+            print(f"resumed from {os.path.join(self.root, tag)} at step {self.state.step}", flush=True)
+
+    def _save(self) -> None:
+        full = self.engine.full_state_dict() if self.cfg.checkpoint.consolidated else None
+        extra = self.engine.module.rng_tracker_states() if hasattr(self.engine.module, "rng_tracker_states") else None
+        self.state.data_cursor = {"consumed_samples": self.state.consumed_samples,
+                                  "global_batch": self.cfg.parallel.global_batch, "seed": self.cfg.train.seed}
+        save_checkpoint(self.engine.engine, self.run_dir, self.state, to_yaml(self.cfg), self.rank,
+                        self.dims.world_size, self.cfg.checkpoint.keep_last,
+                        full_weights=full if self.rank == 0 else None, rng_extra=extra, barrier=_barrier)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> dict:
+        from mcd_scale.data.loader import MicroBatchLoader
+        from mcd_scale.data.sampler import GlobalBatchSampler
+
+        cfg = self.cfg
+        sampler = GlobalBatchSampler(len(self.val_set), cfg.parallel.global_batch, cfg.train.seed)
+        loader = MicroBatchLoader(self.val_set, sampler, self.dims.dp_rank, self.dims.dp, cfg.parallel.micro_batch,
+                                  start_step=0, num_workers=0)
+        engine = self.engine
+        losses = []
+        it = iter(loader)
+        # Fixed batches and a fixed corruption key (step -1 - b) -> comparable across layouts and time.
+        for b in range(cfg.train.eval_batches):
+            micro = next(it)
+            prepared = [self.eval_objective.prepare(m, step=10 ** 9 + b) for m in micro]
+            if engine.pipeline:
+                losses.append(engine.eval_loss(prepared))
+            else:
+                with torch.no_grad():
+                    engine.engine.eval()
+                    vals = [self.eval_objective.loss(engine.engine(*inp), lab).float() for inp, lab in prepared]
+                    losses.append(engine._world_mean(torch.stack(vals).mean()))
+        nelbo = sum(losses) / len(losses)
+        import math
+
+        return {"nelbo": nelbo, "ppl_bound": math.exp(min(nelbo, 50.0))}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> int:
+        cfg, state = self.cfg, self.state
+        preempt = _Preemption()
+        _, loader = _loader(cfg, self.dims, self.train_set, start_step=state.step)
+        it = iter(loader)
+        tokens_per_step = cfg.parallel.global_batch * cfg.model.seq_len
+        exit_code = EXIT_OK
+        last_log_t, last_log_step, wait_acc = time.time(), state.step, 0.0
+        val = None
+        try:
+            while state.step < cfg.train.steps:
+                t_wait = time.time()
+                micro = next(it)
+                wait_acc += time.time() - t_wait
+                prepared = [self.objective.prepare(m, state.step) for m in micro]
+                loss, skipped = self.engine.train_step(prepared)
+                state.step += 1
+                state.consumed_samples += cfg.parallel.global_batch
+                if skipped or not (loss == loss and abs(loss) != float("inf")):
+                    state.nonfinite_skipped += 1
+                    state.nonfinite_in_a_row += 1
+                    self.logger.console(f"step {state.step}: non-finite loss, update skipped "
+                                        f"({state.nonfinite_in_a_row} in a row)")
+                    if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
+                        self.logger.console(f"aborting: {state.nonfinite_in_a_row} non-finite losses in a row "
+                                            f"(train.max_nonfinite_in_a_row)")
+                        exit_code = EXIT_DIVERGED
+                        break
+                else:
+                    state.nonfinite_in_a_row = 0
+                    if self.ema is not None:
+                        self.ema.update()
+                if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+                    now = time.time()
+                    dt = max(now - last_log_t, 1e-9)
+                    steps = state.step - last_log_step
+                    tps = tokens_per_step * steps / dt
+                    tflops = self.flops_per_token * tps / self.dims.world_size / 1e12
+                    peak = cfg.logging.peak_tflops
+                    rec = {"loss": loss, "lr": self.engine.lr(), "grad_norm": self.engine.grad_norm(),
+                           "tokens_per_s": tps, "tflops": tflops, "mfu": (tflops / peak) if peak else None,
+                           "data_wait_pct": 100.0 * wait_acc / dt, "skipped_total": state.nonfinite_skipped}
+                    self.logger.log(state.step, rec)
+                    gn = rec["grad_norm"]
+                    self.logger.console(
+                        f"step {state.step}/{cfg.train.steps} loss {loss:.4f} lr {rec['lr']:.2e} "
+                        f"gnorm {gn if gn is None else f'{gn:.3f}'} tok/s {tps:,.0f} data-wait {rec['data_wait_pct']:.1f}% "
+                        f"eta {format_eta(self.logger.eta_s(state.step))}")
+                    last_log_t, last_log_step, wait_acc = now, state.step, 0.0
+                if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
+                    val = self.validate()
+                    self.logger.log(state.step, val, prefix="val")
+                    self.logger.console(f"step {state.step} validation NELBO {val['nelbo']:.4f} "
+                                        f"(ppl <= {val['ppl_bound']:.1f})")
+                if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and state.step < cfg.train.steps:
+                    self._save()
+                if preempt.any_rank():
+                    self.logger.console(f"preemption signal: saving at step {state.step} and exiting "
+                                        f"with code {EXIT_PREEMPTED} (requeue)")
+                    exit_code = EXIT_PREEMPTED
+                    break
+            if exit_code in (EXIT_OK, EXIT_PREEMPTED):
+                self._save()
+        finally:
+            self.logger.close()
+            if self.rank == 0:
+                plot_loss_curves(self.run_dir)
+        return exit_code
