@@ -1,0 +1,57 @@
+"""Find and load a teacher's layout-independent weights (``model.safetensors``).
+
+Accepted forms of ``distill.teacher`` (so a user can point at whatever they have):
+a ``.safetensors`` file; a checkpoint directory (``.../checkpoints/step_000600``); a checkpoints root
+(``.../checkpoints``, its ``latest`` is used); or a run directory (``runs/x``, its
+``checkpoints/latest``). Loading never unpickles anything.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def resolve_teacher_file(path: str) -> str:
+    """The model.safetensors that `path` designates, or a clear FileNotFoundError."""
+    if not path:
+        raise FileNotFoundError("'distill.teacher' is empty: set it to the teacher's run directory, checkpoint "
+                                "directory or model.safetensors file")
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise ValueError(f"'distill.teacher' = {path}: expected a .safetensors file (convert other formats "
+                             f"with tools/convert_ckpt.py); pickled checkpoints are never loaded")
+        return path
+    candidates = [path, os.path.join(path, "checkpoints")]
+    for root in candidates:
+        direct = os.path.join(root, "model.safetensors")
+        if os.path.isfile(direct):
+            return direct
+        latest = os.path.join(root, "latest")
+        if os.path.isfile(latest):
+            with open(latest, encoding="utf-8") as fh:
+                tag = fh.read().strip()
+            f = os.path.join(root, tag, "model.safetensors")
+            if os.path.isfile(f):
+                return f
+            raise FileNotFoundError(f"{latest} names {tag}, but {f} is missing: the teacher was saved with "
+                                    f"'checkpoint.consolidated: false'; consolidate it with tools/convert_ckpt.py")
+    raise FileNotFoundError(f"'distill.teacher' = {path}: no model.safetensors found there, in "
+                            f"{os.path.join(path, 'checkpoints')}, or via a 'latest' file")
+
+
+def load_teacher_weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(resolve_teacher_file(path))
+
+
+def teacher_digest(path: str) -> str:
+    """sha256 of the teacher weights file (recorded in trajectory manifests and checked by readers)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(resolve_teacher_file(path), "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
