@@ -1,0 +1,94 @@
+"""Distillation rounds: step size dt_n, teacher temperature tau_n, and the (t, s) pair of a step.
+
+Round n trains a student to match, in one step of size dt_n, what the round's frozen teacher does
+from z_s with s = t - dt_n. dt grows each round ('double': dt0 * 2^n, as in SDTT/DUO; 'linear':
+dt0 * (n + 1)), and at each round boundary the teacher becomes the current student (docs/distill.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mcd_scale.config import DistillConfig
+
+
+def _check_round(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"round must be a non-negative integer, got {n!r}.")
+
+
+def round_dt(cfg: DistillConfig, n: int) -> float:
+    """Step size of round n: dt0 * 2^n ('double') or dt0 * (n + 1) ('linear')."""
+    _check_round(n)
+    if cfg.dt_growth == "double":
+        return cfg.dt0 * 2.0 ** n
+    if cfg.dt_growth == "linear":
+        return cfg.dt0 * (n + 1)
+    raise ValueError(f"'distill.dt_growth' = {cfg.dt_growth!r} is not one of 'double', 'linear'.")
+
+
+def round_temperature(cfg: DistillConfig, n: int) -> float:
+    """Teacher temperature of round n: 'paper' max(start - step*n, floor); 'constant' start; 'off' 1."""
+    _check_round(n)
+    tc = cfg.temperature
+    if tc.schedule == "paper":
+        return max(tc.start - tc.step * n, tc.floor)
+    if tc.schedule == "constant":
+        return tc.start
+    if tc.schedule == "off":
+        return 1.0
+    raise ValueError(f"'distill.temperature.schedule' = {tc.schedule!r} is not one of 'paper', 'constant', 'off'.")
+
+
+def coupled_times(t: torch.Tensor, dt: float, t_min: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map sampled times t in [t_min, 1] to a pair (t', s) with s = t' - dt, s >= t_min, t' <= 1.
+
+    The map is affine, s = t_min + (t - t_min) (1 - t_min - dt) / (1 - t_min): it sends the uniform
+    law on [t_min, 1] to the uniform law on [t_min, 1 - dt] and preserves order, so antithetic
+    (stratified) samples stay stratified. Clamping t up to t_min + dt instead would pile a point mass
+    of probability dt on one time. Computed in float64 (dt can be ~2e-3 and s - t must be dt).
+    """
+    if not 0.0 < t_min < 1.0:
+        raise ValueError(f"t_min must be in (0, 1), got {t_min}.")
+    if not 0.0 < dt <= 1.0 - t_min:
+        raise ValueError(f"dt = {dt} must be in (0, 1 - t_min = {1.0 - t_min}]: the round's step does not "
+                         f"fit in [t_min, 1] (lower 'distill.dt0' or 'distill.rounds').")
+    t64 = t.double()
+    if t64.numel() and (t64.min() < t_min - 1e-9 or t64.max() > 1.0 + 1e-9):
+        raise ValueError(f"sampled times must lie in [t_min={t_min}, 1]; got [{float(t64.min())}, "
+                         f"{float(t64.max())}].")
+    s = t_min + (t64.clamp(t_min, 1.0) - t_min) * ((1.0 - t_min - dt) / (1.0 - t_min))
+    t_new = (s + dt).clamp(max=1.0)
+    return t_new.to(t.dtype), s.to(t.dtype)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the driver runs in one round."""
+    round: int
+    dt: float
+    temperature: float
+    steps: int
+
+    @property
+    def sampler_steps(self) -> float:
+        """1 / dt: the number of sampler steps of this round's size that cover [0, 1]."""
+        return 1.0 / self.dt
+
+
+def plan_rounds(cfg: DistillConfig, t_min: float = 1e-3) -> list[RoundPlan]:
+    """One :class:`RoundPlan` per round 0 .. rounds-1. Fails early if a late round's dt does not fit."""
+    if cfg.rounds < 1:
+        raise ValueError(f"'distill.rounds' must be >= 1, got {cfg.rounds}.")
+    if cfg.steps_per_round < 1:
+        raise ValueError(f"'distill.steps_per_round' must be >= 1, got {cfg.steps_per_round}.")
+    plans = []
+    for n in range(cfg.rounds):
+        dt = round_dt(cfg, n)
+        if dt > 1.0 - t_min:
+            raise ValueError(f"round {n}: dt = {dt:.4g} exceeds 1 - t_min = {1.0 - t_min}; with "
+                             f"'distill.dt0' = {cfg.dt0} and '{cfg.dt_growth}' growth at most "
+                             f"{n} rounds fit (lower 'distill.rounds' or 'distill.dt0').")
+        plans.append(RoundPlan(n, dt, round_temperature(cfg, n), cfg.steps_per_round))
+    return plans
