@@ -1,0 +1,150 @@
+"""Unconditional samplers for masked diffusion (MCD.md §7): ancestral and deterministic coupled.
+
+Network interface: ``denoiser(z: LongTensor[B, L], t: Tensor[B]) -> logits [B, L, >= V+1]`` on the full
+vocabulary; columns >= V (mask, padding) are ignored (SUBS), probabilities are float64.
+
+Both samplers walk ``t_0 = 1 > t_1 > ... > t_N = 1e-5`` (``linspace``). Which tokens a step reveals
+never depends on the network, so the network is called only on steps that reveal something (lazy
+evaluation). For a time-agnostic model this is exactly MDLM's cache (its output can only change when z
+does, and z changes only through reveals, so every cache miss is such a step); for a time-conditioned
+model it skips only evaluations whose output no token would use. Either way the law is unchanged and
+``nfe`` counts the real calls (<= steps + 1, far fewer when steps >> L). Randomness is keyed per (seed, sample index[, position]), so sample i is the same whatever the
+batch size, and each token's Gumbel noise is drawn once (the same for every step count).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from mcd_scale.diffusion.schedules import Schedule
+from mcd_scale.rng import keyed_generator
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+T_END = 1e-5
+
+
+@dataclass
+class SampleResult:
+    tokens: torch.Tensor  # LongTensor [num_samples, seq_len], all in [0, V)
+    nfe: float  # network evaluations per sample (mean over samples)
+    seconds: float  # wall-clock for the whole call
+
+
+def sampling_times(steps: int) -> torch.Tensor:
+    """linspace(1, 1e-5, steps + 1) in float64."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return torch.linspace(1.0, T_END, steps + 1, dtype=torch.float64)
+
+
+def token_gumbel(seed: int, sample_index: int, position: int, vocab_size: int, purpose: str) -> torch.Tensor:
+    """Gumbel(0,1) noise [V] (float64) for one token, keyed by (seed, sample, position)."""
+    u = torch.rand(vocab_size, generator=keyed_generator(purpose, seed, sample_index, position), dtype=torch.float64)
+    tiny = torch.finfo(torch.float64).tiny
+    return -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-16)))
+
+
+class _CountingDenoiser:
+    """Calls the network, checks its output shape and counts the calls (the NFE)."""
+
+    def __init__(self, denoiser: Denoiser, vocab_size: int):
+        self.denoiser, self.vocab_size = denoiser, vocab_size
+        self.calls = 0
+
+    def logits(self, z: torch.Tensor, t: float) -> torch.Tensor:
+        t_vec = torch.full((z.shape[0],), t, dtype=torch.float32, device=z.device)
+        with torch.no_grad():
+            out = self.denoiser(z, t_vec)
+        if out.shape[:2] != z.shape or out.shape[-1] < self.vocab_size + 1:
+            raise ValueError(f"denoiser returned {tuple(out.shape)}; expected [B={z.shape[0]}, "
+                             f"L={z.shape[1]}, >= V+1={self.vocab_size + 1}]")
+        self.calls += 1
+        return out
+
+
+def _log_probs(logits_rows: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
+    """SUBS on masked rows: log-softmax over the V real tokens of logits / T, float64."""
+    return torch.log_softmax(logits_rows[..., :vocab_size].double() / temperature, dim=-1)
+
+
+def _fill(z: torch.Tensor, reveal: torch.Tensor, logits: torch.Tensor, ids: list[int], seed: int,
+          vocab_size: int, temperature: float, purpose: str, greedy: bool) -> None:
+    """Set every position in ``reveal`` to argmax(log p / T + g) (or argmax log p when greedy), in place."""
+    for b, sid in enumerate(ids):
+        pos = reveal[b].nonzero().flatten()
+        if pos.numel() == 0:
+            continue
+        score = _log_probs(logits[b, pos], vocab_size, temperature)
+        if not greedy:
+            score = score + torch.stack([token_gumbel(seed, sid, int(p), vocab_size, purpose) for p in pos.tolist()])
+        z[b, pos] = score.argmax(-1).to(z.dtype)
+
+
+def _run(mode: str, denoiser: Denoiser, num_samples: int, seq_len: int, steps: int, vocab_size: int,
+         schedule: Schedule, seed: int, temperature: float, batch_size: Optional[int], greedy_tail: bool,
+         progress: bool) -> SampleResult:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    times = sampling_times(steps)
+    alphas = schedule.alpha(times)
+    batch_size = batch_size or num_samples
+    mask_id = vocab_size
+    start = time.perf_counter()
+    out, total_calls = [], 0
+    for lo in range(0, num_samples, batch_size):
+        ids = list(range(lo, min(lo + batch_size, num_samples)))
+        z = torch.full((len(ids), seq_len), mask_id, dtype=torch.long)
+        net = _CountingDenoiser(denoiser, vocab_size)
+        if mode == "coupled":
+            u = torch.stack([torch.rand(seq_len, generator=keyed_generator("coupled-sample", seed, i),
+                                        dtype=torch.float64) for i in ids])
+        else:
+            gens = [keyed_generator("ancestral", seed, i) for i in ids]
+        for k in range(steps):
+            a_t, a_s = float(alphas[k]), float(alphas[k + 1])
+            masked = z == mask_id
+            if mode == "coupled":
+                # Masked tokens are exactly those with u >= alpha_t (all of them at t = 1).
+                reveal = masked & (u < a_s)
+            else:
+                draws = torch.stack([torch.rand(seq_len, generator=g, dtype=torch.float64) for g in gens])
+                reveal = masked & (draws < (a_s - a_t) / (1.0 - a_t))
+            if reveal.any():
+                logits = net.logits(z, float(times[k]))
+                _fill(z, reveal, logits, ids, seed, vocab_size, temperature, mode + "-gumbel", greedy=False)
+            if progress and (k + 1) % max(1, steps // 10) == 0:
+                print(f"[{mode}] samples {ids[0]}-{ids[-1]}: step {k + 1}/{steps}, nfe {net.calls}",
+                      file=sys.stderr, flush=True)
+        remaining = z == mask_id
+        if remaining.any():  # tail: whatever the last step left masked
+            logits = net.logits(z, float(times[-1]))
+            _fill(z, remaining, logits, ids, seed, vocab_size, temperature, mode + "-gumbel", greedy=greedy_tail)
+        out.append(z)
+        total_calls += net.calls * len(ids)
+    return SampleResult(torch.cat(out), total_calls / num_samples, time.perf_counter() - start)
+
+
+def ancestral_sample(denoiser: Denoiser, num_samples: int, seq_len: int, steps: int, vocab_size: int,
+                     schedule: Schedule, seed: int, temperature: float = 1.0, batch_size: Optional[int] = None,
+                     time_conditioned: bool = False, greedy_tail: bool = True, progress: bool = False) -> SampleResult:
+    """MDLM ancestral sampler: at t -> s each masked token is revealed with probability
+    (alpha_s - alpha_t) / (1 - alpha_t), its value drawn from p_theta(. | z_t) / T (Gumbel-max, float64);
+    revealed tokens are kept. Masks left after the last step are filled greedily (``greedy_tail``)
+    or sampled. ``time_conditioned`` is kept for interface compatibility: lazy evaluation (module
+    docstring) gives the same calls and results for both kinds of model."""
+    return _run("ancestral", denoiser, num_samples, seq_len, steps, vocab_size, schedule, seed, temperature,
+                batch_size, greedy_tail, progress)
+
+
+def coupled_sample(denoiser: Denoiser, num_samples: int, seq_len: int, steps: int, vocab_size: int,
+                   schedule: Schedule, seed: int, temperature: float = 1.0, batch_size: Optional[int] = None,
+                   time_conditioned: bool = False, greedy_tail: bool = True, progress: bool = False) -> SampleResult:
+    """Deterministic coupled sampler: per-token u and Gumbel noise drawn once (keyed); at t -> s exactly
+    the tokens with alpha_t <= u < alpha_s are revealed, each to argmax(log p_theta / T + g).
+    Same seed -> same tokens, whatever the batch size. ``time_conditioned``: as in ancestral_sample."""
+    return _run("coupled", denoiser, num_samples, seq_len, steps, vocab_size, schedule, seed, temperature,
+                batch_size, greedy_tail, progress)

@@ -1,0 +1,139 @@
+"""Samplers (MCD.md §7): reveal law, no masks left, determinism, batch-size independence, NFE, token law."""
+import math
+
+import torch
+
+from mcd_scale.diffusion.sampling import ancestral_sample, coupled_sample, sampling_times
+from mcd_scale.diffusion.schedules import Schedule, get_schedule
+from mcd_scale.rng import keyed_generator
+
+V, VP = 6, 8  # 6 real tokens, mask id 6, one padding column
+
+
+class FixedDenoiser:
+    """Same logits at every position; huge mask/pad logits that SUBS must ignore. Records its inputs."""
+
+    def __init__(self, logits_v):
+        self.row = torch.cat([torch.as_tensor(logits_v, dtype=torch.float32), torch.full((VP - V,), 40.0)])
+        self.seen = []
+
+    def __call__(self, z, t):
+        self.seen.append(z.clone())
+        return self.row.expand(z.shape[0], z.shape[1], VP).clone()
+
+
+class ContextDenoiser:
+    """Deterministic, per-sample, depends on the whole input (so order of reveals matters)."""
+
+    def __init__(self):
+        self.table = torch.randn(V + 1, VP, generator=torch.Generator().manual_seed(0))
+
+    def __call__(self, z, t):
+        ctx = self.table[z].mean(1, keepdim=True)
+        return self.table[z].roll(1, dims=1) + ctx
+
+
+def _sched():
+    return get_schedule("loglinear")
+
+
+def test_ancestral_reveal_counts_follow_the_reveal_probability():
+    steps, B, L = 4, 4, 3000
+    den = FixedDenoiser([0.0] * V)
+    res = ancestral_sample(den, B, L, steps, V, _sched(), seed=1, greedy_tail=True)
+    snaps = den.seen + [res.tokens]  # z before each step (every step reveals something here), then final
+    assert len(den.seen) in (steps, steps + 1)
+    alphas = _sched().alpha(sampling_times(steps))
+    for k in range(steps - 1):
+        before, after = (snaps[k] == V), (snaps[k + 1] == V)
+        n = int(before.sum())
+        p = float((alphas[k + 1] - alphas[k]) / (1 - alphas[k]))
+        rate = float((before & ~after).sum()) / n
+        assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-12, (k, rate, p)
+
+
+def test_no_mask_left_and_tokens_real():
+    for sampler in (ancestral_sample, coupled_sample):
+        for greedy in (True, False):
+            res = sampler(ContextDenoiser(), 3, 40, 5, V, _sched(), seed=2, greedy_tail=greedy)
+            assert res.tokens.shape == (3, 40) and res.tokens.dtype == torch.long
+            assert ((res.tokens >= 0) & (res.tokens < V)).all()
+
+
+def test_same_seed_same_output_whatever_the_batch_size():
+    for sampler in (coupled_sample, ancestral_sample):
+        ref = sampler(ContextDenoiser(), 5, 32, 8, V, _sched(), seed=3).tokens
+        for bs in (1, 2, 5):
+            assert torch.equal(sampler(ContextDenoiser(), 5, 32, 8, V, _sched(), seed=3, batch_size=bs).tokens, ref)
+        assert not torch.equal(sampler(ContextDenoiser(), 5, 32, 8, V, _sched(), seed=4).tokens, ref)
+
+
+def test_coupled_reveals_exactly_the_threshold_band():
+    steps, L = 6, 200
+    den = FixedDenoiser([0.0] * V)
+    res = coupled_sample(den, 2, L, steps, V, _sched(), seed=5)
+    alphas = _sched().alpha(sampling_times(steps))
+    u = torch.stack([torch.rand(L, generator=keyed_generator("coupled-sample", 5, i), dtype=torch.float64)
+                     for i in range(2)])
+    # z before call j is masked exactly where u >= alpha at that call's time.
+    calls = iter(den.seen)
+    for k in range(steps):
+        band = (u >= alphas[k]) & (u < alphas[k + 1]) if k else (u < alphas[1])
+        if band.any():
+            assert torch.equal(next(calls) == V, u >= alphas[k] if k else torch.ones_like(band))
+    assert torch.equal(res.tokens == V, torch.zeros_like(band))
+
+
+def test_nfe_counts_real_calls_and_skips_empty_steps():
+    L, steps = 8, 200
+    for sampler in (ancestral_sample, coupled_sample):
+        den = FixedDenoiser([0.0] * V)
+        res = sampler(den, 1, L, steps, V, _sched(), seed=6)
+        assert res.nfe == len(den.seen)
+        assert 1 <= res.nfe <= L + 1 < steps  # at most one call per reveal step plus the tail
+        # Every call saw a different input (no wasted evaluation on an unchanged z).
+        assert all(not torch.equal(a, b) for a, b in zip(den.seen, den.seen[1:]))
+        assert res.seconds > 0
+
+
+def _freq_ok(tokens, probs):
+    n = tokens.numel()
+    counts = torch.bincount(tokens.flatten(), minlength=V).double() / n
+    sigma = torch.sqrt(probs * (1 - probs) / n)
+    return bool(((counts - probs).abs() < 4 * sigma + 1e-12).all()), counts
+
+
+def test_token_frequencies_match_the_model_and_temperature():
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.0, 0.5, -2.0])
+    for sampler in (ancestral_sample, coupled_sample):
+        for temp in (1.0, 0.5):
+            res = sampler(FixedDenoiser(logits), 4, 1500, 4, V, _sched(), seed=7, temperature=temp,
+                          greedy_tail=False)
+            probs = torch.softmax(logits.double() / temp, -1)
+            ok, counts = _freq_ok(res.tokens, probs)
+            assert ok, (sampler.__name__, temp, counts, probs)
+    # The check has power: temperature 0.5 frequencies are far from the T=1 law.
+    res = coupled_sample(FixedDenoiser(logits), 4, 1500, 4, V, _sched(), seed=7, temperature=0.5, greedy_tail=False)
+    assert not _freq_ok(res.tokens, torch.softmax(logits.double(), -1))[0]
+
+
+class HalfSchedule(Schedule):
+    """alpha_t = (1 - t) / 2: half the tokens are still masked at t = 0, so the tail has work."""
+
+    def alpha(self, t):
+        return 0.5 * (1.0 - t)
+
+    def dalpha(self, t):
+        return torch.full_like(t, -0.5)
+
+
+def test_greedy_tail_takes_the_argmax():
+    logits = torch.tensor([0.0, 0.0, 3.0, 0.0, 0.0, 0.0])
+    for sampler in (ancestral_sample, coupled_sample):
+        den = FixedDenoiser(logits)
+        res = sampler(den, 1, 4000, 1, V, HalfSchedule(), seed=8, greedy_tail=True)
+        tail_positions = den.seen[-1] == V  # masked when the tail call was made
+        assert len(den.seen) == 2 and 1000 < int(tail_positions.sum()) < 3000
+        assert (res.tokens[tail_positions] == 2).all()
+        # The sampled (non-tail) tokens are not all the argmax: p(2) = e^3 / (e^3 + 5) ~ 0.8.
+        assert (res.tokens[~tail_positions] != 2).any()
