@@ -1,0 +1,191 @@
+"""This rank's micro-batches, step after step: shards + sampler + (optional) reader workers.
+
+:class:`MicroBatchLoader` turns ``GlobalBatchSampler.rank_slice(step, ...)`` into stacked tensors
+through a torch ``DataLoader`` whose ``batch_sampler`` is the step stream, so 0, 1 or 2 workers give
+the same batches in the same order (DataLoader returns worker results in sampler order). It times
+how long the trainer waits for each batch, so the trainer can log the data-wait share of a step.
+
+:func:`open_prepared` is the trainer's entry to ``tools/prepare_data.py`` output: it loads the
+manifest, refuses a mismatch with the model config, and opens one split.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mcd_scale.data.manifest import Expect, ManifestError, check_manifest, load_manifest, manifest_path
+from mcd_scale.data.sampler import GlobalBatchSampler, SamplerError
+from mcd_scale.data.shards import Sample, ShardedDataset
+
+TOKENS_FORMAT = "mcd_scale.tokens"
+TOKENS_FORMAT_VERSION = 1
+SPLITS = ("train", "val", "heldout")
+
+Item = tuple[int, int, Optional[Sample]]  # (global sample id, position in the global batch, fields)
+Collate = Callable[[list[Item]], dict[str, Any]]
+
+
+def open_prepared(path: str, split: str, *, vocab_size: Optional[int] = None, seq_len: Optional[int] = None,
+                  skip_corrupt: bool = False) -> ShardedDataset:
+    """Open ``split`` ("train", "val" or "heldout") of a prepared token directory.
+
+    ``vocab_size`` / ``seq_len`` (from ``cfg.model``) are checked against the manifest; a mismatch
+    raises :class:`ManifestError` naming the file, both values and the prepare_data flag to fix it.
+    """
+    manifest = load_manifest(path)
+    source = manifest_path(path)
+    redo = "re-run tools/prepare_data.py with {flag} {value} or fix the config"
+    expected: dict[str, Any] = {"format": TOKENS_FORMAT,
+                                "format_version": Expect(TOKENS_FORMAT_VERSION, "this code's version",
+                                                         "re-run tools/prepare_data.py")}
+    if vocab_size is not None:
+        expected["vocab_size"] = Expect(vocab_size, "model.vocab_size",
+                                        redo.format(flag="--vocab-size", value=vocab_size))
+        expected["mask_id"] = Expect(vocab_size, "model.mask_id (= model.vocab_size)", "re-run tools/prepare_data.py")
+    if seq_len is not None:
+        expected["seq_len"] = Expect(seq_len, "model.seq_len", redo.format(flag="--seq-len", value=seq_len))
+    check_manifest(manifest, expected, source)
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise ManifestError(f"{source} has no split '{split}' (it has: {', '.join(sorted(splits))})")
+    record = splits[split]
+    return ShardedDataset(os.path.join(path, record["dir"]), manifest=record, skip_corrupt=skip_corrupt)
+
+
+def _to_tensor(name: str, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    stacked = np.stack(arrays)
+    if stacked.dtype.kind == "u" or name == "ids":
+        # torch has little support for uint16/uint32; token ids are indices: int64.
+        stacked = stacked.astype(np.int64)
+    return torch.from_numpy(stacked)
+
+
+def collate_samples(items: list[Item]) -> dict[str, Any]:
+    """Stack items into ``{"ids": int64 [B, L], "sample_id": int64 [B], "position": int64 [B], ...}``.
+
+    Array fields are stacked (unsigned ints widened to int64), dict fields become lists. Items that
+    read as ``None`` (skipped under ``skip_corrupt``) are dropped and counted in ``num_skipped``.
+    """
+    kept = [it for it in items if it[2] is not None]
+    batch: dict[str, Any] = {
+        "sample_id": torch.tensor([it[0] for it in kept], dtype=torch.int64),
+        "position": torch.tensor([it[1] for it in kept], dtype=torch.int64),
+        "num_skipped": len(items) - len(kept),
+    }
+    if kept:
+        for name, value in kept[0][2].items():
+            values = [it[2][name] for it in kept]
+            batch[name] = _to_tensor(name, values) if isinstance(value, np.ndarray) else values
+    return batch
+
+
+class _Items(Dataset):
+    """Map-style view: key (global id, position) -> (global id, position, fields)."""
+
+    def __init__(self, dataset: ShardedDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Item:
+        gid, pos = key
+        return gid, pos, self.dataset[gid]
+
+
+class _StepStream(Sampler):
+    """Yields this rank's micro-batches as lists of (global id, position), step after step."""
+
+    def __init__(self, sampler: GlobalBatchSampler, dp_rank: int, dp: int, micro_batch: int,
+                 start_step: int, stop_step: Optional[int]) -> None:
+        self.sampler, self.dp_rank, self.dp, self.micro_batch = sampler, dp_rank, dp, micro_batch
+        self.start_step, self.stop_step = start_step, stop_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start_step
+        while self.stop_step is None or step < self.stop_step:
+            ids = self.sampler.global_batch(step)
+            for positions in self.sampler.rank_positions(step, self.dp_rank, self.dp, self.micro_batch):
+                yield [(ids[p], p) for p in positions]
+            step += 1
+
+    def __len__(self) -> int:
+        if self.stop_step is None:
+            raise TypeError("the training stream is endless")
+        accum = self.sampler.grad_accum(self.dp, self.micro_batch)
+        return (self.stop_step - self.start_step) * accum
+
+
+class MicroBatchLoader:
+    """Iterate this data-parallel rank's micro-batches from ``start_step`` on.
+
+    Each step yields ``grad_accum = global_batch / (dp * micro_batch)`` batches; after the last one
+    of a step the sampler's cursor advances (so ``sampler.state_dict()`` taken between steps resumes
+    exactly there). ``start_step=None`` starts at the sampler's cursor. ``max_steps`` bounds the
+    stream (evaluation); otherwise it is endless.
+
+    After each batch: ``step`` and ``micro`` (its index within the step), ``last_wait_s`` (seconds the
+    caller waited for it), ``total_wait_s``, and ``skipped`` (samples dropped under skip_corrupt).
+    """
+
+    def __init__(self, dataset: ShardedDataset, sampler: GlobalBatchSampler, dp_rank: int, dp: int,
+                 micro_batch: int, start_step: Optional[int] = None, num_workers: int = 0,
+                 collate: Collate = collate_samples, max_steps: Optional[int] = None,
+                 prefetch_factor: int = 2) -> None:
+        if len(dataset) != sampler.num_samples:
+            raise SamplerError(f"sampler is over {sampler.num_samples} samples but the dataset has {len(dataset)}")
+        self.dataset, self.sampler = dataset, sampler
+        self.dp_rank, self.dp, self.micro_batch = dp_rank, dp, micro_batch
+        self.grad_accum = sampler.grad_accum(dp, micro_batch)
+        self.start_step, self.max_steps = start_step, max_steps
+        self.num_workers, self.collate, self.prefetch_factor = num_workers, collate, prefetch_factor
+        self.step = -1
+        self.micro = -1
+        self.last_wait_s = 0.0
+        self.total_wait_s = 0.0
+        self.skipped = 0
+
+    def _data_loader(self, start: int) -> DataLoader:
+        stop = None if self.max_steps is None else start + self.max_steps
+        stream = _StepStream(self.sampler, self.dp_rank, self.dp, self.micro_batch, start, stop)
+        extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
+        return DataLoader(_Items(self.dataset), batch_sampler=stream, num_workers=self.num_workers,
+                          collate_fn=self.collate, **extra)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        start = self.sampler.next_step if self.start_step is None else self.start_step
+        index = 0
+        it = iter(self._data_loader(start))
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.last_wait_s = time.perf_counter() - t0
+            self.total_wait_s += self.last_wait_s
+            self.skipped += int(batch.get("num_skipped", 0))
+            step_offset, self.micro = divmod(index, self.grad_accum)
+            self.step = start + step_offset
+            index += 1
+            if self.micro == self.grad_accum - 1:
+                self.sampler.consumed_samples = (self.step + 1) * self.sampler.global_batch_size
+            yield batch
+
+
+def eval_loader(dataset: ShardedDataset, num_batches: int, global_batch: int, dp_rank: int, dp: int,
+                micro_batch: int, num_workers: int = 0) -> MicroBatchLoader:
+    """The fixed evaluation set: the first ``num_batches`` global batches of ``dataset`` in id order
+    (samples 0 .. num_batches*global_batch-1), the same on every parallel layout."""
+    need = num_batches * global_batch
+    if need > len(dataset):
+        raise SamplerError(f"evaluation wants {num_batches} x {global_batch} = {need} samples but the split has "
+                           f"{len(dataset)}; lower train.eval_batches or prepare a larger --val-frac")
+    sampler = GlobalBatchSampler(len(dataset), global_batch, seed=0, shuffle=False)
+    return MicroBatchLoader(dataset, sampler, dp_rank, dp, micro_batch, start_step=0,
+                            num_workers=num_workers, max_steps=num_batches)
