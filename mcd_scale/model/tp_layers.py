@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
+import torch.distributed as dist
 from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                           copy_to_tensor_model_parallel_region,
-                                           gather_from_tensor_model_parallel_region)
+                                           copy_to_tensor_model_parallel_region)
 
 from mcd_scale.model.logical import set_logical
 
@@ -110,9 +110,38 @@ def tied_vocab_projection(x: torch.Tensor, weight: torch.Tensor, tp_group) -> to
     return F.linear(x, weight)
 
 
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dim; backward keeps this rank's slice of the (replicated) gradient.
+
+    Ours rather than megatron's ``gather_from_tensor_model_parallel_region``, which allocates its
+    buffer with ``torch.cuda.current_device()`` and so cannot run on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(group.size())]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        group = ctx.group
+        return grad.chunk(group.size(), dim=-1)[group.rank()].contiguous(), None
+
+
 def gather_vocab_logits(logits_shard: torch.Tensor, tp_size: int, tp_group=None) -> torch.Tensor:
     """Full padded-vocabulary logits from this rank's vocab shard (differentiable all-gather along the
-    last dim; identity at tp=1). Prefer vocab-parallel losses in training: this materialises B*L*Vp."""
+    last dim; identity at tp=1). ``tp_group`` defaults to megatron-core's TP group.
+
+    The backward assumes every TP rank computes the same function of the full logits (replicated
+    loss). Prefer vocab-parallel losses in training: this materialises B*L*Vp per rank."""
     if tp_size == 1:
         return logits_shard
-    return gather_from_tensor_model_parallel_region(logits_shard, group=tp_group)
+    if tp_group is None:
+        from megatron.core import parallel_state
+
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    if tp_group.size() != tp_size:
+        raise ValueError(f"gather_vocab_logits: tp_size={tp_size} but the group has {tp_group.size()} ranks")
+    return _GatherLastDim.apply(logits_shard, tp_group)
