@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Write the exact synthetic benchmark: a seeded sparse order-2 Markov chain and its token shards.
+
+Output (``--out``, default data/synthetic), in the layout of tools/prepare_data.py so the same loader
+(:func:`mcd_scale.data.loader.open_prepared`) and trainer read it:
+  chain.json                      the chain (spec + full tables; :meth:`MarkovChain2.load`)
+  {train,val,heldout}/shard-%06d.tar   webdataset tars, key %010d (global id within the split),
+                                       member ``ids.npy`` (uint16, [seq_len])
+  manifest.json                   written last: vocab_size (= S), mask_id (= S), seq_len, dtype, seed,
+                                  per split {dir, num_samples, shards: [{name, num_samples, bytes, sha256}]},
+                                  and the chain's digest, entropy rate and expected NLL per token.
+Every sample is drawn from a generator keyed by (seed, split, chunk), so output is byte-identical for
+the same flags.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mcd_scale.data.loader import TOKENS_FORMAT, TOKENS_FORMAT_VERSION  # noqa: E402
+from mcd_scale.data.manifest import manifest_path, sha256_file, write_manifest  # noqa: E402
+from mcd_scale.data.shards import write_shards  # noqa: E402
+from mcd_scale.eval.synthetic import MarkovChain2  # noqa: E402
+from mcd_scale.rng import key_to_seed  # noqa: E402
+
+TOOL_VERSION = 1
+CHUNK = 1024
+"""Sequences drawn per keyed call: fixed, so the output does not depend on memory or batch choices."""
+
+
+def split_samples(chain: MarkovChain2, split: str, count: int, seq_len: int, seed: int) -> Iterator[tuple[int, dict]]:
+    """(global id, {"ids": uint16 [seq_len]}) for one split, ids 0..count-1, drawn chunk by chunk."""
+    for start in range(0, count, CHUNK):
+        n = min(CHUNK, count - start)
+        rows = chain.sample(n, seq_len, seed=key_to_seed("synthetic.split." + split, seed, start))
+        for j in range(n):
+            yield start + j, {"ids": rows[j].astype(np.uint16)}
+
+
+def prepare(out: str, num_symbols: int, branching: int, fanout: int, concentration: float, floor: float,
+            seq_len: int, counts: dict[str, int], seed: int, samples_per_shard: int) -> dict:
+    """Write chain.json, the shards of every split and manifest.json (last); returns the manifest."""
+    if num_symbols > np.iinfo(np.uint16).max:
+        raise ValueError(f"--num-symbols {num_symbols} does not fit the uint16 shards")
+    if seq_len < 2 or samples_per_shard < 1 or min(counts.values()) < 0:
+        raise ValueError("need --seq-len >= 2, --samples-per-shard >= 1 and non-negative split sizes")
+    os.makedirs(out, exist_ok=True)
+    for path in (manifest_path(out), manifest_path(out) + ".tmp"):  # a crash must not leave a stale one
+        if os.path.exists(path):
+            os.remove(path)
+    chain = MarkovChain2(num_symbols, branching, seed=seed, fanout=fanout, concentration=concentration,
+                         floor=floor)
+    chain_path = os.path.join(out, "chain.json")
+    chain.save(chain_path)
+    splits = {}
+    for split, count in counts.items():
+        split_dir = os.path.join(out, split)
+        if os.path.isdir(split_dir):  # old shards of a larger run would otherwise linger
+            for name in os.listdir(split_dir):
+                if name.endswith(".tar"):
+                    os.remove(os.path.join(split_dir, name))
+        shards = write_shards(split_dir, split_samples(chain, split, count, seq_len, seed), samples_per_shard)
+        splits[split] = {"dir": split, "num_samples": count, "shards": shards}
+    manifest = {
+        "format": TOKENS_FORMAT,
+        "format_version": TOKENS_FORMAT_VERSION,
+        "benchmark": "synthetic",
+        "tool": "tools/prepare_synthetic.py",
+        "tool_version": TOOL_VERSION,
+        "vocab_size": num_symbols,
+        "mask_id": num_symbols,
+        "seq_len": seq_len,
+        "dtype": "uint16",
+        "seed": seed,
+        "chain": {"path": "chain.json", "sha256": sha256_file(chain_path),
+                  "num_symbols": num_symbols, "branching": branching, "fanout": fanout,
+                  "concentration": concentration, "floor": floor,
+                  "entropy_rate": chain.entropy_rate(), "expected_nll_per_token": chain.expected_nll(seq_len)},
+        "splits": splits,
+    }
+    write_manifest(out, manifest)
+    return manifest
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out", default="data/synthetic")
+    ap.add_argument("--num-symbols", type=int, default=64, help="S; the mask id is S")
+    ap.add_argument("--branching", type=int, default=3, help="allowed successors per context (a, b)")
+    ap.add_argument("--fanout", type=int, default=8, help="candidate successors per symbol b")
+    ap.add_argument("--concentration", type=float, default=0.5, help="Dirichlet concentration of P(c|a,b)")
+    ap.add_argument("--floor", type=float, default=1e-6, help="leak probability of every symbol")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--train", type=int, default=20000, help="training sequences")
+    ap.add_argument("--validation", type=int, default=512, help="sequences of the 'val' split")
+    ap.add_argument("--heldout", type=int, default=512, help="sequences of the 'heldout' split")
+    ap.add_argument("--samples-per-shard", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=1234, help="keys the chain and every split")
+    args = ap.parse_args(argv)
+    try:
+        m = prepare(args.out, args.num_symbols, args.branching, args.fanout, args.concentration, args.floor,
+                    args.seq_len, {"train": args.train, "val": args.validation, "heldout": args.heldout},
+                    args.seed, args.samples_per_shard)
+    except ValueError as exc:
+        print(f"prepare_synthetic: error: {exc}", file=sys.stderr)
+        return 2
+    c = m["chain"]
+    print(f"prepare_synthetic: S={m['vocab_size']} (mask id {m['mask_id']}), seq_len {m['seq_len']}, "
+          + ", ".join(f"{k} {v['num_samples']}" for k, v in m["splits"].items())
+          + f"; entropy rate {c['entropy_rate']:.4f} nats, expected NLL {c['expected_nll_per_token']:.4f} "
+          f"nats/token -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
