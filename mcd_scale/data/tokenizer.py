@@ -88,7 +88,7 @@ def train_tokenizer(lines: Iterable[str], vocab_size: int) -> bytes:
     except RuntimeError as exc:
         msg = str(exc)
         hint = re.search(r"<= (\d+)", msg)
-        if "Vocabulary size is too high" in msg and hint:
+        if "Vocabulary size" in msg and "too high" in msg and hint:
             raise TokenizerError(f"--vocab-size {vocab_size} is too large for this corpus; the corpus supports "
                                  f"at most {hint.group(1)} pieces (pass a smaller --vocab-size or more text)") from None
         raise TokenizerError(f"SentencePiece training failed: {msg}") from None

@@ -1,0 +1,171 @@
+"""tools/prepare_data.py: determinism, no lost text, named input errors, the real Austen run."""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import webdataset
+
+from mcd_scale.data.loader import open_prepared
+from mcd_scale.data.manifest import ManifestError, load_manifest, sha256_file
+from mcd_scale.data.shards import ShardedDataset
+from mcd_scale.data.tokenizer import Tokenizer, split_long_line, train_tokenizer, training_lines
+from tests.mp import REPO, base_env
+
+TOOL = os.path.join(REPO, "tools", "prepare_data.py")
+_spec = importlib.util.spec_from_file_location("prepare_data", TOOL)
+prep = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("prepare_data", prep)  # dataclasses look their module up while it loads
+_spec.loader.exec_module(prep)
+
+# A word that occurs only inside one 20 kB line: SentencePiece would skip that line unless we cut it.
+LONG_WORD = "zqxjvorpal"
+
+
+def _corpus() -> str:
+    rng = np.random.default_rng(0)
+    words = ["the", "of", "and", "Emma", "Harriet", "said", "very", "well", "Mr.", "Knightley", "--", "not"]
+    paras = []
+    for i in range(60):
+        lines = [" ".join(rng.choice(words, size=9)) for _ in range(1 + i % 4)]
+        paras.append("\n".join(lines))
+    paras[3] = "Tabs\tand  double  spaces, unicode: café ☃ 日本語 \U0001F600 and trailing space "
+    paras[7] = " ".join([LONG_WORD] * 2000)  # ~22 kB on one line
+    return "\r\n\r\n".join(paras[:30]) + "\n\n   \n\n" + "\n\n".join(paras[30:]) + "\n"
+
+
+def _run(tmp_path, name: str, **kw) -> str:
+    src = tmp_path / "corpus.txt.gz"
+    if not src.exists():
+        src.write_bytes(gzip.compress(_corpus().encode("utf-8"), mtime=0))
+    out = str(tmp_path / name)
+    args = dict(inputs=[str(src)], out=out, vocab_size=320, seq_len=32, seed=5, val_frac=0.1,
+                heldout_frac=0.1, samples_per_shard=16, progress=False)
+    args.update(kw)
+    prep.prepare(**args)
+    return out
+
+
+def _all_files(d: str) -> dict[str, bytes]:
+    out = {}
+    for root, _dirs, names in os.walk(d):
+        for n in names:
+            p = os.path.join(root, n)
+            out[os.path.relpath(p, d)] = open(p, "rb").read()
+    return out
+
+
+def test_deterministic_and_lossless(tmp_path):
+    a, b = _run(tmp_path, "a"), _run(tmp_path, "b")
+    files_a = _all_files(a)
+    assert files_a == _all_files(b)  # byte-identical: every shard, the tokenizer, the manifest
+    assert {"manifest.json", "tokenizer.model", "heldout.txt", "train/shard-000000.tar"} <= set(files_a)
+    c = _run(tmp_path, "c", seed=6)
+    assert _all_files(c)["train/shard-000000.tar"] != files_a["train/shard-000000.tar"]  # the seed matters
+
+    m = load_manifest(a)
+    tok = Tokenizer.from_file(os.path.join(a, "tokenizer.model"))
+    assert m["vocab_size"] == tok.vocab_size == 320 and m["mask_id"] == 320 and m["dtype"] == "uint16"
+    assert m["tokenizer"]["sha256"] == sha256_file(os.path.join(a, "tokenizer.model"))
+    for split in ("train", "val", "heldout"):
+        for rec in m["splits"][split]["shards"]:
+            assert rec["sha256"] == sha256_file(os.path.join(a, split, rec["name"]))
+
+    # Reassemble the corpus from the three splits: every document comes back exactly.
+    counts = {s: m["splits"][s]["num_samples"] for s in ("train", "val", "heldout")}
+    rows = prep.assign_splits(sum(counts.values()), 5, 0.1, 0.1)
+    seqs = np.zeros((sum(counts.values()), 32), dtype=np.int64)
+    for split in counts:
+        ds = open_prepared(a, split, vocab_size=320, seq_len=32)
+        assert len(ds) == counts[split] == len(rows[split])
+        for gid in range(len(ds)):
+            ids = ds[gid]["ids"]
+            assert ids.dtype == np.uint16 and ids.shape == (32,) and ids.max() < 320
+            seqs[rows[split][gid]] = ids
+    stream = seqs.reshape(-1).tolist()
+    docs, cur = [], []
+    for t in stream:
+        if t == tok.eos_id:
+            if cur:
+                docs.append(tok.sp.decode(cur))
+            cur = []
+        else:
+            cur.append(t)
+    text = _corpus().replace("\r\n", "\n")
+    assert docs == prep.split_documents(text) and len(docs) == 60
+    assert tok.sp.unk_id() not in stream
+    heldout = open(os.path.join(a, "heldout.txt"), encoding="utf-8").read()
+    first = seqs[rows["heldout"][0]].tolist()
+    assert heldout.startswith(tok.decode(first))
+
+
+def test_long_lines_are_cut_not_skipped():
+    line = "abc " * 3000 + "x" * 9000 + " é" * 3000
+    pieces = split_long_line(line)
+    assert "".join(pieces) == line and len(pieces) > 3
+    assert all(len(p.encode("utf-8")) <= 4000 for p in pieces)
+    assert pieces[0].endswith(" ")  # cut at whitespace where there is some
+    # The only occurrences of LONG_WORD are in one 22 kB line; it must reach the trainer.
+    docs = ["the cat sat on the mat\nand so on", " ".join([LONG_WORD] * 2000)]
+    tok = Tokenizer(train_tokenizer(training_lines(docs), 290))  # uncut: 10 tokens
+    assert len(tok.encode([LONG_WORD])[0]) <= 2, "the long line was skipped by SentencePiece"
+
+
+def test_bad_inputs_name_the_file(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    badgz = tmp_path / "bad.txt.gz"
+    badgz.write_bytes(b"not gzip at all")
+    emptydir = tmp_path / "nothing"
+    emptydir.mkdir()
+    cases = [(tmp_path / "missing.txt", "does not exist"), (empty, "is empty"), (latin, "is not UTF-8 (byte 3"),
+             (badgz, "cannot read input"), (emptydir, "no .txt or .txt.gz")]
+    for path, words in cases:
+        rc = prep.main([str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and str(path) in err and words in err, err
+    assert not os.path.exists(tmp_path / "out" / "manifest.json")
+    small = tmp_path / "small.txt"
+    small.write_text("a tiny corpus\n\nwith few pieces\n")
+    assert prep.main([str(small), "--vocab-size", "5000", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "--vocab-size 5000 is too large" in capsys.readouterr().err
+    # The real CLI exits with code 2 and one clear line (no traceback).
+    proc = subprocess.run([sys.executable, TOOL, str(latin), "--out", str(tmp_path / "o2")], env=base_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and str(latin) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_austen_cli_and_webdataset(tmp_path):
+    """The real corpus through the real CLI (defaults except --out); shards readable by webdataset."""
+    out = str(tmp_path / "prepared")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, TOOL, "--out", out, "--no-progress"], env=base_env(),
+                          capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr
+    assert elapsed < 60, f"prepare_data took {elapsed:.1f}s"
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    n = {s: m["splits"][s]["num_samples"] for s in ("train", "val", "heldout")}
+    total = sum(n.values())
+    assert m["vocab_size"] == 4096 == m["mask_id"] and m["seq_len"] == 128
+    assert total == -(-(m["num_tokens"]) // 128) and abs(n["val"] - 0.05 * total) <= 1 and n["train"] > 7000
+    assert m["sources"][0]["path"] == "data/austen.txt.gz"
+    urls = [os.path.join(out, "val", r["name"]) for r in m["splits"]["val"]["shards"]]
+    wds = list(webdataset.WebDataset(urls, shardshuffle=False).decode())
+    ours = ShardedDataset(os.path.join(out, "val"), manifest=m["splits"]["val"])
+    assert len(wds) == len(ours) == n["val"]
+    for gid in (0, n["val"] // 2, n["val"] - 1):
+        assert wds[gid]["__key__"] == "%010d" % gid
+        np.testing.assert_array_equal(wds[gid]["ids.npy"], ours[gid]["ids"])
+    with pytest.raises(ManifestError) as err:
+        open_prepared(out, "train", vocab_size=4096, seq_len=64)
+    assert "seq_len" in str(err.value) and "--seq-len 64" in str(err.value) and "manifest.json" in str(err.value)
