@@ -152,7 +152,7 @@ def test_austen_cli_and_webdataset(tmp_path):
                           capture_output=True, text=True, timeout=300)
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr
-    assert elapsed < 60, f"prepare_data took {elapsed:.1f}s"
+    assert elapsed < 120, f"prepare_data took {elapsed:.1f}s (about 7 s on an idle 2-core machine)"
     m = json.load(open(os.path.join(out, "manifest.json")))
     n = {s: m["splits"][s]["num_samples"] for s in ("train", "val", "heldout")}
     total = sum(n.values())

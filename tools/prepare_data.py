@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mcd_scale.data.loader import SPLITS, TOKENS_FORMAT, TOKENS_FORMAT_VERSION  # noqa: E402
-from mcd_scale.data.manifest import manifest_path, sha256_bytes, sha256_file, write_manifest  # noqa: E402
+from mcd_scale.data.manifest import manifest_path, sha256_bytes, write_manifest  # noqa: E402
 from mcd_scale.data.shards import write_shards  # noqa: E402
 from mcd_scale.data.tokenizer import Tokenizer, TokenizerError, train_tokenizer, training_lines  # noqa: E402
 from mcd_scale.rng import keyed_generator  # noqa: E402

@@ -222,6 +222,8 @@ class ShardedDataset:
                  skip_corrupt: bool = False) -> None:
         self.skip_corrupt = skip_corrupt
         self.skipped = 0
+        self._fds: dict[int, int] = {}  # shard number -> descriptor, valid in process _pid only
+        self._pid = os.getpid()
         self.paths = _shard_list(source, manifest)
         self._index: dict[int, tuple[int, tuple[_Member, ...]]] = {}
         self._bad: dict[int, str] = {}  # global id -> why it cannot be read (skip_corrupt only)
@@ -264,8 +266,6 @@ class ShardedDataset:
                                  f"'{self._shard_for(g)}'. Re-create the shards, or set data.skip_corrupt=true.")
             for g in missing:
                 self._bad[g] = f"shard '{self._shard_for(g)}': sample key {KEY_FORMAT % g} {reason}"
-        self._fds: dict[int, int] = {}
-        self._pid = os.getpid()
 
     def _note_bad_shard(self, path: str, shard_no: int, index: Mapping[int, Any], want: Optional[int],
                         manifest: Optional[Mapping], err: str) -> None:
