@@ -31,7 +31,15 @@ def zero3_init_context(ds_config: Optional[dict], dims, dtype: torch.dtype):
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype,
+    # dtype is left to the DeepSpeed config: zero.Init's explicit `dtype` argument is ignored on
+    # accelerators without fp16 (an operator-precedence bug in 0.19.8 picks bf16 on CPU).
+    config_dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
+        torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
+    if config_dtype != dtype:
+        raise ValueError(f"ZeRO-3 builds parameters in the DeepSpeed config's dtype {config_dtype}, "
+                         f"but {dtype} was requested; set train.precision accordingly")
+    # mem_efficient_linear=False: keep torch's F.linear (DeepSpeed's replacement can outlive the context).
+    return deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False,
                                data_parallel_group=dims.dp_group if dims is not None else None,
                                mpu=dims.mpu() if dims is not None else None)
 
