@@ -90,7 +90,8 @@ def test_zero3_partitions_are_averaged_not_the_placeholder():
     params = [nn.Parameter(torch.empty(0)) for _ in range(2)]
     for i, p in enumerate(params):
         p.ds_tensor = torch.full((3 + i,), float(i))  # local partition
-    ema = EMA(params, 0.75)
+    released = []
+    ema = EMA(params, 0.75, release_cache=lambda: released.append(1))
     assert [tuple(s.shape) for s in ema.shadow] == [(3,), (4,)]
     for p in params:
         p.ds_tensor.add_(4.0)
@@ -98,9 +99,12 @@ def test_zero3_partitions_are_averaged_not_the_placeholder():
     assert torch.allclose(ema.shadow[0], torch.full((3,), 0.75 * 0 + 0.25 * 4.0))
     assert torch.allclose(ema.shadow[1], torch.full((4,), 0.75 * 1 + 0.25 * 5.0))
     with ema.swap_in():
-        assert torch.equal(params[1].ds_tensor, ema.shadow[1])
-    assert torch.equal(params[1].ds_tensor, torch.full((4,), 5.0))
+        assert torch.equal(params[1].ds_tensor, ema.shadow[1]) and released == [1]
+    assert torch.equal(params[1].ds_tensor, torch.full((4,), 5.0)) and released == [1, 1]
     assert params[0].data.numel() == 0  # the placeholder was never touched
+    with pytest.raises(RuntimeError, match="release_cache"):
+        with EMA(params, 0.75).swap_in():
+            pass
 
 
 def test_rejects_bad_decay():

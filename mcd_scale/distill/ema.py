@@ -8,11 +8,16 @@ ZeRO-3: each rank holds only its partition of every parameter (``p.ds_tensor``; 
 empty placeholder outside a gather). The shadow is built from that partition, so it is sharded like
 the weights and costs 4 bytes x (local partition) per rank. A ZeRO-3 EMA state therefore only loads
 at the same data-parallel size (as the ZeRO-3 checkpoint itself). Without ZeRO-3, ``p.data``.
+
+ZeRO-3 and :meth:`EMA.swap_in`: writing the partitions is not enough, because DeepSpeed's parameter
+coordinator keeps gathered/prefetched copies between forwards (measured: a forward right after the
+swap still used the trained weights). Pass ``release_cache=engine.empty_partition_cache``; it is
+called after swapping in and after restoring, so no gathered copy of the other weights survives.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -26,7 +31,10 @@ def local_tensor(p: torch.Tensor) -> torch.Tensor:
 class EMA:
     """A float32 shadow of ``params`` (their local partitions under ZeRO-3)."""
 
-    def __init__(self, params: Iterable[torch.Tensor], decay: float):
+    def __init__(self, params: Iterable[torch.Tensor], decay: float,
+                 release_cache: Optional[Callable[[], None]] = None):
+        """params: the model's parameters (frozen ones are skipped); decay in [0, 1);
+        release_cache: under ZeRO-3, ``engine.empty_partition_cache`` (see the module docstring)."""
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay} (config 'train.ema_decay').")
         self.decay = float(decay)
@@ -35,6 +43,8 @@ class EMA:
             raise ValueError("EMA got no trainable parameters.")
         self.shadow = [local_tensor(p).detach().float().clone() for p in self.params]
         self.num_updates = 0
+        self.release_cache = release_cache
+        self.partitioned = any(getattr(p, "ds_tensor", None) is not None for p in self.params)
 
     @torch.no_grad()
     def update(self) -> None:
@@ -68,13 +78,20 @@ class EMA:
         Only the model weights are swapped; optimizer master copies (bf16 / ZeRO) are untouched, so the
         restore on exit (also on exceptions) must happen before the next optimizer step.
         """
+        if self.partitioned and self.release_cache is None:
+            raise RuntimeError("EMA.swap_in on ZeRO-3 partitioned parameters needs "
+                               "EMA(..., release_cache=engine.empty_partition_cache): otherwise DeepSpeed's "
+                               "cached gathered weights make evaluation silently use the trained weights.")
+        release = self.release_cache or (lambda: None)
         backup = [local_tensor(p).detach().clone() for p in self.params]
         try:
             with torch.no_grad():
                 for s, p in zip(self.shadow, self.params):
                     local_tensor(p).copy_(s)
+            release()
             yield
         finally:
             with torch.no_grad():
                 for b, p in zip(backup, self.params):
                     local_tensor(p).copy_(b)
+            release()
