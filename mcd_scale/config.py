@@ -319,7 +319,7 @@ def eval_fraction(text: str) -> float:
 
 def _apply(obj: Any, data: dict, prefix: str, source: str) -> None:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: '{prefix or 'top level'}' must be a mapping, got {data!r}.")
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {data!r}.")
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in data.items():

@@ -68,19 +68,23 @@ def detect_launch_env(env: Optional[dict] = None) -> LaunchEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                          env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-        addr = env.get("MASTER_ADDR") or first_slurm_host(nodelist)
-        port = int(env.get("MASTER_PORT") or _slurm_port(env.get("SLURM_JOB_ID", "")))
-        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                         addr, port, "slurm")
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    # MPI before SLURM: `mpirun` inside an sbatch script inherits the batch step's SLURM_PROCID=0 on
+    # every rank; an MPI launcher's own per-process variables are the truth (under srun --mpi=pmi2/pmix
+    # both are set and agree).
     for rank_key, size_key, local_key in (
             ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
             ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
             ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK")):
         if rank_key in env and size_key in env:
-            return LaunchEnv(int(env[rank_key]), int(env[size_key]), int(env.get(local_key, 0)),
-                             env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 0)), "mpi")
+            addr = env.get("MASTER_ADDR") or (first_slurm_host(nodelist) if nodelist else "127.0.0.1")
+            port = int(env.get("MASTER_PORT") or (_slurm_port(env["SLURM_JOB_ID"]) if "SLURM_JOB_ID" in env else 0))
+            return LaunchEnv(int(env[rank_key]), int(env[size_key]), int(env.get(local_key, 0)), addr, port, "mpi")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        addr = env.get("MASTER_ADDR") or first_slurm_host(nodelist or "127.0.0.1")
+        port = int(env.get("MASTER_PORT") or _slurm_port(env.get("SLURM_JOB_ID", "")))
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                         addr, port, "slurm")
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)), "single")
 
 

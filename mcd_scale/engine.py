@@ -59,8 +59,8 @@ class TrainEngine:
         self.pipeline = cfg.parallel.pp > 1
         ds_cfg = deepspeed_config(cfg, dims.world_size)
         self.ds_config = ds_cfg
-        module = self._build_module(ds_cfg)
-        self._init_weights(module, init_state)
+        module = self._build_module(ds_cfg, init=init_state is None)
+        self._load_init_state(module, init_state)
         trainable = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=cfg.optimizer.lr, betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
                                       eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay)
@@ -71,32 +71,21 @@ class TrainEngine:
         self.module = module
 
     # ------------------------------------------------------------------ construction
-    def _build_module(self, ds_cfg: dict):
-        from mcd_scale.model.transformer import DiffusionTransformer
+    def _build_module(self, ds_cfg: dict, init: bool):
+        from mcd_scale.model.build import build_model
 
-        cfg, dims = self.cfg, self.dims
         if self.pipeline:
             from mcd_scale.model.pipeline import build_pipeline_module
 
-            return build_pipeline_module(cfg, dims, self.loss_fn)
-        ctx = contextlib.nullcontext()
-        if cfg.parallel.zero_stage == 3:
-            import deepspeed
+            return build_pipeline_module(self.cfg, self.dims, self.loss_fn, init=init)
+        # Under ZeRO-3 build_model constructs inside deepspeed.zero.Init (partitioned over DP only).
+        return build_model(self.cfg, self.dims, ds_config=ds_cfg, init=init)
 
-            ctx = deepspeed.zero.Init(config_dict_or_path=ds_cfg, mpu=dims.mpu(), dtype=params_dtype(cfg))
-        with ctx:
-            return DiffusionTransformer(cfg.model, tp_size=dims.tp, dtype=params_dtype(cfg),
-                                        activation_checkpointing=cfg.parallel.activation_checkpointing)
-
-    def _init_weights(self, module, init_state: Optional[dict]) -> None:
-        from mcd_scale.model.init import init_weights
-        from mcd_scale.model.weights import load_full_state_dict
-
+    def _load_init_state(self, module, init_state: Optional[dict]) -> None:
         if init_state is not None:
+            from mcd_scale.model.weights import load_full_state_dict
+
             load_full_state_dict(module, init_state, self.dims)
-        else:
-            init_weights(module, seed=self.cfg.train.seed, std=self.cfg.model.init_std,
-                         tp_rank=self.dims.tp_rank, tp_size=self.dims.tp)
 
     # ------------------------------------------------------------------ steps
     def _world_mean(self, value: torch.Tensor) -> float:
@@ -154,12 +143,20 @@ class TrainEngine:
         return (float("nan") if nonfinite else self._world_mean(mean)), nonfinite
 
     @torch.no_grad()
-    def eval_loss(self, micro_batches: list) -> float:
+    def eval_loss(self, micro_batches: list, loss_fn: Optional[Callable] = None) -> float:
+        """Mean loss over micro-batches (world-averaged). ``loss_fn`` defaults to the training loss;
+        the pipeline engine can only evaluate with the loss it was built with."""
         self.engine.eval()
         if self.pipeline:
-            loss = self.engine.eval_batch(data_iter=iter(micro_batches), compute_loss=True)
+            if loss_fn is not None and loss_fn is not self.loss_fn:
+                self.engine.module.loss_fn = loss_fn
+            try:
+                loss = self.engine.eval_batch(data_iter=iter(micro_batches), compute_loss=True)
+            finally:
+                self.engine.module.loss_fn = self.loss_fn
             return float(loss.item()) if torch.is_tensor(loss) else float(loss)
-        vals = [self.loss_fn(self.engine(*inputs), labels).float() for inputs, labels in micro_batches]
+        fn = loss_fn or self.loss_fn
+        vals = [fn(self.engine(*inputs), labels).float() for inputs, labels in micro_batches]
         return self._world_mean(torch.stack(vals).mean())
 
     def grad_norm(self) -> Optional[float]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -53,37 +53,30 @@ def _barrier():
         dist.barrier()
 
 
-def build_data(cfg: Config, dims: ParallelDims, objective_name: str):
-    """(train dataset, validation dataset) — token shards, or trajectory shards for offline MCD."""
-    from mcd_scale.data.shards import ShardedDataset
+def build_data(cfg: Config, objective_name: str):
+    """(train dataset, validation dataset): token shards, or trajectory shards for offline MCD."""
+    from mcd_scale.data.loader import open_prepared
 
+    m = cfg.model
     if objective_name == "mcd" and cfg.distill.teacher_mode == "offline":
         from mcd_scale.data.trajectories import open_trajectories
 
         train = open_trajectories(cfg)
     else:
-        train = _open_tokens(cfg, "train")
-    val = _open_tokens(cfg, "validation")
+        train = open_prepared(cfg.data.path, "train", vocab_size=m.vocab_size, seq_len=m.seq_len,
+                              skip_corrupt=cfg.data.skip_corrupt)
+    val = open_prepared(cfg.data.path, "val", vocab_size=m.vocab_size, seq_len=m.seq_len)
     return train, val
 
 
-def _open_tokens(cfg: Config, split: str):
-    from mcd_scale.data.manifest import check_manifest, load_manifest
-    from mcd_scale.data.shards import ShardedDataset
-
-    manifest = load_manifest(cfg.data.path)
-    check_manifest(manifest, {"seq_len": cfg.model.seq_len, "vocab_size": cfg.model.vocab_size},
-                   os.path.join(cfg.data.path, "manifest.json"))
-    return ShardedDataset(os.path.join(cfg.data.path, split), skip_corrupt=cfg.data.skip_corrupt)
-
-
-def _loader(cfg: Config, dims: ParallelDims, dataset, start_step: int, seed_purpose: int = 0):
-    from mcd_scale.data.loader import MicroBatchLoader
-    from mcd_scale.data.sampler import GlobalBatchSampler
-
-    sampler = GlobalBatchSampler(len(dataset), cfg.parallel.global_batch, cfg.train.seed + seed_purpose)
-    return sampler, MicroBatchLoader(dataset, sampler, dims.dp_rank, dims.dp, cfg.parallel.micro_batch,
-                                     start_step=start_step, num_workers=cfg.data.num_workers)
+def step_batches(loader) -> "Iterator[list[dict]]":
+    """Group a MicroBatchLoader's stream into the grad-accum micro-batches of each step."""
+    batch: list = []
+    for micro in loader:
+        batch.append(micro)
+        if len(batch) == loader.grad_accum:
+            yield batch
+            batch = []
 
 
 def run_training(cfg: Config, dims: Optional[ParallelDims] = None) -> int:
@@ -114,7 +107,7 @@ class Trainer:
         self.engine = TrainEngine(cfg, dims, self.objective.loss, init_state=teacher_state)
         if hasattr(self.objective, "attach"):
             self.objective.attach(self.engine)
-        self.train_set, self.val_set = build_data(cfg, dims, cfg.train.objective)
+        self.train_set, self.val_set = build_data(cfg, cfg.train.objective)
         self.state = TrainState(round=cfg.distill.round)
         self.root = checkpoint_root(self.run_dir)
         self._maybe_resume()
@@ -124,9 +117,9 @@ class Trainer:
 
             self.ema = EMA([p for p in self.engine.module.parameters() if p.requires_grad], cfg.train.ema_decay)
         self.logger = MetricsLogger(self.run_dir, self.rank == 0, cfg.logging.tensorboard, cfg.train.steps)
-        from mcd_scale.model.flops import training_flops_per_token
+        from mcd_scale.model.flops import train_flops_per_token
 
-        self.flops_per_token = training_flops_per_token(cfg.model)
+        self.flops_per_token = train_flops_per_token(cfg.model)
 
     # ------------------------------------------------------------------ set-up helpers
     def _teacher_state(self) -> Optional[dict]:
@@ -145,14 +138,16 @@ class Trainer:
         self.engine.engine.load_checkpoint(self.root, tag=tag)
         self.state = load_train_state(self.root, tag)
         rest = restore_rng(load_rng_states(self.root, tag, self.rank))
-        if rest and hasattr(self.engine.module, "load_rng_tracker_states"):
-            self.engine.module.load_rng_tracker_states(rest)
+        rng = getattr(self.engine.module, "rng", None)
+        if rest and rng is not None:
+            rng.set_states({k.split("/", 1)[1]: v for k, v in rest.items() if k.startswith("dropout/")})
         if self.rank == 0:
             print(f"resumed from {os.path.join(self.root, tag)} at step {self.state.step}", flush=True)
 
     def _save(self) -> None:
         full = self.engine.full_state_dict() if self.cfg.checkpoint.consolidated else None
-        extra = self.engine.module.rng_tracker_states() if hasattr(self.engine.module, "rng_tracker_states") else None
+        rng = getattr(self.engine.module, "rng", None)
+        extra = {f"dropout/{k}": v for k, v in rng.get_states().items()} if rng is not None else None
         self.state.data_cursor = {"consumed_samples": self.state.consumed_samples,
                                   "global_batch": self.cfg.parallel.global_batch, "seed": self.cfg.train.seed}
         save_checkpoint(self.engine.engine, self.run_dir, self.state, to_yaml(self.cfg), self.rank,
@@ -161,38 +156,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> dict:
-        from mcd_scale.data.loader import MicroBatchLoader
-        from mcd_scale.data.sampler import GlobalBatchSampler
-
-        cfg = self.cfg
-        sampler = GlobalBatchSampler(len(self.val_set), cfg.parallel.global_batch, cfg.train.seed)
-        loader = MicroBatchLoader(self.val_set, sampler, self.dims.dp_rank, self.dims.dp, cfg.parallel.micro_batch,
-                                  start_step=0, num_workers=0)
-        engine = self.engine
-        losses = []
-        it = iter(loader)
-        # Fixed batches and a fixed corruption key (step -1 - b) -> comparable across layouts and time.
-        for b in range(cfg.train.eval_batches):
-            micro = next(it)
-            prepared = [self.eval_objective.prepare(m, step=10 ** 9 + b) for m in micro]
-            if engine.pipeline:
-                losses.append(engine.eval_loss(prepared))
-            else:
-                with torch.no_grad():
-                    engine.engine.eval()
-                    vals = [self.eval_objective.loss(engine.engine(*inp), lab).float() for inp, lab in prepared]
-                    losses.append(engine._world_mean(torch.stack(vals).mean()))
-        nelbo = sum(losses) / len(losses)
+        """Validation NELBO on a fixed set (the first eval_batches global batches of the val split) with
+        a fixed corruption key, so the figure is comparable across steps, runs and layouts."""
         import math
 
+        from mcd_scale.data.loader import eval_loader
+
+        cfg = self.cfg
+        loader = eval_loader(self.val_set, cfg.train.eval_batches, cfg.parallel.global_batch, self.dims.dp_rank,
+                             self.dims.dp, cfg.parallel.micro_batch)
+        losses = []
+        for b, micro in enumerate(step_batches(loader)):
+            prepared = [self.eval_objective.prepare(m, step=10 ** 9 + b) for m in micro]
+            losses.append(self.engine.eval_loss(prepared, self.eval_objective.loss))
+        nelbo = sum(losses) / len(losses)
         return {"nelbo": nelbo, "ppl_bound": math.exp(min(nelbo, 50.0))}
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> int:
         cfg, state = self.cfg, self.state
         preempt = _Preemption()
-        _, loader = _loader(cfg, self.dims, self.train_set, start_step=state.step)
-        it = iter(loader)
+        from mcd_scale.data.loader import MicroBatchLoader
+        from mcd_scale.data.sampler import GlobalBatchSampler
+
+        sampler = GlobalBatchSampler(len(self.train_set), cfg.parallel.global_batch, cfg.train.seed)
+        loader = MicroBatchLoader(self.train_set, sampler, self.dims.dp_rank, self.dims.dp, cfg.parallel.micro_batch,
+                                  start_step=state.step, num_workers=cfg.data.num_workers)
+        it = step_batches(loader)
         tokens_per_step = cfg.parallel.global_batch * cfg.model.seq_len
         exit_code = EXIT_OK
         last_log_t, last_log_step, wait_acc = time.time(), state.step, 0.0
