@@ -15,8 +15,10 @@ the same flags.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -26,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mcd_scale.data.loader import TOKENS_FORMAT, TOKENS_FORMAT_VERSION  # noqa: E402
 from mcd_scale.data.manifest import manifest_path, sha256_file, write_manifest  # noqa: E402
 from mcd_scale.data.shards import write_shards  # noqa: E402
-from mcd_scale.eval.synthetic import MarkovChain2  # noqa: E402
+from mcd_scale.eval.metrics import mean_unigram_entropy  # noqa: E402
+from mcd_scale.eval.synthetic import MarkovChain2, oracle_ancestral_sample  # noqa: E402
 from mcd_scale.rng import key_to_seed  # noqa: E402
 
 TOOL_VERSION = 1
@@ -88,6 +91,23 @@ def prepare(out: str, num_symbols: int, branching: int, fanout: int, concentrati
     return manifest
 
 
+def oracle_check(chain: MarkovChain2, n: int, seq_len: int, seed: int,
+                 runs: Sequence[tuple[int, float]]) -> list[dict]:
+    """True NLL and entropy of the exact oracle sampled at (steps, temperature): the benchmark's ceiling.
+
+    Many steps should come close to ``expected_nll_per_token``; few steps fall short at equal entropy.
+    """
+    rows = []
+    for steps, temperature in runs:
+        start = time.perf_counter()
+        x, nfe = oracle_ancestral_sample(chain, n, seq_len, steps, seed=seed, temperature=temperature)
+        rows.append({"steps": steps, "temperature": temperature, "num_samples": n,
+                     "true_nll": float(chain.nll(x).mean()), "entropy": mean_unigram_entropy(x), "nfe": nfe,
+                     "seconds": time.perf_counter() - start})
+        print(f"prepare_synthetic: oracle {rows[-1]}", flush=True)
+    return rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -103,6 +123,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--heldout", type=int, default=512, help="sequences of the 'heldout' split")
     ap.add_argument("--samples-per-shard", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=1234, help="keys the chain and every split")
+    ap.add_argument("--oracle-check", type=int, default=0, metavar="N",
+                    help="also sample N sequences with the exact oracle at seq-len steps (T=1) and seq-len/16 "
+                         "steps (T=1, 0.9, 0.8, 0.7) and write oracle_check.json (slow: minutes at N=32)")
     args = ap.parse_args(argv)
     try:
         m = prepare(args.out, args.num_symbols, args.branching, args.fanout, args.concentration, args.floor,
@@ -116,6 +139,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           + ", ".join(f"{k} {v['num_samples']}" for k, v in m["splits"].items())
           + f"; entropy rate {c['entropy_rate']:.4f} nats, expected NLL {c['expected_nll_per_token']:.4f} "
           f"nats/token -> {args.out}")
+    if args.oracle_check > 0:
+        chain = MarkovChain2.load(os.path.join(args.out, "chain.json"))
+        few = max(args.seq_len // 16, 1)
+        runs = [(args.seq_len, 1.0)] + [(few, t) for t in (1.0, 0.9, 0.8, 0.7)]
+        doc = {"expected_nll_per_token": c["expected_nll_per_token"], "entropy_rate": c["entropy_rate"],
+               "heldout_entropy": mean_unigram_entropy(chain.sample(512, args.seq_len, seed=args.seed)),
+               "runs": oracle_check(chain, args.oracle_check, args.seq_len, args.seed, runs)}
+        with open(os.path.join(args.out, "oracle_check.json"), "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2)
     return 0
 
 
