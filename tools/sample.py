@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""Sample from a trained MDLM teacher or MCD/SDTT student on one process (MCD.md §7).
+
+    python tools/sample.py --checkpoint runs/demo/text_teacher --steps 256 --num-samples 8 \
+        --tokenizer data/prepared/tokenizer.model --out samples.jsonl
+
+``--checkpoint`` is a run directory (its ``checkpoints/latest`` is used), a checkpoint directory
+(``.../checkpoints/step_000200``) or a ``model.safetensors`` file. The weights are the
+layout-independent ``model.safetensors`` (``--weights ema``: ``model_ema.safetensors``), so a model
+trained with any TP/PP/ZeRO layout samples here at tp=1. The model config is the
+``config.resolved.yaml`` saved in the checkpoint (or beside the file), unless ``--config`` is given.
+
+Output: one JSON line per sample ``{"index", "text", "ids"}`` (text decoded with ``--tokenizer`` when
+given, else space-separated ids) to ``--out`` (stdout when omitted), and a summary JSON line on stderr
+(and ``<out>.summary.json``) with NFE per sample and seconds per sample. Same ``--seed`` and flags give
+the same tokens whatever ``--batch-size`` (both samplers key their randomness per sample).
+Exit codes: 0 done, 1 error, 2 bad arguments or checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mcd_scale.checkpoint import checkpoint_root, read_latest  # noqa: E402
+from mcd_scale.config import Config, from_dict, load_config  # noqa: E402
+from mcd_scale.diffusion.sampling import SampleResult, ancestral_sample, coupled_sample  # noqa: E402
+from mcd_scale.diffusion.schedules import get_schedule  # noqa: E402
+
+WEIGHT_FILES = {"model": "model.safetensors", "ema": "model_ema.safetensors"}
+
+
+@dataclass
+class LoadedModel:
+    """A single-process denoiser ready for the samplers."""
+    model: torch.nn.Module
+    cfg: Config
+    weights_path: str
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.model.vocab_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.cfg.model.seq_len
+
+    def denoiser(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(z, t).float()
+
+
+def resolve_weights(checkpoint: str, weights: str = "model") -> str:
+    """Path of the weights file for a run dir, a checkpoint dir or a file (raises FileNotFoundError)."""
+    name = WEIGHT_FILES[weights]
+    if os.path.isfile(checkpoint):
+        return checkpoint
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"--checkpoint '{checkpoint}' does not exist")
+    if os.path.isfile(os.path.join(checkpoint, name)):
+        return os.path.join(checkpoint, name)
+    root = checkpoint_root(checkpoint)
+    if os.path.isdir(checkpoint) and os.path.basename(os.path.normpath(checkpoint)) == "checkpoints":
+        root = checkpoint
+    tag = read_latest(root)
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint under '{root}' (no 'latest'); train first")
+    path = os.path.join(root, tag, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"'{path}' is missing (checkpoint.consolidated off, or no EMA for --weights ema)")
+    return path
+
+
+def load_model(checkpoint: str, config_files: Sequence[str] = (), overrides: Sequence[str] = (),
+               weights: str = "model") -> LoadedModel:
+    """Build the tp=1 model from the checkpoint's resolved config (or ``config_files``) and load weights."""
+    import yaml
+
+    from mcd_scale.model.build import build_model
+    from mcd_scale.model.weights import load_full_state_dict, load_safetensors
+
+    path = resolve_weights(checkpoint, weights)
+    if config_files:
+        cfg = load_config(list(config_files), list(overrides))
+    else:
+        resolved = os.path.join(os.path.dirname(path), "config.resolved.yaml")
+        if not os.path.isfile(resolved):
+            raise FileNotFoundError(f"no config.resolved.yaml beside '{path}'; pass --config")
+        with open(resolved, encoding="utf-8") as fh:
+            cfg = from_dict(yaml.safe_load(fh), source=resolved)
+        if overrides:
+            raise ValueError("--set needs --config (the resolved config is used as saved)")
+    # One process, fp32, no TP/PP: the weights are layout-independent.
+    cfg.train.precision = "fp32"
+    cfg.parallel.activation_checkpointing = False
+    model = build_model(cfg, None, init=False, dtype=torch.float32)
+    load_full_state_dict(model, load_safetensors(path), None)
+    model.eval()
+    return LoadedModel(model, cfg, path)
+
+
+def sample(loaded: LoadedModel, steps: int, num_samples: int, seed: int, temperature: float = 1.0,
+           sampler: str = "ancestral", batch_size: Optional[int] = None, progress: bool = False) -> SampleResult:
+    fn = {"ancestral": ancestral_sample, "coupled": coupled_sample}[sampler]
+    schedule = get_schedule(loaded.cfg.diffusion.schedule, loaded.cfg.diffusion.eps)
+    return fn(loaded.denoiser, num_samples, loaded.seq_len, steps, loaded.vocab_size, schedule, seed,
+              temperature=temperature, batch_size=batch_size,
+              time_conditioned=loaded.cfg.model.time_conditioning, progress=progress)
+
+
+def decode_rows(tokens: torch.Tensor, tokenizer_path: Optional[str]) -> list[str]:
+    if tokenizer_path:
+        from mcd_scale.data.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_file(tokenizer_path)
+        return [tok.decode(row.tolist()) for row in tokens]
+    return [" ".join(str(int(i)) for i in row) for row in tokens]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or model.safetensors")
+    ap.add_argument("--config", nargs="*", default=[], help="model config (default: the checkpoint's own)")
+    ap.add_argument("--set", nargs="*", default=[], dest="overrides", help="key=value overrides with --config")
+    ap.add_argument("--weights", choices=sorted(WEIGHT_FILES), default="model")
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--num-samples", type=int, default=8)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--sampler", choices=["ancestral", "coupled"], default="ancestral")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: all samples in one batch")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", default=None, help="JSONL file (default: stdout)")
+    ap.add_argument("--tokenizer", default=None, help="SentencePiece model to decode text (e.g. data/prepared/tokenizer.model)")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.num_samples < 1 or args.temperature <= 0:
+        print("sample: error: need --steps >= 1, --num-samples >= 1, --temperature > 0", file=sys.stderr)
+        return 2
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        loaded = load_model(args.checkpoint, args.config, args.overrides, args.weights)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"sample: error: {exc}", file=sys.stderr)
+        return 2
+    res = sample(loaded, args.steps, args.num_samples, args.seed, args.temperature, args.sampler,
+                 args.batch_size, progress=not args.quiet)
+    texts = decode_rows(res.tokens, args.tokenizer)
+    lines = [json.dumps({"index": i, "text": text, "ids": row.tolist()})
+             for i, (text, row) in enumerate(zip(texts, res.tokens))]
+    summary = {"checkpoint": loaded.weights_path, "sampler": args.sampler, "steps": args.steps,
+               "temperature": args.temperature, "seed": args.seed, "num_samples": args.num_samples,
+               "seq_len": loaded.seq_len, "nfe": res.nfe, "seconds_per_sample": res.seconds / args.num_samples}
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+        with open(args.out + ".summary.json", "w", encoding="utf-8") as fh:
+            json.dump(summary, fh, indent=2)
+    else:
+        sys.stdout.write("\n".join(lines) + "\n")
+    print(json.dumps(summary), file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
