@@ -13,8 +13,9 @@ MCD (``train.objective: mcd``, design MCD.md section 5/6), round n = ``distill.r
 
 * times: t from :func:`~mcd_scale.diffusion.masking.sample_times` (antithetic over the global batch),
   then (t, s) = :func:`~mcd_scale.distill.rounds.coupled_times` (t, dt_n), s = t - dt_n;
-* pair: thresholds u = ``reveal_thresholds(sample_ids, L, train.seed, diffusion.duality_form)`` (one
-  deterministic trajectory per sample), (z_t, z_s) = :func:`~mcd_scale.diffusion.duality.coupled_pair`;
+* pair: thresholds u = ``reveal_thresholds(sample_ids, L, train.seed, diffusion.duality_form, K=V+1,
+  round_idx=distill.round)`` (one deterministic trajectory per sample and round, keyed as
+  tools/precompute_trajectories.py keys it), (z_t, z_s) = :func:`~mcd_scale.diffusion.duality.coupled_pair`;
 * teacher, ``distill.teacher_mode``:
   - ``online``: a :class:`~mcd_scale.distill.teacher.FrozenTeacher` holding this rank's TP shard of
     the teacher weights (a plain replica: NOT built under ZeRO-3, not a submodule of the student, not
@@ -129,12 +130,13 @@ class McdObjective(_TeacherMixin):
 
     # ------------------------------------------------------------------ data side
     def thresholds(self, sample_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-        """The per-sample coupled thresholds u (float64 [B, L]) shared with the precompute job."""
+        """The per-sample coupled thresholds u (float64 [B, L]), keyed exactly as the precompute job keys
+        them (mcd_scale.data.trajectories.thresholds_for): ``reveal_thresholds(ids, L, train.seed,
+        diffusion.duality_form, K=V+1, round_idx=distill.round)``; one fixed trajectory per sample and round."""
         from mcd_scale.diffusion.duality import reveal_thresholds
 
-        form = self.cfg.diffusion.duality_form
-        K = self.vocab_size + 1 if form != "uniform" else None  # V real tokens + the mask
-        return reveal_thresholds(sample_ids.long(), seq_len, self.cfg.train.seed, form, K=K)
+        return reveal_thresholds(sample_ids.long(), seq_len, self.cfg.train.seed, self.cfg.diffusion.duality_form,
+                                 K=self.vocab_size + 1, round_idx=self.cfg.distill.round)
 
     def times(self, positions: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(t, s) float64 [B] of this step: antithetic t, then the affine coupled map with dt_n."""
