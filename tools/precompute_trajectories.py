@@ -1,0 +1,432 @@
+#!/usr/bin/env python
+"""Precompute one distillation round's coupled trajectories + frozen-teacher top-k targets (MCD.md §6).
+
+    python tools/precompute_trajectories.py --teacher runs/tiny_teacher --data data/prepared --out traj/r0
+    torchrun --nproc_per_node 8 tools/precompute_trajectories.py --teacher ... --data ... --out ...
+    deepspeed --num_gpus 8 tools/precompute_trajectories.py ...      # also srun / mpirun
+
+Inference only. Per sample id g of the token train split (round n, seed = train.seed):
+t = t_min + (1 - t_min) U with U from keyed_generator("traj-time", seed, n, g); (t, s) =
+coupled_times(t, dt_n); u = reveal_thresholds(g, L, seed, duality_form, K=V+1, round_idx=n);
+(z_t, z_s) = coupled_pair(x, t, s, u); the teacher (built on this rank's TP shard from the
+consolidated weights) runs on z_s; the top-k log-probs at temperature tau_n at the positions masked
+at s are packed with pack_sample. Output: OUT/train/shard-JJJJJJ.tar + OUT/manifest.json
+(format: docs/trajectories.md, reader: mcd_scale/data/trajectories.py).
+
+Work split: shard j holds ids [j*S, (j+1)*S) whatever the rank count; data-parallel replica r writes
+the shards j = r (mod dp); the TP ranks of a replica compute together and tp_rank 0 writes. Each
+shard is written to a temp name, renamed, then a sidecar ``shard-JJJJJJ.done.json`` (size, sha256)
+is written: a restarted job skips every shard whose sidecar verifies and recomputes the rest.
+Rank 0 writes the manifest last, after checking every id 0..N-1 is in exactly one shard.
+
+Errors in the inputs (missing teacher/config, data manifest mismatch, an --out of another run) exit
+with code 2 on every rank. Fault injection for tests: MCD_FAULT_EXIT_AFTER_SHARDS=n makes a rank
+``os._exit(9)`` right after it has written n shards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from mcd_scale.data.manifest import (ManifestError, dumps_manifest, load_manifest, manifest_path,  # noqa: E402
+                                     sha256_file, write_manifest)
+from mcd_scale.data.trajectories import (THRESHOLD_PURPOSE, TIME_PURPOSE, TRAJ_FORMAT,  # noqa: E402
+                                         TRAJ_FORMAT_VERSION, sample_time, threshold_K)
+
+TOOL_VERSION = "1"
+PARAMS_NAME = "precompute.json"  # the run's parameters, written on first start; a resume must match
+SHARD_PREFIX = "shard"
+FAULT_ENV = "MCD_FAULT_EXIT_AFTER_SHARDS"
+
+
+class PrecomputeError(Exception):
+    """Bad inputs: printed as one line, exit code 2 on every rank."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def find_teacher_config(teacher_file: str) -> str:
+    """config.resolved.yaml next to the teacher weights (checkpoint dir, checkpoints root, run dir)."""
+    here = os.path.dirname(os.path.abspath(teacher_file))
+    looked = []
+    for d in (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
+        path = os.path.join(d, "config.resolved.yaml")
+        looked.append(path)
+        if os.path.isfile(path):
+            return path
+    raise PrecomputeError(f"no --config given and no config.resolved.yaml next to the teacher (looked at "
+                          f"{', '.join(looked)}); pass --config with the teacher's model config")
+
+
+def load_inputs(args) -> tuple:
+    """(cfg, teacher_file, teacher_digest, train dataset, token manifest, config files). Pure reads,
+    identical on every rank, so every rank fails the same way before any collective."""
+    from mcd_scale.config import ConfigError, load_config
+    from mcd_scale.data.loader import open_prepared
+    from mcd_scale.distill.checkpoints import resolve_teacher_file, teacher_digest
+
+    try:
+        teacher_file = resolve_teacher_file(args.teacher)
+    except (FileNotFoundError, ValueError) as exc:
+        raise PrecomputeError(f"--teacher: {exc}") from None
+    files = list(args.config) if args.config else [find_teacher_config(teacher_file)]
+    overrides = list(args.set)
+    if args.round is not None:
+        overrides.append(f"distill.round={args.round}")
+    try:
+        cfg = load_config(files, overrides)
+    except ConfigError as exc:
+        raise PrecomputeError(f"config ({', '.join(files)}): {exc}") from None
+    if cfg.distill.round < 0:
+        raise PrecomputeError(f"--round must be >= 0, got {cfg.distill.round}")
+    try:
+        tokens = load_manifest(args.data)
+        train = open_prepared(args.data, "train", vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len)
+    except (ManifestError, OSError) as exc:
+        raise PrecomputeError(f"--data: {exc}") from None
+    except Exception as exc:  # ShardError and friends: name them, exit 2
+        raise PrecomputeError(f"--data: {type(exc).__name__}: {exc}") from None
+    return cfg, teacher_file, teacher_digest(teacher_file), train, tokens, files
+
+
+def run_params(args, cfg, teacher_file: str, digest: str, tokens: dict, num_samples: int, S: int) -> dict:
+    """Everything that determines the payloads (the manifest minus the shard list)."""
+    from mcd_scale.distill.rounds import round_dt, round_temperature
+
+    n = cfg.distill.round
+    seed = cfg.train.seed
+    dt = round_dt(cfg.distill, n)
+    if not 0.0 < dt <= 1.0 - cfg.diffusion.t_min:
+        raise PrecomputeError(f"round {n}: dt = {dt} does not fit in [t_min, 1] (distill.dt0={cfg.distill.dt0}, "
+                              f"dt_growth={cfg.distill.dt_growth}); lower --round or distill.dt0")
+    if not 1 <= cfg.distill.top_k <= cfg.model.vocab_size:
+        raise PrecomputeError(f"distill.top_k = {cfg.distill.top_k} must be in [1, model.vocab_size = "
+                              f"{cfg.model.vocab_size}]")
+    form = cfg.diffusion.duality_form
+    return {
+        "format": TRAJ_FORMAT, "format_version": TRAJ_FORMAT_VERSION,
+        "tool": "tools/precompute_trajectories.py", "tool_version": TOOL_VERSION,
+        "teacher": {"path": os.path.abspath(teacher_file), "sha256": digest},
+        "source": {"path": os.path.abspath(args.data), "split": "train",
+                   "manifest_sha256": sha256_file(manifest_path(args.data)),
+                   "tokenizer_sha256": tokens.get("tokenizer", {}).get("sha256"),
+                   "num_samples": int(tokens["splits"]["train"]["num_samples"])},
+        "vocab_size": cfg.model.vocab_size, "mask_id": cfg.model.mask_id, "seq_len": cfg.model.seq_len,
+        "dtype": tokens.get("dtype"),
+        "schedule": cfg.diffusion.schedule, "eps": cfg.diffusion.eps, "t_min": cfg.diffusion.t_min,
+        "duality_form": form, "seed": seed, "round": n, "dt": dt,
+        "temperature": round_temperature(cfg.distill, n), "top_k": cfg.distill.top_k,
+        "thresholds": {"purpose": THRESHOLD_PURPOSE, "seed": seed, "form": form,
+                       "K": threshold_K(cfg.model.vocab_size), "round_idx": n},
+        "times": {"purpose": TIME_PURPOSE, "ids": "(seed, round, sample_id)",
+                  "rule": "t = t_min + (1 - t_min) * U; (t, s) = coupled_times(t, dt, t_min)"},
+        "num_samples": num_samples, "samples_per_shard": S,
+        "fields": {"ids": "clean tokens [L]", "times": "float64 (t, s)", "topk_pos": "positions masked at s",
+                   "topk_ids": "[n, k]", "topk_logp": "float16 [n, k]", "tail_logp": "float32 [n]"},
+    }
+
+
+_PATH_FIELDS = {("teacher", "path"), ("source", "path")}  # may legitimately change between restarts
+
+
+def check_resume_params(out: str, params: dict) -> None:
+    """Refuse to resume into an --out made with other parameters (names the field)."""
+    path = os.path.join(out, PARAMS_NAME)
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as fh:
+            old = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PrecomputeError(f"{path} is unreadable ({exc}); delete --out {out} and start again") from None
+
+    def walk(a, b, prefix=()):
+        for key in sorted(set(a) | set(b)):
+            here = prefix + (key,)
+            if here in _PATH_FIELDS:
+                continue
+            va, vb = a.get(key), b.get(key)
+            if isinstance(va, dict) and isinstance(vb, dict):
+                walk(va, vb, here)
+            elif va != vb:
+                raise PrecomputeError(f"--out {out} holds a run with {'.'.join(here)} = {va!r}, this run has {vb!r} "
+                                      f"({path}); resume with the same inputs, or use a fresh --out")
+    walk(old, params)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compute
+
+
+def shard_name(j: int) -> str:
+    return f"{SHARD_PREFIX}-{j:06d}.tar"
+
+
+def sidecar_path(split_dir: str, j: int) -> str:
+    return os.path.join(split_dir, f"{SHARD_PREFIX}-{j:06d}.done.json")
+
+
+def shard_complete(split_dir: str, j: int, first: int, last: int) -> Optional[dict]:
+    """The shard's record if its sidecar exists and the tar matches it (size and sha256), else None."""
+    side = sidecar_path(split_dir, j)
+    tar = os.path.join(split_dir, shard_name(j))
+    if not (os.path.isfile(side) and os.path.isfile(tar)):
+        return None
+    try:
+        with open(side, encoding="utf-8") as fh:
+            rec = json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if rec.get("name") != shard_name(j) or rec.get("first_id") != first or rec.get("last_id") != last \
+            or rec.get("num_samples") != last - first + 1 or os.path.getsize(tar) != rec.get("bytes") \
+            or sha256_file(tar) != rec.get("sha256"):
+        return None
+    return rec
+
+
+def trajectory_batch(model, cfg, params: dict, x: torch.Tensor, gids: torch.Tensor, dims) -> list[dict]:
+    """Payloads (without ids) of one batch: times + packed top-k targets."""
+    from mcd_scale.diffusion.duality import coupled_pair, reveal_thresholds
+    from mcd_scale.diffusion.schedules import get_schedule
+    from mcd_scale.distill.rounds import coupled_times
+    from mcd_scale.distill.targets import pack_sample, topk_from_logits
+    from mcd_scale.model.tp_layers import gather_vocab_logits
+
+    seed, n, t_min, L, V = params["seed"], params["round"], params["t_min"], params["seq_len"], params["vocab_size"]
+    t_raw = torch.tensor([sample_time(seed, n, int(g), t_min) for g in gids.tolist()], dtype=torch.float64)
+    t, s = coupled_times(t_raw, params["dt"], t_min)
+    th = params["thresholds"]
+    u = reveal_thresholds(gids, L, th["seed"], th["form"], K=th["K"], round_idx=th["round_idx"])
+    schedule = get_schedule(params["schedule"], params["eps"])
+    _, z_s = coupled_pair(x, t, s, u, schedule, params["mask_id"])
+    dev = next(model.parameters()).device
+    logits = model(z_s.to(dev), s.to(device=dev, dtype=torch.float32))
+    logits = gather_vocab_logits(logits, dims.tp, dims.tp_group)
+    targets = topk_from_logits(logits.float().cpu(), z_s, V, params["top_k"], params["temperature"])
+    out = []
+    for b in range(x.shape[0]):
+        rec = pack_sample(targets, b)
+        rec["times"] = np.array([float(t[b]), float(s[b])], dtype=np.float64)
+        out.append(rec)
+    return out
+
+
+def compute_shard(model, cfg, params, train, dims, split_dir: str, j: int, first: int, last: int,
+                  batch_size: int, progress) -> dict:
+    from mcd_scale.data.shards import write_shards
+
+    def samples():
+        for lo in range(first, last + 1, batch_size):
+            hi = min(lo + batch_size, last + 1)
+            gids = torch.arange(lo, hi, dtype=torch.int64)
+            raw = [train[g] for g in range(lo, hi)]
+            if any(r is None for r in raw):
+                raise PrecomputeError(f"token sample {lo + [r is None for r in raw].index(True)} is unreadable")
+            x = torch.from_numpy(np.stack([r["ids"] for r in raw]).astype(np.int64))
+            payloads = trajectory_batch(model, cfg, params, x, gids, dims)
+            for g, r, p in zip(range(lo, hi), raw, payloads):
+                p["ids"] = r["ids"]
+                yield g, p
+            if progress is not None:
+                progress.update(hi - lo)
+
+    records = write_shards(split_dir, samples(), last - first + 1, prefix=SHARD_PREFIX, first_shard=j)
+    if len(records) != 1:
+        raise RuntimeError(f"shard {j}: write_shards produced {len(records)} shards")
+    rec = records[0]
+    tmp = sidecar_path(split_dir, j) + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(rec, fh, sort_keys=True)
+    os.replace(tmp, sidecar_path(split_dir, j))
+    return rec
+
+
+def collect_shards(split_dir: str, num_shards: int, N: int, S: int) -> list[dict]:
+    """Rank 0, after the barrier: every shard's verified record; ids 0..N-1 exactly once, in order."""
+    records, next_id = [], 0
+    for j in range(num_shards):
+        side = sidecar_path(split_dir, j)
+        if not os.path.isfile(side):
+            raise PrecomputeError(f"shard {shard_name(j)} has no sidecar {side}: it was not finished")
+        with open(side, encoding="utf-8") as fh:
+            rec = json.load(fh)
+        tar = os.path.join(split_dir, rec["name"])
+        if not os.path.isfile(tar) or os.path.getsize(tar) != rec["bytes"]:
+            raise PrecomputeError(f"shard {tar} is missing or its size differs from {side}; re-run to redo it")
+        if rec["first_id"] != next_id or rec["last_id"] != min((j + 1) * S, N) - 1:
+            raise PrecomputeError(f"shard {tar} covers ids {rec['first_id']}..{rec['last_id']}, expected "
+                                  f"{next_id}..{min((j + 1) * S, N) - 1} (gap or overlap)")
+        next_id = rec["last_id"] + 1
+        records.append(rec)
+    if next_id != N:
+        raise PrecomputeError(f"shards cover ids 0..{next_id - 1}, expected 0..{N - 1}")
+    return records
+
+
+def _agree(ok: bool) -> bool:
+    """True on every rank iff every rank is ok."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
+
+
+def precompute(args) -> dict:
+    import torch.distributed as dist
+
+    from mcd_scale.distributed import init_distributed
+    from mcd_scale.model.build import build_model
+    from mcd_scale.model.weights import load_full_state_dict, load_safetensors
+
+    cfg, teacher_file, digest, train, tokens, _files = load_inputs(args)
+    N = len(train) if args.limit is None else min(args.limit, len(train))
+    if N < 1:
+        raise PrecomputeError(f"nothing to do: the train split has {len(train)} samples, --limit {args.limit}")
+    S = args.samples_per_shard
+    if S < 1 or args.batch_size < 1:
+        raise PrecomputeError(f"--samples-per-shard and --batch-size must be >= 1 (got {S}, {args.batch_size})")
+    params = run_params(args, cfg, teacher_file, digest, tokens, N, S)
+    check_resume_params(args.out, params)
+    state = load_safetensors(teacher_file)
+
+    tp = cfg.parallel.tp
+    dims = init_distributed(tp, 1)
+    rank = dist.get_rank()
+    ok, err = True, ""
+    split_dir = os.path.join(args.out, "train")
+    if rank == 0:
+        try:
+            os.makedirs(split_dir, exist_ok=True)
+            if os.path.exists(manifest_path(args.out)):
+                os.remove(manifest_path(args.out))  # the manifest marks a finished set: not any more
+            with open(os.path.join(args.out, PARAMS_NAME) + ".tmp", "w", encoding="utf-8") as fh:
+                fh.write(dumps_manifest(params))
+            os.replace(os.path.join(args.out, PARAMS_NAME) + ".tmp", os.path.join(args.out, PARAMS_NAME))
+        except OSError as exc:
+            ok, err = False, f"--out {args.out}: {exc}"
+    if not _agree(ok):
+        raise PrecomputeError(err or "rank 0 could not prepare --out (see its log)")
+
+    model = build_model(cfg, dims, init=False)
+    load_full_state_dict(model, state, dims)
+    del state
+    model.eval()
+
+    num_shards = -(-N // S)
+    mine = [j for j in range(num_shards) if j % dims.dp == dims.dp_rank]
+    writer = dims.tp_rank == 0
+    fault = int(os.environ.get(FAULT_ENV, "0") or 0)
+    todo, skipped = [], 0
+    for j in mine:
+        first, last = j * S, min((j + 1) * S, N) - 1
+        if shard_complete(split_dir, j, first, last) is not None:
+            skipped += 1
+        else:
+            todo.append((j, first, last))
+    # TP peers must agree on the work list (the writer's view decides).
+    if dims.tp > 1:
+        obj = [todo]
+        dist.broadcast_object_list(obj, src=dims.rank_of(0, dims.dp_rank, 0), group=dims.tp_group)
+        todo = obj[0]
+    progress = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=sum(last - first + 1 for _, first, last in todo), unit="sample",
+                        desc=f"round {params['round']} rank0 (dp={dims.dp})", disable=args.no_progress,
+                        file=sys.stderr)
+    t0 = time.perf_counter()
+    done = 0
+    written = 0
+    with torch.no_grad():
+        for j, first, last in todo:
+            if writer:
+                compute_shard(model, cfg, params, train, dims, split_dir, j, first, last, args.batch_size, progress)
+                written += 1
+                if fault and written >= fault:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(9)
+            else:  # a TP peer: same forward passes, nothing written
+                for lo in range(first, last + 1, args.batch_size):
+                    hi = min(lo + args.batch_size, last + 1)
+                    x = torch.from_numpy(np.stack([train[g]["ids"] for g in range(lo, hi)]).astype(np.int64))
+                    trajectory_batch(model, cfg, params, x, torch.arange(lo, hi), dims)
+            done += last - first + 1
+    elapsed = time.perf_counter() - t0
+    if progress is not None:
+        progress.close()
+    rate = torch.tensor([float(done) if writer else 0.0], dtype=torch.float64)
+    dist.all_reduce(rate)
+    dist.barrier()
+
+    ok, err, manifest = True, "", None
+    if rank == 0:
+        try:
+            records = collect_shards(split_dir, num_shards, N, S)
+            manifest = dict(params)
+            manifest["splits"] = {"train": {"dir": "train", "num_samples": N, "shards": records}}
+            write_manifest(args.out, manifest)
+        except PrecomputeError as exc:
+            ok, err = False, str(exc)
+    if not _agree(ok):
+        raise PrecomputeError(err or "rank 0 could not verify the shards (see its log)")
+    total = float(rate.item())
+    return {"manifest": manifest, "computed": int(total), "skipped_shards": skipped, "seconds": elapsed,
+            "samples_per_s": total / elapsed if elapsed > 0 else 0.0, "rank": rank, "num_shards": num_shards}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--teacher", required=True, help="teacher run dir, checkpoint dir or model.safetensors")
+    ap.add_argument("--data", required=True, help="prepared token directory (tools/prepare_data.py --out)")
+    ap.add_argument("--out", required=True, help="output directory (resumable)")
+    ap.add_argument("--round", type=int, default=None, help="distillation round (default: distill.round)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N train samples")
+    ap.add_argument("--config", action="append", default=[],
+                    help="config YAML (repeatable; default: config.resolved.yaml next to the teacher)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--samples-per-shard", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=32, help="teacher forward batch per rank")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mcd_scale.distributed import shutdown
+
+    try:
+        res = precompute(args)
+    except PrecomputeError as exc:
+        print(f"precompute_trajectories: error: {exc}", file=sys.stderr, flush=True)
+        shutdown()
+        return 2
+    if res["rank"] == 0:
+        print(f"precompute_trajectories: {res['manifest']['num_samples']} samples in {res['num_shards']} shards -> "
+              f"{args.out} (computed {res['computed']}, {res['skipped_shards']} shard(s) of rank 0 resumed; "
+              f"{res['samples_per_s']:.1f} samples/s)", flush=True)
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
