@@ -153,8 +153,11 @@ def check_resume_params(out: str, params: dict) -> None:
     except (OSError, json.JSONDecodeError) as exc:
         raise PrecomputeError(f"{path} is unreadable ({exc}); delete --out {out} and start again") from None
 
+    first = ("round", "seed", "teacher", "source", "num_samples", "samples_per_shard")
+
     def walk(a, b, prefix=()):
-        for key in sorted(set(a) | set(b)):
+        keys = sorted(set(a) | set(b), key=lambda k: (k not in first, first.index(k) if k in first else 0, k))
+        for key in keys:
             here = prefix + (key,)
             if here in _PATH_FIELDS:
                 continue
