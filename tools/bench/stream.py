@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""Does the trajectory reader keep a student fed? Prints one JSON object.
+
+    python tools/bench/stream.py                     # tiny defaults, < 1 minute on 2 CPU cores
+    python tools/bench/stream.py --samples 512 --hidden 128 --seq-len 64
+
+In one run, in a temporary directory: a random tiny teacher + random token shards, then
+tools/precompute_trajectories.py in-process (single rank) -> ``precompute_samples_per_s``; then the
+samples/s that :class:`MicroBatchLoader` delivers from the trajectory shards with 0, 1 and 2 reader
+workers (``reader_samples_per_s``), and the samples/s a tiny student consumes (forward + backward +
+AdamW step of ``build_model`` on z_t with a top-k cross-entropy to the teacher targets,
+``student_samples_per_s``). ``headroom_w`` = reader / student rate: > 1 means data is not the
+bottleneck at that worker count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def _tiny_overrides(a) -> list[str]:
+    return [f"model.hidden={a.hidden}", f"model.layers={a.layers}", f"model.heads={a.heads}",
+            f"model.ffn_hidden={4 * a.hidden}", f"model.vocab_size={a.vocab}", f"model.seq_len={a.seq_len}",
+            "model.pad_vocab_multiple=64", f"distill.top_k={a.top_k}", "distill.dt0=0.02"]
+
+
+def _make_inputs(root: str, a):
+    from mcd_scale.config import load_config, save_resolved
+    from mcd_scale.data.loader import TOKENS_FORMAT, TOKENS_FORMAT_VERSION
+    from mcd_scale.data.manifest import write_manifest
+    from mcd_scale.data.shards import write_shards
+    from mcd_scale.model.build import build_model
+    from mcd_scale.model.weights import full_state_dict, save_safetensors
+    from mcd_scale.rng import keyed_generator
+
+    cfg = load_config([os.path.join(REPO, "configs/tiny/teacher.yaml")], _tiny_overrides(a))
+    teacher = os.path.join(root, "teacher")
+    save_safetensors(full_state_dict(build_model(cfg, None, init=True)), os.path.join(teacher, "model.safetensors"))
+    save_resolved(cfg, os.path.join(teacher, "config.resolved.yaml"))
+    tokens = os.path.join(root, "tokens")
+    rows = torch.randint(0, a.vocab, (a.samples, a.seq_len), generator=keyed_generator("bench-stream", 0))
+    rows = rows.numpy().astype(np.uint16)
+    shards = write_shards(os.path.join(tokens, "train"), ((g, {"ids": r}) for g, r in enumerate(rows)), 256)
+    write_manifest(tokens, {"format": TOKENS_FORMAT, "format_version": TOKENS_FORMAT_VERSION, "vocab_size": a.vocab,
+                            "mask_id": a.vocab, "seq_len": a.seq_len, "dtype": "uint16",
+                            "tokenizer": {"sha256": "bench"},
+                            "splits": {"train": {"dir": "train", "num_samples": a.samples, "shards": shards}}})
+    return cfg, teacher, tokens
+
+
+def _precompute(teacher: str, tokens: str, out: str, a) -> float:
+    from mcd_scale.distributed import shutdown
+    from tools.precompute_trajectories import build_parser, precompute
+
+    args = build_parser().parse_args(["--teacher", teacher, "--data", tokens, "--out", out, "--no-progress",
+                                      "--samples-per-shard", str(a.samples_per_shard),
+                                      "--batch-size", str(a.batch)])
+    saved = dict(os.environ)
+    try:
+        res = precompute(args)
+    finally:
+        shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+    return res["samples_per_s"]
+
+
+def _reader_rate(ds, workers: int, a) -> float:
+    from mcd_scale.data.loader import MicroBatchLoader
+    from mcd_scale.data.sampler import GlobalBatchSampler
+
+    steps = max(1, a.read_samples // a.batch)
+    loader = MicroBatchLoader(ds, GlobalBatchSampler(len(ds), a.batch, seed=0), 0, 1, a.batch, start_step=0,
+                              num_workers=workers, max_steps=steps)
+    t0 = time.perf_counter()
+    n = sum(int(b["sample_id"].numel()) for b in loader)  # includes worker start-up, as a trainer sees it
+    return n / (time.perf_counter() - t0)
+
+
+def _student_rate(cfg, ds, a) -> float:
+    from mcd_scale.data.loader import collate_samples
+    from mcd_scale.model.build import build_model
+
+    model = build_model(cfg, None, init=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    V = cfg.model.vocab_size
+    batches = [collate_samples([(g, g, ds[g]) for g in range(i, i + a.batch)])
+               for i in range(0, min(len(ds), 4 * a.batch) - a.batch + 1, a.batch)]
+    pairs = [(ds.coupled_pair(b)[0], b) for b in batches]
+
+    def step(z_t, b):
+        logits = model(z_t, b["t"].float())[..., :V].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, b["tk_ids"])  # [B, L, k]
+        w = b["tk_logp"].exp() * b["tk_mask"].unsqueeze(-1)
+        loss = -(w * logp).sum() / b["tk_mask"].sum().clamp_min(1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step(*pairs[0])  # warm-up
+    t0 = time.perf_counter()
+    n = 0
+    for i in range(a.student_steps):
+        z_t, b = pairs[i % len(pairs)]
+        step(z_t, b)
+        n += int(z_t.shape[0])
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--samples", type=int, default=128, help="token samples to precompute")
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=250)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--top-k", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16, help="teacher batch, reader micro-batch, student batch")
+    ap.add_argument("--samples-per-shard", type=int, default=32)
+    ap.add_argument("--read-samples", type=int, default=512, help="samples read per worker setting")
+    ap.add_argument("--student-steps", type=int, default=10)
+    ap.add_argument("--workers", default="0,1,2")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+    from mcd_scale.data.trajectories import open_trajectories
+
+    with tempfile.TemporaryDirectory(prefix="mcd_bench_stream_") as root:
+        cfg, teacher, tokens = _make_inputs(root, a)
+        out = os.path.join(root, "traj")
+        pre = _precompute(teacher, tokens, out, a)
+        cfg.data.path, cfg.data.trajectories, cfg.distill.teacher = tokens, out, teacher
+        ds = open_trajectories(cfg)
+        reader = {str(w): round(_reader_rate(ds, int(w), a), 1) for w in a.workers.split(",")}
+        student = _student_rate(cfg, ds, a)
+        shard_bytes = sum(s["bytes"] for s in ds.manifest["splits"]["train"]["shards"])
+    result = {
+        "config": {k: v for k, v in vars(a).items()},
+        "torch_threads": torch.get_num_threads(),
+        "precompute_samples_per_s": round(pre, 1),
+        "reader_samples_per_s": reader,
+        "student_samples_per_s": round(student, 1),
+        "headroom_w": {w: round(r / student, 2) for w, r in reader.items()},
+        "shard_bytes_per_sample": round(shard_bytes / a.samples, 1),
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
