@@ -182,6 +182,8 @@ def test_cli_errors_exit_2(env, tmp_path, capsys):
     assert main(["--teacher", env["teacher"], "--out", str(tmp_path / "o2"), "--set", "model.seq_len=32", *base]) == 2
     err = capsys.readouterr().err
     assert "seq_len" in err and "model.seq_len is 32" in err
+    assert main(["--teacher", env["teacher"], "--out", str(tmp_path / "o3"), "--set", "parallel.tp=2", *base]) == 2
+    assert "--set parallel.tp=1" in capsys.readouterr().err
     # Resuming an --out made with another round is refused, naming the field.
     assert main(["--teacher", env["teacher"], "--out", env["ref"], "--round", "1", *base]) == 2
     err = capsys.readouterr().err

@@ -293,7 +293,7 @@ def _agree(ok: bool) -> bool:
 def precompute(args) -> dict:
     import torch.distributed as dist
 
-    from mcd_scale.distributed import init_distributed
+    from mcd_scale.distributed import detect_launch_env, init_distributed
     from mcd_scale.model.build import build_model
     from mcd_scale.model.weights import load_full_state_dict, load_safetensors
 
@@ -309,6 +309,12 @@ def precompute(args) -> dict:
     state = load_safetensors(teacher_file)
 
     tp = cfg.parallel.tp
+    world = detect_launch_env().world_size
+    m = cfg.model
+    if world % tp or m.heads % tp or m.ffn_hidden % tp or m.padded_vocab % tp:
+        raise PrecomputeError(f"parallel.tp = {tp} must divide the {world} launched rank(s), model.heads ({m.heads}), "
+                              f"model.ffn_hidden ({m.ffn_hidden}) and the padded vocabulary ({m.padded_vocab}); the "
+                              f"teacher's weights are layout-independent, so pass e.g. --set parallel.tp=1")
     dims = init_distributed(tp, 1)
     rank = dist.get_rank()
     ok, err = True, ""
