@@ -8,6 +8,8 @@ Layout of ``<run.dir>/checkpoints/``::
         rng_rank{r}.safetensors   per-rank RNG states (dropout streams); no pickle
         config.resolved.yaml      the resolved config that produced it
         model.safetensors         layout-independent full weights (checkpoint.consolidated)
+        model_ema.safetensors     the same for the EMA weights (train.ema_decay > 0)
+        ema_rank{r}.safetensors   per-rank EMA shadow (sharded like the weights under ZeRO-3)
         COMPLETE                  marker written last inside the staged directory
     latest                        text file with the newest complete tag, replaced atomically last
 
@@ -115,7 +117,8 @@ def rng_state_tensors(extra: Optional[dict[str, torch.Tensor]] = None) -> dict[s
 
 def save_checkpoint(engine, run_dir: str, state: TrainState, config_yaml: str, rank: int, world_size: int,
                     keep_last: int, full_weights: Optional[dict[str, torch.Tensor]] = None,
-                    rng_extra: Optional[dict[str, torch.Tensor]] = None, barrier=None) -> str:
+                    rng_extra: Optional[dict[str, torch.Tensor]] = None, barrier=None,
+                    extra_files: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> str:
     """Save engine + TrainState atomically. Collective: every rank must call it."""
     from safetensors.torch import save_file
 
@@ -131,6 +134,8 @@ def save_checkpoint(engine, run_dir: str, state: TrainState, config_yaml: str, r
     engine.save_checkpoint(staging_root, tag=tag, save_latest=False)
     save_file({k: v.contiguous() for k, v in rng_state_tensors(rng_extra).items()},
               os.path.join(staged, f"rng_rank{rank}.safetensors"))
+    for name, tensors in (extra_files or {}).items():  # e.g. per-rank EMA shards, consolidated EMA weights
+        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(staged, name))
     if rank == 0:
         _atomic_write(os.path.join(staged, "train_state.json"), state.to_json())
         _atomic_write(os.path.join(staged, "config.resolved.yaml"), config_yaml)

@@ -200,6 +200,9 @@ class DistillConfig:
     """Divergence on tokens masked at both t and s: 'reverse_kl' or 'forward_kl'."""
     top_k: int = 64
     """Teacher log-probabilities kept per position in trajectory shards (plus a tail bucket)."""
+    topk_tail: str = "bucket"
+    """How the loss treats the teacher mass outside its top-k: 'bucket' (exact KL between the (k+1)-outcome
+    distributions; minimised by the teacher) or 'uniform' (tail spread evenly over the other ids)."""
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
     """Teacher temperature per round."""
     sdtt_teacher_steps: int = 2
@@ -251,6 +254,7 @@ CHOICES = {
     "distill.teacher_mode": ("offline", "online"),
     "distill.dt_growth": ("double", "linear"),
     "distill.divergence": ("reverse_kl", "forward_kl"),
+    "distill.topk_tail": ("bucket", "uniform"),
     "distill.temperature.schedule": ("paper", "constant", "off"),
 }
 

@@ -113,8 +113,10 @@ class TrainEngine:
         for g, lr in zip(self.engine.optimizer.param_groups, old):
             g["lr"] = lr
 
-    def train_step(self, micro_batches: list) -> tuple[float, bool]:
-        """One optimizer step over this rank's micro-batches. Returns (mean loss, skipped)."""
+    def train_step(self, micro_batches: list, poison: bool = False) -> tuple[float, bool]:
+        """One optimizer step over this rank's micro-batches. Returns (mean loss, skipped).
+
+        ``poison`` (fault injection) turns this step's loss into NaN to exercise the skip policy."""
         self.engine.train()
         if self.pipeline:
             loss = self.engine.train_batch(data_iter=iter(micro_batches))
@@ -124,6 +126,8 @@ class TrainEngine:
         for i, (inputs, labels) in enumerate(micro_batches):
             logits = self.engine(*inputs)
             loss = self.loss_fn(logits, labels)
+            if poison:
+                loss = loss * float("nan")
             # All ranks agree per micro-batch, so a bad sample on one rank never leaves peers stepping
             # with a partial gradient: the loss is zeroed everywhere and the update skipped.
             bad = self._any_rank(not bool(torch.isfinite(loss.detach()).item()))

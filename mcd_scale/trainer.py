@@ -110,12 +110,16 @@ class Trainer:
         self.train_set, self.val_set = build_data(cfg, cfg.train.objective)
         self.state = TrainState(round=cfg.distill.round)
         self.root = checkpoint_root(self.run_dir)
-        self._maybe_resume()
         self.ema = None
         if cfg.train.ema_decay > 0:
             from mcd_scale.distill.ema import EMA
 
-            self.ema = EMA([p for p in self.engine.module.parameters() if p.requires_grad], cfg.train.ema_decay)
+            # Under ZeRO-3 DeepSpeed caches gathered parameters between forwards; swapping EMA weights into
+            # the partitions must drop that cache or evaluation silently uses the trained weights.
+            release = self.engine.engine.empty_partition_cache if cfg.parallel.zero_stage == 3 else None
+            self.ema = EMA([p for p in self.engine.module.parameters() if p.requires_grad], cfg.train.ema_decay,
+                           release_cache=release)
+        self._maybe_resume()
         self.logger = MetricsLogger(self.run_dir, self.rank == 0, cfg.logging.tensorboard, cfg.train.steps)
         from mcd_scale.model.flops import train_flops_per_token
 
@@ -138,6 +142,16 @@ class Trainer:
         self.engine.engine.load_checkpoint(self.root, tag=tag)
         self.state = load_train_state(self.root, tag)
         rest = restore_rng(load_rng_states(self.root, tag, self.rank))
+        if self.ema is not None:
+            from safetensors.torch import load_file
+
+            ema_file = os.path.join(self.root, tag, f"ema_rank{self.rank}.safetensors")
+            if not os.path.exists(ema_file):
+                raise FileNotFoundError(f"{ema_file} is missing: the checkpoint was written without EMA or at another "
+                                        f"world size; resume with the same layout or set train.ema_decay: 0")
+            shadow = load_file(ema_file)
+            self.ema.load_state_dict({"decay": self.ema.decay, "num_updates": int(self.state.extra.get("ema_updates", 0)),
+                                      "shadow": [shadow[str(i)] for i in range(len(shadow))]})
         rng = getattr(self.engine.module, "rng", None)
         if rest and rng is not None:
             rng.set_states({k.split("/", 1)[1]: v for k, v in rest.items() if k.startswith("dropout/")})
@@ -150,9 +164,20 @@ class Trainer:
         extra = {f"dropout/{k}": v for k, v in rng.get_states().items()} if rng is not None else None
         self.state.data_cursor = {"consumed_samples": self.state.consumed_samples,
                                   "global_batch": self.cfg.parallel.global_batch, "seed": self.cfg.train.seed}
+        extra_files = {}
+        if self.ema is not None:
+            st = self.ema.state_dict()
+            self.state.extra["ema_updates"] = st["num_updates"]
+            extra_files[f"ema_rank{self.rank}.safetensors"] = {str(i): t for i, t in enumerate(st["shadow"])}
+            if self.cfg.checkpoint.consolidated:
+                with self.ema.swap_in():
+                    ema_full = self.engine.full_state_dict()
+                if self.rank == 0:
+                    extra_files["model_ema.safetensors"] = ema_full
         save_checkpoint(self.engine.engine, self.run_dir, self.state, to_yaml(self.cfg), self.rank,
                         self.dims.world_size, self.cfg.checkpoint.keep_last,
-                        full_weights=full if self.rank == 0 else None, rng_extra=extra, barrier=_barrier)
+                        full_weights=full if self.rank == 0 else None, rng_extra=extra, barrier=_barrier,
+                        extra_files=extra_files)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> dict:
@@ -175,7 +200,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> int:
         cfg, state = self.cfg, self.state
-        preempt = _Preemption()
+        from mcd_scale.faults import Faults
+
+        preempt, faults = _Preemption(), Faults()
         from mcd_scale.data.loader import MicroBatchLoader
         from mcd_scale.data.sampler import GlobalBatchSampler
 
@@ -193,7 +220,7 @@ class Trainer:
                 micro = next(it)
                 wait_acc += time.time() - t_wait
                 prepared = [self.objective.prepare(m, state.step) for m in micro]
-                loss, skipped = self.engine.train_step(prepared)
+                loss, skipped = self.engine.train_step(prepared, poison=faults.poison(state.step + 1))
                 state.step += 1
                 state.consumed_samples += cfg.parallel.global_batch
                 if skipped or not (loss == loss and abs(loss) != float("inf")):
@@ -234,6 +261,7 @@ class Trainer:
                                         f"(ppl <= {val['ppl_bound']:.1f})")
                 if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and state.step < cfg.train.steps:
                     self._save()
+                faults.after_step(state.step, self.rank)
                 if preempt.any_rank():
                     self.logger.console(f"preemption signal: saving at step {state.step} and exiting "
                                         f"with code {EXIT_PREEMPTED} (requeue)")

@@ -115,3 +115,30 @@ def run_cli(cmd: Sequence[str], timeout: float = 300, env: Optional[dict] = None
 def venv_bin(name: str) -> str:
     """Path of a console script installed beside the running interpreter (torchrun, deepspeed, mpiexec)."""
     return os.path.join(os.path.dirname(sys.executable), name)
+
+
+def run_cli_ranks(argv: Sequence[str], world_size: int, timeout: float = 300,
+                  env: Optional[dict] = None) -> tuple[list[int], str]:
+    """Start ``python argv...`` once per rank with torchrun's variables (no agent in between, as srun
+    does), so each rank's own exit code is observable. Returns (exit codes by rank, merged logs)."""
+    port = free_port()
+    procs, logs = [], []
+    with tempfile.TemporaryDirectory(prefix="mcd_cli_") as tmp:
+        for rank in range(world_size):
+            e = base_env(env)
+            e.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                      "LOCAL_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+            log = open(os.path.join(tmp, f"rank{rank}.log"), "w+")
+            logs.append(log)
+            procs.append(subprocess.Popen([sys.executable, *argv], cwd=REPO, env=e, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.time() + timeout
+        try:
+            while any(p.poll() is None for p in procs):
+                if time.time() > deadline:
+                    _kill(procs)
+                    raise TimeoutError(f"{' '.join(argv)} on {world_size} ranks exceeded {timeout}s:\n" + _tails(logs))
+                time.sleep(0.05)
+        finally:
+            _kill(procs)
+        return [p.returncode for p in procs], _tails(logs)

@@ -1,0 +1,143 @@
+"""Teacher pretraining end to end on CPU/gloo: layout parity, exact resume, failure policies.
+
+Every run is a real multi-process launch of ``mcd_scale.train`` (torchrun) on a tiny model and tiny
+shards prepared from the embedded corpus. Parity compares per-step losses from ``metrics.jsonl``
+(logged every step) between layouts that start from the same layout-independent weights and see
+the same global batches.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sys
+
+import pytest
+
+from tests.mp import REPO, run_cli, run_cli_ranks
+
+TINY = [
+    "model.vocab_size=512", "model.seq_len=32", "model.hidden=32", "model.layers=2", "model.heads=2",
+    "model.ffn_hidden=64", "parallel.micro_batch=2", "parallel.global_batch=8", "train.log_every=1",
+    "train.eval_every=0", "optimizer.lr=3e-3", "schedule.warmup_steps=2", "train.seed=7",
+]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> str:
+    tmp = tmp_path_factory.mktemp("tiny_data")
+    with gzip.open(os.path.join(REPO, "data", "austen.txt.gz"), "rt", encoding="utf-8") as fh:
+        text = fh.read(150_000)
+    src = tmp / "corpus.txt"
+    src.write_text(text, encoding="utf-8")
+    out = tmp / "prepared"
+    res = run_cli([sys.executable, "tools/prepare_data.py", str(src), "--out", str(out), "--vocab-size", "512",
+                   "--seq-len", "32", "--no-progress"], timeout=300)
+    assert res.returncode == 0, res.stdout
+    return str(out)
+
+
+def train(run_dir, prepared, nproc, overrides, env=None, timeout=420):
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "mcd_scale.train", "--config", "configs/tiny/teacher.yaml",
+           "--set", f"data.path={prepared}", "--set", f"run.dir={run_dir}"]
+    for o in TINY + list(overrides):
+        cmd += ["--set", o]
+    return run_cli(cmd, timeout=timeout, env=env)
+
+
+def train_ranks(run_dir, prepared, nproc, overrides, env=None, timeout=420):
+    """Like train() but without an agent, so each rank's exit code is visible (torchrun maps them to 1)."""
+    argv = ["-m", "mcd_scale.train", "--config", "configs/tiny/teacher.yaml",
+            "--set", f"data.path={prepared}", "--set", f"run.dir={run_dir}"]
+    for o in TINY + list(overrides):
+        argv += ["--set", o]
+    return run_cli_ranks(argv, nproc, timeout=timeout, env=env)
+
+
+def losses(run_dir) -> dict[int, float]:
+    """step -> loss of the LAST record of that step (a resumed run re-logs steps after its checkpoint)."""
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            if row.get("split") == "train":
+                out[row["step"]] = row["loss"]
+    return out
+
+
+def assert_close(a: dict, b: dict, steps, rtol, what):
+    for s in steps:
+        assert s in a and s in b, f"{what}: step {s} missing ({sorted(a)}, {sorted(b)})"
+        assert abs(a[s] - b[s]) <= rtol * abs(b[s]), f"{what}: step {s}: {a[s]} vs {b[s]}"
+
+
+def test_pp2_matches_pp1_and_dp_size(prepared, tmp_path):
+    """PP=2 (2 stages, ZeRO-1) vs PP=1 (DP=2, ZeRO-1): the same losses over 3 steps (fp32, rtol 1e-5)."""
+    a = train(tmp_path / "pp1", prepared, 2, ["train.steps=3", "parallel.zero_stage=1", "checkpoint.every=0"])
+    assert a.returncode == 0, a.stdout[-4000:]
+    b = train(tmp_path / "pp2", prepared, 2, ["train.steps=3", "parallel.pp=2", "parallel.zero_stage=1",
+                                              "checkpoint.every=0"])
+    assert b.returncode == 0, b.stdout[-4000:]
+    la, lb = losses(tmp_path / "pp1"), losses(tmp_path / "pp2")
+    assert_close(lb, la, [1, 2, 3], 1e-5, "PP=2 vs PP=1")
+
+
+def test_zero3_tp2_dp2_matches_zero0(prepared, tmp_path):
+    """ZeRO-3 with TP=2 x DP=2 on 4 ranks vs ZeRO-0 with TP=1 x DP=2: same losses over 3 steps (fp32, rtol 1e-5)."""
+    ref = train(tmp_path / "z0", prepared, 2, ["train.steps=3", "parallel.zero_stage=0", "checkpoint.every=0"])
+    assert ref.returncode == 0, ref.stdout[-4000:]
+    z3 = train(tmp_path / "z3", prepared, 4, ["train.steps=3", "parallel.tp=2", "parallel.zero_stage=3",
+                                              "checkpoint.every=0"])
+    assert z3.returncode == 0, z3.stdout[-4000:]
+    assert_close(losses(tmp_path / "z3"), losses(tmp_path / "z0"), [1, 2, 3], 1e-5, "ZeRO-3 TP2 vs ZeRO-0")
+    ckpt = tmp_path / "z3" / "checkpoints"
+    tag = (ckpt / "latest").read_text().strip()
+    assert (ckpt / tag / "model.safetensors").exists() and (ckpt / tag / "config.resolved.yaml").exists()
+    assert (tmp_path / "z3" / "config.resolved.yaml").exists()
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_resume_after_kill_is_exact(prepared, tmp_path, zero):
+    """'train 6' == 'train 3, kill -9 at step 4, resume, train to 6' (bit-for-bit losses)."""
+    common = ["train.steps=6", f"parallel.zero_stage={zero}", "checkpoint.every=3"]
+    full = train(tmp_path / "full", prepared, 2, common)
+    assert full.returncode == 0, full.stdout[-4000:]
+    killed = train(tmp_path / "cut", prepared, 2, common, env={"MCD_FAULT_EXIT_AT_STEP": "4"})
+    assert killed.returncode != 0, "the injected kill did not happen"
+    ckpt = tmp_path / "cut" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_000003"
+    resumed = train(tmp_path / "cut", prepared, 2, common)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert "resumed from" in resumed.stdout
+    lf, lr = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    for s in range(1, 7):
+        assert lf[s] == lr[s], f"ZeRO-{zero} step {s}: uninterrupted {lf[s]!r} vs resumed {lr[s]!r}"
+
+
+def test_nonfinite_policy_skips_then_aborts(prepared, tmp_path):
+    """One NaN step is skipped and counted; K in a row aborts with the 'diverged' exit code (3)."""
+    ok = train(tmp_path / "skip", prepared, 2, ["train.steps=4", "checkpoint.every=0"],
+               env={"MCD_FAULT_NAN_STEPS": "2"})
+    assert ok.returncode == 0, ok.stdout[-4000:]
+    rows = [json.loads(x) for x in open(tmp_path / "skip" / "metrics.jsonl") if '"train"' in x]
+    assert rows[-1]["skipped_total"] == 1
+    assert all(r["loss"] == r["loss"] for r in rows if r["step"] != 2)
+    codes, out = train_ranks(tmp_path / "abort", prepared, 2, ["train.steps=6", "checkpoint.every=0",
+                                                               "train.max_nonfinite_in_a_row=2"],
+                             env={"MCD_FAULT_NAN_STEPS": "2,3"})
+    assert codes == [3, 3], out[-4000:]
+    assert "non-finite losses in a row" in out
+
+
+def test_preemption_saves_and_exits_for_requeue(prepared, tmp_path):
+    """SIGTERM -> checkpoint at the step boundary, exit code 4; the requeued job finishes from there."""
+    run = tmp_path / "pre"
+    codes, out = train_ranks(run, prepared, 2, ["train.steps=5", "checkpoint.every=0"],
+                             env={"MCD_FAULT_SIGTERM_AT_STEP": "2"})
+    assert codes == [4, 4], out[-4000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    second = train(run, prepared, 2, ["train.steps=5", "checkpoint.every=0"])
+    assert second.returncode == 0, second.stdout[-4000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000005"
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tb"))
