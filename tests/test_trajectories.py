@@ -171,6 +171,16 @@ def test_kill_and_resume(env, tmp_path, capsys):
     for s in m["splits"]["train"]["shards"]:
         assert sha256_file(os.path.join(split, s["name"])) == s["sha256"]
     assert m["splits"]["train"]["shards"] == load_manifest(env["ref"])["splits"]["train"]["shards"]
+    # A finished shard whose bytes changed (same size) fails its sidecar's sha256 and is redone.
+    path = os.path.join(split, "shard-000001.tar")
+    with open(path, "r+b") as fh:
+        fh.seek(700)
+        byte = fh.read(1)
+        fh.seek(700)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    rc, stdout = run_inprocess(tool_args(env["teacher"], env["data"], out), capsys)
+    assert rc == 0 and f"computed {S}," in stdout and "3 shard(s) of rank 0 resumed" in stdout
+    assert load_manifest(out) == m
 
 
 def test_cli_errors_exit_2(env, tmp_path, capsys):
