@@ -110,8 +110,9 @@ def env(tmp_path_factory):
 
 
 def dist_cfg(env, extra=()):
-    return _cfg([f"data.path={env['data']}", f"data.trajectories={env['ref']}", f"distill.teacher={env['teacher']}",
-                 *extra])
+    # train.seed=7: the teacher's config.resolved.yaml (the tool's default config) has seed 7.
+    return _cfg(["train.seed=7", f"data.path={env['data']}", f"data.trajectories={env['ref']}",
+                 f"distill.teacher={env['teacher']}", *extra])
 
 
 def test_manifest_and_payload_contract(env):
@@ -201,7 +202,7 @@ def test_cli_errors_exit_2(env, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, field", [
-    ("distill.round=1", "round in"), ("distill.dt0=0.025", "dt in"), ("distill.top_k=4", "top_k in"),
+    ("distill.round=1", "round in"), ("train.seed=99", "seed in"), ("distill.dt0=0.025", "dt in"), ("distill.top_k=4", "top_k in"),
     ("diffusion.schedule=cosine", "schedule in"), ("diffusion.duality_form=gaussian", "duality_form in"),
     ("distill.temperature.start=0.9", "temperature in")])
 def test_reader_refuses_config_mismatch(env, override, field):

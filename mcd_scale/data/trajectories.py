@@ -206,6 +206,7 @@ def expected_fields(cfg) -> dict[str, Expect]:
                      redo),
         "temperature": Expect(round_temperature(d, n), f"round_temperature(distill, round={n})", redo),
         "top_k": Expect(d.top_k, "distill.top_k", redo),
+        "seed": Expect(cfg.train.seed, "train.seed (the objective regenerates the thresholds from it)", redo),
         "seq_len": Expect(m.seq_len, "model.seq_len", redo),
         "vocab_size": Expect(m.vocab_size, "model.vocab_size", redo),
         "mask_id": Expect(m.mask_id, "model.mask_id (= model.vocab_size)", redo),
@@ -220,7 +221,7 @@ def open_trajectories(cfg, directory: Optional[str] = None) -> TrajectoryDataset
     """Open ``cfg.data.trajectories`` after checking its manifest against the distillation config.
 
     Refuses (:class:`ManifestError` naming the manifest, the field, both values and the fix): another
-    format/version, round, dt, temperature, top_k, seq_len, vocab_size, mask_id, schedule, eps, t_min
+    format/version, seed (train.seed), round, dt, temperature, top_k, seq_len, vocab_size, mask_id, schedule, eps, t_min
     or duality form than the config's; a teacher digest other than ``cfg.distill.teacher``'s (when
     set); a tokenizer other than the token data's at ``cfg.data.path`` (when that has a manifest).
     """
