@@ -1,0 +1,324 @@
+#!/usr/bin/env python
+"""The end-to-end demo: data -> teachers -> distillation -> sampling -> evaluation -> report.
+
+    .venv/bin/python tools/demo.py [--run-dir runs/demo] [--quick] [--launcher torchrun|deepspeed]
+
+Stages (each logs one line with the elapsed time; each is skipped when its outputs are already
+complete, so rerunning the same command resumes; training stages also resume from their own
+``checkpoints/latest``):
+
+1. ``data``       Austen -> ``<run>/data/text`` (tools/prepare_data.py); the exact synthetic benchmark
+                  -> ``<run>/data/synthetic`` (tools/prepare_synthetic.py). Complete = manifest.json.
+2. ``teacher_*``  MDLM teachers on 2 ranks (torchrun or the deepspeed launcher from this venv),
+                  configs/demo/{synthetic,text}_teacher.yaml. Complete = latest checkpoint at the
+                  configured step.
+3. ``distill_*``  MCD and SDTT students for a few rounds via tools/distill_rounds.py; when that tool is
+                  absent or fails, the stage is reported as SKIPPED (with the reason) in the log and
+                  in report.md, and the other stages still run.
+4. ``sample``     teacher at N and N/16 steps at several temperatures, every student round at N/16
+                  steps; one JSONL per configuration under ``<run>/samples/`` (resume unit), merged
+                  into ``<run>/samples.jsonl``.
+5. ``evaluate``   tools/evaluate.py: exact true NLL (synthetic), Gen PPL under an AR evaluator trained
+                  on the held-out split (text); report.json, report.md, plots. The table is printed.
+
+Full mode targets ~30 min on 2 idle CPU cores; ``--quick`` is a few-minute smoke of the same pipeline.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+BIN = os.path.dirname(sys.executable)
+
+
+@dataclass
+class Plan:
+    """Every size of the demo; ``quick`` shrinks them all."""
+    syn_seq_len: int = 128
+    syn_train: int = 8192
+    syn_eval: int = 256
+    text_seq_len: int = 128
+    syn_steps: int = 1200
+    text_steps: int = 1000
+    model_overrides: list = field(default_factory=list)
+    many_steps: int = 256
+    temperatures: tuple = (0.8, 0.9, 1.0)
+    num_samples: int = 128
+    ar_steps: int = 300
+    rounds: int = 3
+    distill_overrides: list = field(default_factory=list)
+
+    @property
+    def few_steps(self) -> int:
+        return max(self.many_steps // 16, 1)
+
+
+def make_plan(quick: bool) -> Plan:
+    if not quick:
+        return Plan()
+    small = ["model.hidden=64", "model.layers=2", "model.heads=2", "model.ffn_hidden=128",
+             "parallel.micro_batch=4", "parallel.global_batch=8", "schedule.warmup_steps=5"]
+    return Plan(syn_seq_len=32, syn_train=1024, syn_eval=64, text_seq_len=32, syn_steps=20, text_steps=20,
+                model_overrides=small, many_steps=64, temperatures=(0.9, 1.0), num_samples=8, ar_steps=20,
+                rounds=1, distill_overrides=small)
+
+
+class Demo:
+    def __init__(self, run_dir: str, plan: Plan, launcher: str, nproc: int):
+        self.run, self.plan, self.launcher, self.nproc = os.path.abspath(run_dir), plan, launcher, nproc
+        self.t0 = time.perf_counter()
+        self.notes: list[str] = []  # stage status lines for report.md
+        os.makedirs(self.run, exist_ok=True)
+        self.log_path = os.path.join(self.run, "demo.log")
+
+    # ----------------------------------------------------------------------------------------- utils
+    def log(self, msg: str) -> None:
+        line = f"[demo {time.perf_counter() - self.t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        with open(self.log_path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+    def sh(self, cmd: list[str], log_name: str, check: bool = True, env: Optional[dict] = None) -> int:
+        """Run a command, its output to <run>/logs/<log_name>.log; raise with the log tail on failure."""
+        logs = os.path.join(self.run, "logs")
+        os.makedirs(logs, exist_ok=True)
+        path = os.path.join(logs, log_name + ".log")
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"$ {' '.join(cmd)}\n")
+            fh.flush()
+            rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        if rc != 0 and check:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                tail = "".join(fh.readlines()[-25:])
+            raise RuntimeError(f"{log_name}: exit {rc} (log {path}):\n{tail}")
+        return rc
+
+    def stage(self, name: str, done: bool, fn) -> None:
+        if done:
+            self.log(f"stage {name}: already complete, skipped")
+            return
+        start = time.perf_counter()
+        self.log(f"stage {name}: start")
+        fn()
+        self.log(f"stage {name}: done in {time.perf_counter() - start:.1f}s")
+
+    def launch_train(self) -> list[str]:
+        if self.launcher == "deepspeed":
+            return [os.path.join(BIN, "deepspeed"), "--num_gpus", str(self.nproc),
+                    os.path.join(ROOT, "mcd_scale", "train.py")]
+        return [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", str(self.nproc),
+                "-m", "mcd_scale.train"]
+
+    # ------------------------------------------------------------------------------------------ data
+    @property
+    def text_data(self) -> str:
+        return os.path.join(self.run, "data", "text")
+
+    @property
+    def syn_data(self) -> str:
+        return os.path.join(self.run, "data", "synthetic")
+
+    def data(self) -> None:
+        p = self.plan
+        if not os.path.exists(os.path.join(self.text_data, "manifest.json")):
+            self.sh([sys.executable, "tools/prepare_data.py", "--out", self.text_data, "--seq-len",
+                     str(p.text_seq_len), "--no-progress"], "prepare_text")
+        if not os.path.exists(os.path.join(self.syn_data, "manifest.json")):
+            self.sh([sys.executable, "tools/prepare_synthetic.py", "--out", self.syn_data, "--seq-len",
+                     str(p.syn_seq_len), "--train", str(p.syn_train), "--validation", str(p.syn_eval),
+                     "--heldout", str(p.syn_eval)], "prepare_synthetic")
+
+    # -------------------------------------------------------------------------------------- teachers
+    def teacher_dir(self, bench: str) -> str:
+        return os.path.join(self.run, f"{bench}_teacher")
+
+    def teacher_steps(self, bench: str) -> int:
+        return self.plan.syn_steps if bench == "synthetic" else self.plan.text_steps
+
+    def teacher_done(self, bench: str) -> bool:
+        root = os.path.join(self.teacher_dir(bench), "checkpoints")
+        try:
+            with open(os.path.join(root, "latest"), encoding="utf-8") as fh:
+                tag = fh.read().strip()
+            with open(os.path.join(root, tag, "train_state.json"), encoding="utf-8") as fh:
+                step = json.load(fh)["step"]
+        except (OSError, ValueError, KeyError):
+            return False
+        return step >= self.teacher_steps(bench) and os.path.exists(os.path.join(root, tag, "model.safetensors"))
+
+    def train_teacher(self, bench: str) -> None:
+        steps = self.teacher_steps(bench)
+        data = self.syn_data if bench == "synthetic" else self.text_data
+        seq = self.plan.syn_seq_len if bench == "synthetic" else self.plan.text_seq_len
+        sets = [f"run.dir={self.teacher_dir(bench)}", f"data.path={data}", f"model.seq_len={seq}",
+                f"train.steps={steps}", f"checkpoint.every={max(steps // 3, 1)}",
+                f"train.eval_every={max(steps // 4, 1)}", f"train.log_every={max(steps // 20, 1)}",
+                *self.plan.model_overrides]
+        cmd = self.launch_train() + ["--config", f"configs/demo/{bench}_teacher.yaml"]
+        for s in sets:
+            cmd += ["--set", s]
+        self.sh(cmd, f"teacher_{bench}")
+
+    # ---------------------------------------------------------------------------------- distillation
+    def distill_dir(self, bench: str, objective: str) -> str:
+        return os.path.join(self.run, f"{bench}_{objective}")
+
+    def student_checkpoints(self, bench: str, objective: str) -> list[tuple[int, str]]:
+        """(round, run dir) of every student round with a complete checkpoint, found on disk."""
+        out = {}
+        base = self.distill_dir(bench, objective)
+        for latest in sorted(glob.glob(os.path.join(base, "**", "checkpoints", "latest"), recursive=True)):
+            run = os.path.dirname(os.path.dirname(latest))
+            rel = os.path.relpath(run, base)
+            m = re.search(r"(\d+)", rel)
+            rnd = int(m.group(1)) if m else self.plan.rounds
+            out[rnd] = run
+        return sorted(out.items())
+
+    def distill_marker(self, bench: str, objective: str) -> str:
+        return os.path.join(self.distill_dir(bench, objective), "DEMO_COMPLETE")
+
+    def distill(self, bench: str, objective: str) -> None:
+        tool = os.path.join(ROOT, "tools", "distill_rounds.py")
+        if not os.path.exists(tool):
+            raise _Skip("tools/distill_rounds.py does not exist in this checkout")
+        data = self.syn_data if bench == "synthetic" else self.text_data
+        seq = self.plan.syn_seq_len if bench == "synthetic" else self.plan.text_seq_len
+        cfg = f"configs/demo/{bench}_distill.yaml"
+        cmd = [sys.executable, tool, "--objective", objective, "--mode", "offline", "--rounds", str(self.plan.rounds),
+               "--teacher", self.teacher_dir(bench), "--config", f"configs/demo/{bench}_teacher.yaml", cfg,
+               "--run-dir", self.distill_dir(bench, objective), "--launcher", self.launcher,
+               "--set", f"data.path={data}", "--set", f"model.seq_len={seq}"]
+        for s in self.plan.distill_overrides:
+            cmd += ["--set", s]
+        rc = self.sh(cmd, f"distill_{bench}_{objective}", check=False)
+        if rc != 0:
+            raise _Skip(f"tools/distill_rounds.py exited {rc} (see logs/distill_{bench}_{objective}.log)")
+        if not self.student_checkpoints(bench, objective):
+            raise _Skip("tools/distill_rounds.py finished but left no student checkpoint")
+        open(self.distill_marker(bench, objective), "w").close()
+
+    # -------------------------------------------------------------------------------------- sampling
+    def sample_jobs(self) -> list[dict]:
+        p = self.plan
+        jobs = []
+        for bench in ("synthetic", "text"):
+            for steps in (p.many_steps, p.few_steps):
+                for t in p.temperatures:
+                    jobs.append(dict(benchmark=bench, model="teacher", round=0, steps=steps, temperature=t,
+                                     checkpoint=self.teacher_dir(bench)))
+            for objective in ("mcd", "sdtt"):
+                for rnd, run in self.student_checkpoints(bench, objective):
+                    jobs.append(dict(benchmark=bench, model=objective, round=rnd, steps=p.few_steps,
+                                     temperature=1.0, checkpoint=run))
+        return jobs
+
+    def sample_all(self) -> None:
+        sys.path.insert(0, os.path.join(ROOT, "tools"))
+        import sample as sample_cli  # tools/sample.py
+
+        sdir = os.path.join(self.run, "samples")
+        os.makedirs(sdir, exist_ok=True)
+        loaded_cache: dict[str, object] = {}
+        merged = []
+        for job in self.sample_jobs():
+            name = f"{job['benchmark']}_{job['model']}_r{job['round']}_s{job['steps']}_T{job['temperature']}.jsonl"
+            path = os.path.join(sdir, name)
+            if not os.path.exists(path):
+                if job["checkpoint"] not in loaded_cache:
+                    loaded_cache[job["checkpoint"]] = sample_cli.load_model(job["checkpoint"])
+                loaded = loaded_cache[job["checkpoint"]]
+                res = sample_cli.sample(loaded, job["steps"], self.plan.num_samples, seed=0,
+                                        temperature=job["temperature"], sampler="ancestral")
+                tok = (os.path.join(self.text_data, "tokenizer.model") if job["benchmark"] == "text" else None)
+                texts = sample_cli.decode_rows(res.tokens, tok)
+                rows = [{k: job[k] for k in ("benchmark", "model", "round", "steps", "temperature")}
+                        | {"text": text, "ids": ids.tolist(), "nfe": res.nfe,
+                           "seconds_per_sample": res.seconds / self.plan.num_samples}
+                        for text, ids in zip(texts, res.tokens)]
+                with open(path + ".tmp", "w", encoding="utf-8") as fh:
+                    fh.write("".join(json.dumps(r) + "\n" for r in rows))
+                os.replace(path + ".tmp", path)
+                self.log(f"  sampled {name}: nfe {res.nfe:.1f}, {res.seconds / self.plan.num_samples:.3f} s/sample")
+            with open(path, encoding="utf-8") as fh:
+                merged.extend(fh.readlines())
+        with open(self.samples_path + ".tmp", "w", encoding="utf-8") as fh:
+            fh.write("".join(merged))
+        os.replace(self.samples_path + ".tmp", self.samples_path)
+
+    @property
+    def samples_path(self) -> str:
+        return os.path.join(self.run, "samples.jsonl")
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def evaluate(self) -> None:
+        self.sh([sys.executable, "tools/evaluate.py", "--samples", self.samples_path, "--run-dir", self.run,
+                 "--synthetic-chain", os.path.join(self.syn_data, "chain.json"),
+                 "--ar-evaluator", os.path.join(self.run, "ar_evaluator"), "--train-ar-evaluator",
+                 "--ar-steps", str(self.plan.ar_steps), "--tokenizer", os.path.join(self.text_data, "tokenizer.model"),
+                 "--data", self.text_data, "--reference-samples", str(max(self.plan.num_samples, 64))], "evaluate")
+        md = os.path.join(self.run, "report.md")
+        with open(md, "a", encoding="utf-8") as fh:
+            fh.write("\n## Demo stages\n\n" + "".join(f"- {n}\n" for n in self.notes))
+
+    # ------------------------------------------------------------------------------------------- run
+    def main(self) -> int:
+        p = self.plan
+        self.log(f"run dir {self.run}; plan {p}")
+        self.stage("data", all(os.path.exists(os.path.join(d, "manifest.json")) for d in (self.text_data, self.syn_data)),
+                   self.data)
+        for bench in ("synthetic", "text"):
+            self.stage(f"teacher_{bench}", self.teacher_done(bench), lambda b=bench: self.train_teacher(b))
+            self.notes.append(f"teacher_{bench}: {self.teacher_steps(bench)} steps -> {self.teacher_dir(bench)}")
+        for bench in ("synthetic", "text"):
+            for objective in ("mcd", "sdtt"):
+                try:
+                    self.stage(f"distill_{bench}_{objective}", os.path.exists(self.distill_marker(bench, objective)),
+                               lambda b=bench, o=objective: self.distill(b, o))
+                    rounds = [r for r, _ in self.student_checkpoints(bench, objective)]
+                    self.notes.append(f"distill_{bench}_{objective}: rounds {rounds}")
+                except _Skip as exc:
+                    line = f"distill_{bench}_{objective}: SKIPPED: {exc}; no {objective} rows for {bench}"
+                    self.notes.append(line)
+                    self.log(f"stage {line}")
+        self.stage("sample", False, self.sample_all)
+        self.stage("evaluate", False, self.evaluate)
+        with open(os.path.join(self.run, "report.md"), encoding="utf-8") as fh:
+            print(fh.read(), flush=True)
+        self.log(f"all stages done; report: {os.path.join(self.run, 'report.md')}")
+        return 0
+
+
+class _Skip(Exception):
+    """A stage that could not run; reported in report.md, the rest of the demo continues."""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--run-dir", default="runs/demo")
+    ap.add_argument("--quick", action="store_true", help="a few-minute smoke of the same pipeline")
+    ap.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun")
+    ap.add_argument("--nproc", type=int, default=2, help="training ranks")
+    args = ap.parse_args(argv)
+    demo = Demo(args.run_dir, make_plan(args.quick), args.launcher, args.nproc)
+    try:
+        return demo.main()
+    except RuntimeError as exc:
+        demo.log(f"FAILED: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
