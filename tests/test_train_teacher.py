@@ -95,6 +95,22 @@ def test_zero3_tp2_dp2_matches_zero0(prepared, tmp_path):
     tag = (ckpt / "latest").read_text().strip()
     assert (ckpt / tag / "model.safetensors").exists() and (ckpt / tag / "config.resolved.yaml").exists()
     assert (tmp_path / "z3" / "config.resolved.yaml").exists()
+    # The consolidated weights of a TP=2 ZeRO-3 run load strictly into a single-process TP=1 model.
+    exported = tmp_path / "export"
+    res = run_cli([sys.executable, "tools/convert_ckpt.py", "export", str(tmp_path / "z3"), "--out", str(exported)])
+    assert res.returncode == 0, res.stdout
+    info = run_cli([sys.executable, "tools/convert_ckpt.py", "inspect", str(tmp_path / "z3")])
+    assert "'tp': 2" in info.stdout and "'zero_stage': 3" in info.stdout, info.stdout
+    from mcd_scale.config import load_config
+    from mcd_scale.model.build import build_model
+    from mcd_scale.model.flops import count_parameters
+    from mcd_scale.model.weights import load_full_state_dict, load_safetensors
+
+    cfg = load_config([str(exported / "config.yaml")], ["parallel.tp=1", "parallel.zero_stage=0"])
+    model = build_model(cfg, None, init=False)
+    state = load_safetensors(str(exported / "model.safetensors"))
+    load_full_state_dict(model, state, None)
+    assert sum(v.numel() for v in state.values()) == count_parameters(cfg.model)
 
 
 @pytest.mark.parametrize("zero", [1, 3])
