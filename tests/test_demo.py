@@ -1,0 +1,82 @@
+"""End to end: `tools/demo.py --quick` (data, 2-rank teachers, distillation, sampling, evaluation, report).
+
+Checks the report's schema and real properties (finite quality, nfe <= steps + 1, entropy within
+[0, log L]); never the numbers themselves, which depend on a few training steps.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import demo  # noqa: E402
+
+ROW_TYPES = {"benchmark": str, "model": str, "round": int, "steps": int, "temperature": float, "quality": float,
+             "quality_metric": str, "entropy": float, "nfe": float, "seconds_per_sample": float, "evaluator": str}
+METRIC = {"synthetic": "true_nll", "text": "gen_ppl"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("demo")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--quick", "--run-dir", str(run)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
+    return run, r.stdout
+
+
+def test_report_rows(quick_run):
+    run, _ = quick_run
+    plan = demo.make_plan(quick=True)
+    doc = json.loads((run / "report.json").read_text())
+    rows = doc["rows"] if isinstance(doc, dict) else doc
+    assert rows
+    for row in rows:
+        assert set(row) == set(ROW_TYPES), row
+        for k, tp in ROW_TYPES.items():
+            assert isinstance(row[k], tp) or (tp is float and isinstance(row[k], int)), (k, row)
+        assert row["quality_metric"] == METRIC[row["benchmark"]]
+        assert math.isfinite(row["quality"]) and row["quality"] > 0
+        seq = plan.syn_seq_len if row["benchmark"] == "synthetic" else plan.text_seq_len
+        assert 0 <= row["entropy"] <= math.log(seq) + 1e-9
+        assert 1 <= row["nfe"] <= row["steps"] + 1 and row["seconds_per_sample"] > 0
+    for bench in ("synthetic", "text"):
+        teacher = {(r["steps"], r["temperature"]) for r in rows if r["benchmark"] == bench and r["model"] == "teacher"}
+        assert teacher == {(s, t) for s in (plan.many_steps, plan.few_steps) for t in plan.temperatures}, bench
+    students = [r for r in rows if r["model"] != "teacher"]
+    assert all(r["steps"] == plan.few_steps and r["round"] >= 1 for r in students)
+
+
+def test_samples_plots_and_stage_lines(quick_run):
+    run, stdout = quick_run
+    rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert {r["benchmark"] for r in rows} == {"synthetic", "text"}
+    for r in rows:
+        assert {"benchmark", "model", "round", "steps", "temperature", "text"} <= set(r)
+        if r["benchmark"] == "synthetic":
+            ids = [int(x) for x in r["text"].split()]
+            assert len(ids) == demo.make_plan(True).syn_seq_len and all(0 <= i < 64 for i in ids)
+        else:
+            assert isinstance(r["text"], str) and r["text"]
+    assert list(run.glob("*.png")) or list(run.glob("**/*.png"))
+    md = (run / "report.md").read_text()
+    # every distillation stage either produced students or says why not, in report.md
+    for bench in ("synthetic", "text"):
+        for obj in ("mcd", "sdtt"):
+            assert f"distill_{bench}_{obj}:" in md
+    assert "stage evaluate: done" in stdout
+
+
+def test_rerun_resumes(quick_run):
+    run, _ = quick_run
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--quick", "--run-dir", str(run)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:]
+    for stage in ("data", "teacher_synthetic", "teacher_text"):
+        assert f"stage {stage}: already complete, skipped" in r.stdout
