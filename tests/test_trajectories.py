@@ -142,7 +142,7 @@ def test_manifest_and_payload_contract(env):
 
 def test_determinism_1_vs_2_ranks(env, tmp_path):
     out = str(tmp_path / "two")
-    res = run_cli(tool_cmd(env["teacher"], env["data"], out, ranks=2), timeout=150)
+    res = run_cli(tool_cmd(env["teacher"], env["data"], out, ranks=2), timeout=300)
     assert res.returncode == 0, res.stdout
     assert_same_payloads(read_all(env["ref"]), read_all(out))
     a, b = load_manifest(env["ref"]), load_manifest(out)
@@ -151,7 +151,7 @@ def test_determinism_1_vs_2_ranks(env, tmp_path):
 
 def test_kill_and_resume(env, tmp_path, capsys):
     out = str(tmp_path / "killed")
-    res = run_cli(tool_cmd(env["teacher"], env["data"], out), timeout=120, env={"MCD_FAULT_EXIT_AFTER_SHARDS": "1"})
+    res = run_cli(tool_cmd(env["teacher"], env["data"], out), timeout=240, env={"MCD_FAULT_EXIT_AFTER_SHARDS": "1"})
     assert res.returncode == 9, res.stdout
     split = os.path.join(out, "train")
     assert not os.path.exists(os.path.join(out, "manifest.json"))
