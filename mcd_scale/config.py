@@ -334,6 +334,11 @@ def _apply(obj: Any, data: dict, prefix: str, source: str) -> None:
         if dataclasses.is_dataclass(tp):
             _apply(getattr(obj, key), value if value is not None else {}, where + ".", source)
         else:
+            word = "on" if value is True else "off"
+            if tp is str and isinstance(value, bool) and word in CHOICES.get(where, ()):
+                # YAML 1.1 reads a bare off/on as a boolean; where that word is a valid choice
+                # (distill.temperature.schedule: off) the user meant the word.
+                value = word
             setattr(obj, key, _coerce(value, tp, f"{source}: '{where}'"))
 
 

@@ -417,3 +417,10 @@ def test_config_docs_cover_every_field():
     for key in field_docs():
         assert f"`{key}`" in text, f"{key} missing from the generated reference"
     assert "(a) 3D" in text and "(b) TP x DP" in text
+
+
+def test_bare_off_is_the_word_where_it_is_a_choice():
+    """YAML reads `off` as False; for a field whose choices include 'off' it means the word."""
+    from mcd_scale.config import load_config as _load
+
+    assert _load([], ["distill.temperature.schedule=off"]).distill.temperature.schedule == "off"
