@@ -1,0 +1,210 @@
+"""Evaluation report: rows -> report.json, report.md (table + matched-entropy summary), PNG plots.
+
+A row is one (benchmark, model, round, steps, temperature) sampling configuration, with
+``quality`` lower-is-better (true NLL in nats/token on the synthetic benchmark, Gen PPL on text). The
+summary compares each student with the teacher at equal entropy (:func:`gap_closed`): teacher@N is the
+teacher's largest step count, teacher@n its rows at the student's own step count.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from typing import Any, Mapping, Optional, Sequence
+
+from mcd_scale.eval.frontier import FrontierPoint, gap_closed
+from mcd_scale.eval.metrics import speedup
+
+ROW_KEYS = ("benchmark", "model", "round", "steps", "temperature", "quality", "quality_metric", "entropy", "nfe",
+            "seconds_per_sample", "evaluator")
+BENCHMARKS = {"synthetic": "true_nll", "text": "gen_ppl"}
+MODELS = ("teacher", "mcd", "sdtt")
+
+Row = Mapping[str, Any]
+
+
+def validate_row(row: Row, where: str = "row") -> dict:
+    """The row as a dict with exactly ROW_KEYS; a clear error naming the field otherwise."""
+    keys = set(row)
+    if keys != set(ROW_KEYS):
+        raise ValueError(f"{where}: fields {sorted(keys)} differ from {list(ROW_KEYS)} "
+                         f"(missing {sorted(set(ROW_KEYS) - keys)}, unknown {sorted(keys - set(ROW_KEYS))})")
+    if row["benchmark"] not in BENCHMARKS:
+        raise ValueError(f"{where}: benchmark {row['benchmark']!r} is not one of {sorted(BENCHMARKS)}")
+    if row["model"] not in MODELS:
+        raise ValueError(f"{where}: model {row['model']!r} is not one of {list(MODELS)}")
+    if row["quality_metric"] != BENCHMARKS[row["benchmark"]]:
+        raise ValueError(f"{where}: quality_metric of the {row['benchmark']} benchmark must be "
+                         f"{BENCHMARKS[row['benchmark']]!r}, got {row['quality_metric']!r}")
+    for k in ("quality", "entropy", "temperature"):
+        if not isinstance(row[k], (int, float)) or not math.isfinite(row[k]):
+            raise ValueError(f"{where}: {k} must be a finite number, got {row[k]!r}")
+    return {k: row[k] for k in ROW_KEYS}
+
+
+def summarize(rows: Sequence[Row]) -> list[dict]:
+    """One entry per student row: gap closed at matched entropy and speed-up vs teacher@N."""
+    out = []
+    by_bench: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        by_bench[r["benchmark"]].append(r)
+    for bench, bench_rows in sorted(by_bench.items()):
+        teacher = [r for r in bench_rows if r["model"] == "teacher"]
+        if not teacher:
+            continue
+        many_steps = max(r["steps"] for r in teacher)
+        many = [r for r in teacher if r["steps"] == many_steps]
+        many_pts = [FrontierPoint(r["entropy"], r["quality"]) for r in many]
+        ref_sec = _mean([r["seconds_per_sample"] for r in many])
+        ref_nfe = _mean([r["nfe"] for r in many])
+        for s in sorted((r for r in bench_rows if r["model"] != "teacher"),
+                        key=lambda r: (r["model"], r["round"], r["steps"], r["temperature"])):
+            few_pts = [FrontierPoint(r["entropy"], r["quality"]) for r in teacher if r["steps"] == s["steps"]]
+            if few_pts:
+                g = gap_closed(many_pts, few_pts, FrontierPoint(s["entropy"], s["quality"]))
+                frac, note, q_many, q_few = g.fraction, g.note, g.teacher_many_quality, g.teacher_few_quality
+            else:
+                frac, note, q_many, q_few = math.nan, f"no teacher rows at {s['steps']} steps", math.nan, math.nan
+            out.append({"benchmark": bench, "model": s["model"], "round": s["round"], "steps": s["steps"],
+                        "temperature": s["temperature"], "entropy": s["entropy"], "quality": s["quality"],
+                        "teacher_steps": many_steps, "teacher_many_quality": q_many, "teacher_few_quality": q_few,
+                        "gap_closed": frac, "note": note,
+                        "speedup_seconds": speedup(ref_sec, s["seconds_per_sample"]),
+                        "speedup_nfe": speedup(ref_nfe, s["nfe"])})
+    return out
+
+
+def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+    vals = [float(v) for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.{digits}g}"
+    return str(v)
+
+
+def render_markdown(rows: Sequence[Row], summary: Sequence[Mapping[str, Any]],
+                    reference: Optional[Mapping[str, Mapping[str, Any]]]) -> str:
+    lines = ["# Evaluation report", "",
+             "Quality is lower-is-better: true NLL (nats/token) on the synthetic benchmark, Gen PPL on text. "
+             "Entropy is the mean per-sample unigram entropy (nats). Compare models at equal entropy.", ""]
+    for bench in sorted({r["benchmark"] for r in rows}):
+        lines += [f"## {bench}", ""]
+        ref = (reference or {}).get(bench)
+        if ref:
+            lines += [f"Reference (real held-out data, {ref.get('evaluator', '?')}): quality "
+                      f"{_fmt(ref.get('quality'))} ({ref.get('quality_metric', BENCHMARKS[bench])}), entropy "
+                      f"{_fmt(ref.get('entropy'))}" + (f"; {ref['note']}" if ref.get("note") else ""), ""]
+        lines += ["| " + " | ".join(ROW_KEYS[1:]) + " |", "|" + "---|" * (len(ROW_KEYS) - 1)]
+        for r in sorted((r for r in rows if r["benchmark"] == bench),
+                        key=lambda r: (MODELS.index(r["model"]), r["round"], -r["steps"], r["temperature"])):
+            lines.append("| " + " | ".join(_fmt(r[k]) for k in ROW_KEYS[1:]) + " |")
+        lines.append("")
+        summ = [s for s in summary if s["benchmark"] == bench]
+        if summ:
+            lines += ["Matched-entropy summary (teacher curves interpolated at each student's entropy; "
+                      "gap closed = (teacher@n − student) / (teacher@n − teacher@N)):", "",
+                      "| model | round | steps | T | entropy | student | teacher@N | N | teacher@n | gap closed "
+                      "| speed-up s/sample | speed-up NFE | note |", "|" + "---|" * 13]
+            for s in summ:
+                lines.append("| " + " | ".join(_fmt(s[k]) for k in (
+                    "model", "round", "steps", "temperature", "entropy", "quality", "teacher_many_quality",
+                    "teacher_steps", "teacher_few_quality", "gap_closed", "speedup_seconds", "speedup_nfe",
+                    "note")) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot_report(rows: Sequence[Row], run_dir: str, reference: Optional[Mapping[str, Mapping[str, Any]]]) -> list[str]:
+    """frontier_<benchmark>.png (quality vs entropy per model/round/steps) and steps_<benchmark>.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for bench in sorted({r["benchmark"] for r in rows}):
+        bench_rows = [r for r in rows if r["benchmark"] == bench]
+        metric = BENCHMARKS[bench]
+        series: dict[tuple, list[Row]] = defaultdict(list)
+        for r in bench_rows:
+            series[(r["model"], r["round"], r["steps"])].append(r)
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for (model, rnd, steps), pts in sorted(series.items(), key=lambda kv: (MODELS.index(kv[0][0]), kv[0][1:])):
+            pts = sorted(pts, key=lambda r: r["entropy"])
+            ax.plot([p["entropy"] for p in pts], [p["quality"] for p in pts], marker="o",
+                    linestyle="--" if model == "teacher" else "-", label=f"{model} r{rnd} @{steps}")
+        ref = (reference or {}).get(bench)
+        if ref and ref.get("entropy") is not None:
+            ax.plot([ref["entropy"]], [ref["quality"]], marker="*", markersize=14, color="k", linestyle="",
+                    label="real held-out data")
+        ax.set_xlabel("mean unigram entropy (nats)")
+        ax.set_ylabel(metric + " (lower is better)")
+        if metric == "gen_ppl":
+            ax.set_yscale("log")
+        ax.set_title(f"{bench}: quality–entropy frontiers")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(os.path.join(run_dir, f"frontier_{bench}.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(7, 5))
+        by_model: dict[tuple, dict[int, Row]] = defaultdict(dict)
+        for r in bench_rows:  # per steps, the row whose temperature is closest to 1
+            cur = by_model[(r["model"], r["round"])].get(r["steps"])
+            if cur is None or abs(r["temperature"] - 1) < abs(cur["temperature"] - 1):
+                by_model[(r["model"], r["round"])][r["steps"]] = r
+        for (model, rnd), d in sorted(by_model.items(), key=lambda kv: (MODELS.index(kv[0][0]), kv[0][1])):
+            steps = sorted(d)
+            ax.plot(steps, [d[s]["quality"] for s in steps], marker="o", label=f"{model} round {rnd}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(metric + " at T closest to 1")
+        if metric == "gen_ppl":
+            ax.set_yscale("log")
+        ax.set_title(f"{bench}: quality vs steps")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(os.path.join(run_dir, f"steps_{bench}.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN -> None (strict JSON has no NaN; a missing comparison is null, not a number)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_report(rows: Sequence[Row], run_dir: str,
+                 reference: Optional[Mapping[str, Mapping[str, Any]]] = None) -> dict:
+    """Write report.json (the rows), report.md, summary.json (reference + summary) and the plots into ``run_dir``; returns what was written.
+
+    reference: per benchmark, the evaluator's score of real held-out data, e.g.
+    ``{"text": {"quality": 45.1, "quality_metric": "gen_ppl", "entropy": 4.3, "evaluator": "ar:..."}}``.
+    """
+    clean = [validate_row(r, f"row {i}") for i, r in enumerate(rows)]
+    if not clean:
+        raise ValueError("no rows to report")
+    os.makedirs(run_dir, exist_ok=True)
+    summary = summarize(clean)
+    with open(os.path.join(run_dir, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(clean, f, indent=2)
+    with open(os.path.join(run_dir, "report.md"), "w", encoding="utf-8") as f:
+        f.write(render_markdown(clean, summary, reference))
+    with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(_json_safe({"reference": reference or {}, "summary": summary}), f, indent=2)
+    plots = plot_report(clean, run_dir, reference)
+    return {"summary": summary, "plots": plots, "report_json": os.path.join(run_dir, "report.json"),
+            "report_md": os.path.join(run_dir, "report.md")}

