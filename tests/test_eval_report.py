@@ -28,7 +28,7 @@ def test_evaluate_synthetic_end_to_end(tmp_path):
     chain.save(chain_path)
     L, n = 32, 8
     runs = [("teacher", 0, 32, 1.0), ("teacher", 0, 32, 0.7), ("teacher", 0, 2, 1.0), ("teacher", 0, 2, 0.7),
-            ("teacher", 0, 2, 0.4), ("mcd", 1, 2, 1.0)]
+            ("teacher", 0, 2, 0.4), ("mcd", 1, 2, 0.6)]
     lines, expected = [], {}
     for model, rnd, steps, temp in runs:
         # The "student" is the oracle at 8 steps posing as a 2-step model: a known, in-between quality.
@@ -57,11 +57,10 @@ def test_evaluate_synthetic_end_to_end(tmp_path):
         es, qs = zip(*pts)
         return None if not es[0] <= student["entropy"] <= es[-1] else float(np.interp(student["entropy"], es, qs))
     many, few = at(32), at(2)
-    if many is None or few is None:
-        assert student["gap_closed"] is None and "covers" in student["note"]
-    else:
-        q = expected[("mcd", 2, 1.0)][0]
-        assert student["gap_closed"] == pytest.approx((few - q) / (few - many), rel=1e-9)
+    assert many is not None and few is not None, "the fixed seeds put the student inside both teacher curves"
+    q = expected[("mcd", 2, 0.6)][0]
+    assert student["gap_closed"] == pytest.approx((few - q) / (few - many), rel=1e-9)
+    assert 0.5 < student["gap_closed"] < 1.0   # the 8-step oracle sits between the 2- and 32-step ones
     assert student["speedup_nfe"] == pytest.approx(16.0) and student["speedup_seconds"] == pytest.approx(16.0)
     md = (run_dir / "report.md").read_text()
     assert "Matched-entropy summary" in md and "Reference (real held-out data" in md
