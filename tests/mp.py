@@ -52,21 +52,27 @@ def _kill(procs: Sequence[subprocess.Popen]) -> None:
                 pass
 
 
+def _spawn_ranks(argv: list, world_size: int, tmp: str, env: Optional[dict]):
+    """One ``python argv...`` per rank with torchrun's variables; logs in ``tmp/rank{r}.log``."""
+    port = free_port()
+    procs, logs = [], []
+    for rank in range(world_size):
+        e = base_env(env)
+        e.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                  "LOCAL_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        log = open(os.path.join(tmp, f"rank{rank}.log"), "w+")
+        logs.append(log)
+        procs.append(subprocess.Popen([sys.executable, *argv], cwd=REPO, env=e, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+    return procs, logs
+
+
 def run_ranks(target: str, world_size: int, kwargs: Optional[dict] = None, timeout: float = 240,
               env: Optional[dict] = None) -> list[Any]:
     """Run ``module:function`` on ``world_size`` ranks; return the list of per-rank results."""
     with tempfile.TemporaryDirectory(prefix="mcd_mp_") as tmp:
         torch.save(kwargs or {}, os.path.join(tmp, "kwargs.pt"))
-        port = free_port()
-        procs, logs = [], []
-        for rank in range(world_size):
-            e = base_env(env)
-            e.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                      "LOCAL_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-            log = open(os.path.join(tmp, f"rank{rank}.log"), "w+")
-            logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, "-m", "tests._mp_worker", target, tmp], cwd=REPO,
-                                          env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        procs, logs = _spawn_ranks(["-m", "tests._mp_worker", target, tmp], world_size, tmp, env)
         deadline = time.time() + timeout
         try:
             while any(p.poll() is None for p in procs):
@@ -121,17 +127,8 @@ def run_cli_ranks(argv: Sequence[str], world_size: int, timeout: float = 300,
                   env: Optional[dict] = None) -> tuple[list[int], str]:
     """Start ``python argv...`` once per rank with torchrun's variables (no agent in between, as srun
     does), so each rank's own exit code is observable. Returns (exit codes by rank, merged logs)."""
-    port = free_port()
-    procs, logs = [], []
     with tempfile.TemporaryDirectory(prefix="mcd_cli_") as tmp:
-        for rank in range(world_size):
-            e = base_env(env)
-            e.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                      "LOCAL_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-            log = open(os.path.join(tmp, f"rank{rank}.log"), "w+")
-            logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, *argv], cwd=REPO, env=e, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+        procs, logs = _spawn_ranks(list(argv), world_size, tmp, env)
         deadline = time.time() + timeout
         try:
             while any(p.poll() is None for p in procs):
