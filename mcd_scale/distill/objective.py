@@ -212,7 +212,8 @@ class McdObjective(_TeacherMixin):
         else:
             raise ValueError(f"MCD labels must be (x, z_t, z_s, logp) or (x, z_t, z_s, ids, logp, tail); got "
                              f"{len(labels)} tensors.")
-        return mcd_loss(logits, x, z_t, z_s, target, self.vocab_size, self.divergence)
+        return mcd_loss(logits, x, z_t, z_s, target, self.vocab_size, self.divergence,
+                        topk_tail=self.cfg.distill.topk_tail)
 
     def loss(self, logits_shard: torch.Tensor, labels: tuple) -> torch.Tensor:
         return self.loss_and_stats(logits_shard, labels)[0]
