@@ -262,12 +262,28 @@ def backend_for_device() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def disable_deepspeed_shm_allreduce() -> None:
+    """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce op.
+
+    Why: on CPU, ``deepspeed.init_distributed`` JIT-compiles ``deepspeed_shm_comm`` (~25 s) and, when
+    all ranks are local (LOCAL_SIZE == world size, which every launcher sets), each rank creates a
+    ~66 MiB ``/dev/shm/deepspeed_allreduce_buffer_*`` file that is never unlinked. /dev/shm is RAM:
+    a few hundred short multi-rank runs (a test suite, a sweep) fill it and the machine starts to
+    thrash. The op only serves ``inference_all_reduce``, which training never calls; gloo/NCCL do
+    every collective we use. Marking it incompatible is DeepSpeed's own switch for "op unavailable".
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(tp: int = 1, pp: int = 1, timeout_s: float = 600.0) -> ParallelDims:
     """Start torch.distributed (via DeepSpeed's comm) under any launcher and build the layout."""
     import datetime
 
     import deepspeed
 
+    disable_deepspeed_shm_allreduce()
     le = export_launch_env(detect_launch_env())
     if torch.cuda.is_available():
         torch.cuda.set_device(le.local_rank % max(torch.cuda.device_count(), 1))

@@ -25,6 +25,9 @@ def _zero3_rank() -> dict:
     from mcd_scale.distill.teacher import FrozenTeacher
     from tests.test_distill_teacher import TinyDenoiser
 
+    from mcd_scale.distributed import disable_deepspeed_shm_allreduce
+
+    disable_deepspeed_shm_allreduce()
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     rank = torch.distributed.get_rank()
     torch.manual_seed(0)
