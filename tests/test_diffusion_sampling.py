@@ -1,6 +1,7 @@
 """Samplers (MCD.md §7): reveal law, no masks left, determinism, batch-size independence, NFE, token law."""
 import math
 
+import pytest
 import torch
 
 from mcd_scale.diffusion.sampling import ancestral_sample, coupled_sample, sampling_times
@@ -94,6 +95,21 @@ def test_nfe_counts_real_calls_and_skips_empty_steps():
         # Every call saw a different input (no wasted evaluation on an unchanged z).
         assert all(not torch.equal(a, b) for a, b in zip(den.seen, den.seen[1:]))
         assert res.seconds > 0
+
+
+def test_nfe_is_per_sample_whatever_the_batch_size():
+    """A batch only sends the rows that reveal something: NFE per sample equals that of one-by-one runs."""
+    L, steps, n = 8, 64, 6
+    for sampler in (ancestral_sample, coupled_sample):
+        one = FixedDenoiser([0.0] * V)
+        single = sampler(one, n, L, steps, V, _sched(), seed=9, batch_size=1)
+        assert single.nfe == pytest.approx(len(one.seen) / n)
+        batched = FixedDenoiser([0.0] * V)
+        res = sampler(batched, n, L, steps, V, _sched(), seed=9)
+        assert torch.equal(res.tokens, single.tokens)
+        assert res.nfe == pytest.approx(single.nfe)
+        assert sum(z.shape[0] for z in batched.seen) == len(one.seen)
+        assert res.nfe < steps / 2  # most of the 64 steps reveal nothing in a given sample of length 8
 
 
 def _freq_ok(tokens, probs):

@@ -7,8 +7,10 @@ Both samplers walk ``t_0 = 1 > t_1 > ... > t_N = 1e-5`` (``linspace``). Which to
 never depends on the network, so the network is called only on steps that reveal something (lazy
 evaluation). For a time-agnostic model this is exactly MDLM's cache (its output can only change when z
 does, and z changes only through reveals, so every cache miss is such a step); for a time-conditioned
-model it skips only evaluations whose output no token would use. Either way the law is unchanged and
-``nfe`` counts the real calls (<= steps + 1, far fewer when steps >> L). Randomness is keyed per (seed, sample index[, position]), so sample i is the same whatever the
+model it skips only evaluations whose output no token would use. Either way the law is unchanged.
+The skip is per sample: a step runs the network only on the rows that reveal something, and ``nfe`` is
+the mean number of rows each sample sent through it (<= steps + 1, far fewer when steps >> L), the
+same whatever the batch size. Randomness is keyed per (seed, sample index[, position]), so sample i is the same whatever the
 batch size, and each token's Gumbel noise is drawn once (the same for every step count).
 """
 from __future__ import annotations
@@ -56,13 +58,14 @@ class _CountingDenoiser:
         self.calls = 0
 
     def logits(self, z: torch.Tensor, t: float) -> torch.Tensor:
+        """The network on the rows of ``z``; each row counts as one function evaluation."""
         t_vec = torch.full((z.shape[0],), t, dtype=torch.float32, device=z.device)
         with torch.no_grad():
             out = self.denoiser(z, t_vec)
         if out.shape[:2] != z.shape or out.shape[-1] < self.vocab_size + 1:
             raise ValueError(f"denoiser returned {tuple(out.shape)}; expected [B={z.shape[0]}, "
                              f"L={z.shape[1]}, >= V+1={self.vocab_size + 1}]")
-        self.calls += 1
+        self.calls += z.shape[0]
         return out
 
 
@@ -113,18 +116,28 @@ def _run(mode: str, denoiser: Denoiser, num_samples: int, seq_len: int, steps: i
             else:
                 draws = torch.stack([torch.rand(seq_len, generator=g, dtype=torch.float64) for g in gens])
                 reveal = masked & (draws < (a_s - a_t) / (1.0 - a_t))
-            if reveal.any():
-                logits = net.logits(z, float(times[k]))
-                _fill(z, reveal, logits, ids, seed, vocab_size, temperature, mode + "-gumbel", greedy=False)
+            rows = reveal.any(dim=1).nonzero().flatten()
+            if rows.numel() > 0:
+                # Only the samples with a token to reveal call the network: the others' outputs would
+                # be unchanged (time-agnostic caching), so NFE is counted per sample, as MCD.md §7 asks.
+                sub = z[rows]
+                logits = net.logits(sub, float(times[k]))
+                _fill(sub, reveal[rows], logits, [ids[int(r)] for r in rows], seed, vocab_size, temperature,
+                      mode + "-gumbel", greedy=False)
+                z[rows] = sub
             if progress and (k + 1) % max(1, steps // 10) == 0:
                 print(f"[{mode}] samples {ids[0]}-{ids[-1]}: step {k + 1}/{steps}, nfe {net.calls}",
                       file=sys.stderr, flush=True)
         remaining = z == mask_id
-        if remaining.any():  # tail: whatever the last step left masked
-            logits = net.logits(z, float(times[-1]))
-            _fill(z, remaining, logits, ids, seed, vocab_size, temperature, mode + "-gumbel", greedy=greedy_tail)
+        rows = remaining.any(dim=1).nonzero().flatten()
+        if rows.numel() > 0:  # tail: whatever the last step left masked
+            sub = z[rows]
+            logits = net.logits(sub, float(times[-1]))
+            _fill(sub, remaining[rows], logits, [ids[int(r)] for r in rows], seed, vocab_size, temperature,
+                  mode + "-gumbel", greedy=greedy_tail)
+            z[rows] = sub
         out.append(z)
-        total_calls += net.calls * len(ids)
+        total_calls += net.calls
     return SampleResult(torch.cat(out), total_calls / num_samples, time.perf_counter() - start)
 
 
