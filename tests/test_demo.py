@@ -50,7 +50,11 @@ def test_report_rows(quick_run):
         teacher = {(r["steps"], r["temperature"]) for r in rows if r["benchmark"] == bench and r["model"] == "teacher"}
         assert teacher == {(s, t) for s in (plan.many_steps, plan.few_steps) for t in plan.temperatures}, bench
     students = [r for r in rows if r["model"] != "teacher"]
-    assert all(r["steps"] == plan.few_steps and r["round"] >= 1 for r in students)
+    assert students and all(r["steps"] == plan.few_steps and r["round"] >= 1 for r in students)
+    for model in {r["model"] for r in students}:  # the last round has its own frontier
+        last = max(r["round"] for r in students if r["model"] == model)
+        temps = {r["temperature"] for r in students if r["model"] == model and r["round"] == last}
+        assert temps == set(plan.student_temperatures), (model, temps)
 
 
 def test_samples_plots_and_stage_lines(quick_run):

@@ -73,7 +73,8 @@ def assert_close(a: dict, b: dict, steps, rtol, what):
 
 
 def test_pp2_matches_pp1_and_dp_size(prepared, tmp_path):
-    """PP=2 (2 stages, ZeRO-1) vs PP=1 (DP=2, ZeRO-1): the same losses over 3 steps (fp32, rtol 1e-5)."""
+    """PP=2 (2 stages, ZeRO-1) and TP=2 x PP=2 (4 ranks) vs PP=1 (DP=2, ZeRO-1): the same losses over 3
+    steps (fp32, rtol 1e-5)."""
     a = train(tmp_path / "pp1", prepared, 2, ["train.steps=3", "parallel.zero_stage=1", "checkpoint.every=0"])
     assert a.returncode == 0, a.stdout[-4000:]
     b = train(tmp_path / "pp2", prepared, 2, ["train.steps=3", "parallel.pp=2", "parallel.zero_stage=1",
@@ -81,6 +82,11 @@ def test_pp2_matches_pp1_and_dp_size(prepared, tmp_path):
     assert b.returncode == 0, b.stdout[-4000:]
     la, lb = losses(tmp_path / "pp1"), losses(tmp_path / "pp2")
     assert_close(lb, la, [1, 2, 3], 1e-5, "PP=2 vs PP=1")
+    # The full first menu on 4 ranks: TP=2 x PP=2 (DP=1, ZeRO-1) through the pipeline engine.
+    c = train(tmp_path / "tp2pp2", prepared, 4, ["train.steps=3", "parallel.tp=2", "parallel.pp=2",
+                                                 "parallel.zero_stage=1", "checkpoint.every=0"])
+    assert c.returncode == 0, c.stdout[-4000:]
+    assert_close(losses(tmp_path / "tp2pp2"), la, [1, 2, 3], 1e-5, "TP=2 x PP=2 vs PP=1")
 
 
 def test_zero3_tp2_dp2_matches_zero0(prepared, tmp_path):
