@@ -20,10 +20,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from mcd_scale.diffusion.schedules import Schedule
-from mcd_scale.rng import keyed_generator
+from mcd_scale.rng import key_to_seed, keyed_generator
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 T_END = 1e-5
@@ -43,11 +44,35 @@ def sampling_times(steps: int) -> torch.Tensor:
     return torch.linspace(1.0, T_END, steps + 1, dtype=torch.float64)
 
 
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function on uint64 arrays (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def token_gumbel_rows(seed: int, sample_index: int, positions, vocab_size: int, purpose: str) -> torch.Tensor:
+    """Gumbel(0,1) noise [len(positions), V] (float64), keyed by (purpose, seed, sample, position, token).
+
+    Counter-based (the SplitMix64 stream of the sample's key, read at index position * V + token): the
+    noise of a token is the same whatever the step count, batch size or the order tokens are revealed
+    in, and drawing it costs a few vector ops instead of seeding a generator per token (which was ~16%
+    of a 16-step sampler's wall clock)."""
+    key = np.uint64(key_to_seed(purpose, seed, sample_index))
+    pos = np.asarray(positions, dtype=np.uint64).reshape(-1, 1)
+    counter = pos * np.uint64(vocab_size) + np.arange(vocab_size, dtype=np.uint64).reshape(1, -1) + np.uint64(1)
+    with np.errstate(over="ignore"):
+        bits = _splitmix64(key + counter * _GAMMA)
+    u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 9007199254740992.0)  # (0, 1), 53 bits
+    return torch.from_numpy(-np.log(-np.log(u)))
+
+
 def token_gumbel(seed: int, sample_index: int, position: int, vocab_size: int, purpose: str) -> torch.Tensor:
     """Gumbel(0,1) noise [V] (float64) for one token, keyed by (seed, sample, position)."""
-    u = torch.rand(vocab_size, generator=keyed_generator(purpose, seed, sample_index, position), dtype=torch.float64)
-    tiny = torch.finfo(torch.float64).tiny
-    return -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-16)))
+    return token_gumbel_rows(seed, sample_index, [position], vocab_size, purpose)[0]
 
 
 class _CountingDenoiser:
@@ -83,7 +108,7 @@ def _fill(z: torch.Tensor, reveal: torch.Tensor, logits: torch.Tensor, ids: list
             continue
         score = _log_probs(logits[b, pos], vocab_size, temperature)
         if not greedy:
-            score = score + torch.stack([token_gumbel(seed, sid, int(p), vocab_size, purpose) for p in pos.tolist()])
+            score = score + token_gumbel_rows(seed, sid, pos.numpy(), vocab_size, purpose)
         z[b, pos] = score.argmax(-1).to(z.dtype)
 
 
