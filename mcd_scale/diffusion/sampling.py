@@ -59,8 +59,8 @@ def token_gumbel_rows(seed: int, sample_index: int, positions, vocab_size: int, 
 
     Counter-based (the SplitMix64 stream of the sample's key, read at index position * V + token): the
     noise of a token is the same whatever the step count, batch size or the order tokens are revealed
-    in, and drawing it costs a few vector ops instead of seeding a generator per token (which was ~16%
-    of a 16-step sampler's wall clock)."""
+    in, and drawing it costs a few vector ops instead of seeding a generator per token (measured here:
+    ~3.6 us per token for V = 64 against ~69 us with a torch.Generator per token)."""
     key = np.uint64(key_to_seed(purpose, seed, sample_index))
     pos = np.asarray(positions, dtype=np.uint64).reshape(-1, 1)
     counter = pos * np.uint64(vocab_size) + np.arange(vocab_size, dtype=np.uint64).reshape(1, -1) + np.uint64(1)
