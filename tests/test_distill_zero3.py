@@ -23,9 +23,8 @@ def _zero3_rank() -> dict:
 
     from mcd_scale.distill.ema import EMA
     from mcd_scale.distill.teacher import FrozenTeacher
-    from tests.test_distill_teacher import TinyDenoiser
-
     from mcd_scale.distributed import disable_deepspeed_shm_allreduce
+    from tests.test_distill_teacher import TinyDenoiser
 
     disable_deepspeed_shm_allreduce()
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)

@@ -44,14 +44,14 @@ BIN = os.path.dirname(sys.executable)
 @dataclass
 class Plan:
     """Every size of the demo; ``quick`` shrinks them all."""
-    # Sized for ~35 min on 2 idle cores. The synthetic benchmark is a sparse chain at L = 256 (docs/
+    # Measured: ~39 min on 2 cores (docs/results.md). The synthetic benchmark is a sparse chain at L = 256 (docs/
     # evaluation.md): teacher@256 needs ~163 network calls per sample there (nothing to recompute on
     # steps that reveal nothing), so 16 steps is a ~10x saving; at L = 64 it would be only ~3.5x.
     syn_seq_len: int = 256
     syn_train: int = 16384
     syn_eval: int = 256
     text_seq_len: int = 128
-    syn_steps: int = 1500  # ~7.5 min at ~14k tokens/s (2 ranks)
+    syn_steps: int = 1500  # 530 s in the measured run (~10-15k tokens/s, 2 ranks)
     text_steps: int = 500
     model_overrides: list = field(default_factory=list)
     many_steps: int = 256
@@ -62,8 +62,8 @@ class Plan:
     temperatures: tuple = (0.5, 0.6, 0.7, 0.8, 1.0)
     student_temperatures: tuple = (0.8, 0.9, 1.0)
     num_samples: int = 64  # synthetic samples per (model, steps, temperature)
-    # Text teacher@256 dominates the wall clock (full-vocabulary logits at every position on each of
-    # ~256 network calls): fewer text samples keep the full demo near 30 minutes.
+    # Text teacher@256 costs 0.65-1.7 s/sample (~100 calls, full-vocabulary logits at every position):
+    # fewer text than synthetic samples keep the sampling stage near 9 minutes.
     text_num_samples: int = 32
     ar_steps: int = 300
     rounds: int = 2
