@@ -77,7 +77,8 @@ def detect_launch_env(env: Optional[dict] = None) -> LaunchEnv:
             ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
             ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK")):
         if rank_key in env and size_key in env:
-            addr = env.get("MASTER_ADDR") or (first_slurm_host(nodelist) if nodelist else "127.0.0.1")
+            # "" = not known yet: export_launch_env asks the ranks over MPI (_mpi_agree_on_master).
+            addr = env.get("MASTER_ADDR") or (first_slurm_host(nodelist) if nodelist else "")
             port = int(env.get("MASTER_PORT") or (_slurm_port(env["SLURM_JOB_ID"]) if "SLURM_JOB_ID" in env else 0))
             return LaunchEnv(int(env[rank_key]), int(env[size_key]), int(env.get(local_key, 0)), addr, port, "mpi")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
@@ -98,9 +99,27 @@ def _mpi_agree_on_port(le: LaunchEnv) -> int:
     return int(MPI.COMM_WORLD.bcast(port, root=0))
 
 
+def master_addr_for_hosts(hostnames: list[str]) -> str:
+    """Rendezvous address from every rank's hostname (rank order): loopback when all ranks share one
+    host, else rank 0's host name (an `mpirun` across nodes then needs no MASTER_ADDR)."""
+    if not hostnames:
+        raise ValueError("no hostnames")
+    return "127.0.0.1" if len(set(hostnames)) == 1 else hostnames[0]
+
+
+def _mpi_agree_on_master(le: LaunchEnv) -> str:
+    """Under MPI without MASTER_ADDR or a SLURM node list: the ranks exchange host names."""
+    if le.master_addr:
+        return le.master_addr
+    from mpi4py import MPI  # imported only under MPI
+
+    return master_addr_for_hosts(MPI.COMM_WORLD.allgather(socket.gethostname()))
+
+
 def export_launch_env(le: LaunchEnv) -> LaunchEnv:
     """Set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* so torch and DeepSpeed skip their own discovery."""
     if le.launcher == "mpi":
+        le.master_addr = _mpi_agree_on_master(le)
         le.master_port = _mpi_agree_on_port(le)
     elif le.launcher == "single" and not le.master_port:
         le.master_port = _free_port()

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from mcd_scale.distributed import detect_launch_env, first_slurm_host
+from mcd_scale.distributed import detect_launch_env, first_slurm_host, master_addr_for_hosts
 from tests.mp import REPO, free_port, run_cli, venv_bin
 
 PROBE = os.path.join(REPO, "tools", "launch_probe.py")
@@ -83,7 +83,18 @@ def test_mpi_envs(env, rank, world, local):
     le = detect_launch_env(env)
     assert (le.launcher, le.rank, le.world_size, le.local_rank) == ("mpi", rank, world, local)
     assert le.master_port == 0  # 0 = agree on a free port over MPI at start-up (or MASTER_PORT if set)
+    assert le.master_addr == ""  # "" = agree on rank 0's host over MPI at start-up (or MASTER_ADDR if set)
     assert detect_launch_env({**env, "MASTER_PORT": "23456"}).master_port == 23456
+    assert detect_launch_env({**env, "MASTER_ADDR": "10.0.0.7"}).master_addr == "10.0.0.7"
+
+
+def test_master_addr_for_hosts():
+    """A multi-node mpirun needs no MASTER_ADDR: rank 0's host; one host: loopback."""
+    assert master_addr_for_hosts(["n1", "n1", "n1"]) == "127.0.0.1"
+    assert master_addr_for_hosts(["n2", "n2", "n3", "n3"]) == "n2"
+    assert master_addr_for_hosts(["n3", "n2"]) == "n3"
+    with pytest.raises(ValueError):
+        master_addr_for_hosts([])
 
 
 def test_mpirun_inside_sbatch_uses_the_mpi_rank():
