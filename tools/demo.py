@@ -44,14 +44,14 @@ BIN = os.path.dirname(sys.executable)
 @dataclass
 class Plan:
     """Every size of the demo; ``quick`` shrinks them all."""
-    # Measured: ~39 min on 2 cores (docs/results.md). The synthetic benchmark is a sparse chain at L = 256 (docs/
-    # evaluation.md): teacher@256 needs ~163 network calls per sample there (nothing to recompute on
+    # Measured: 29 min 50 s on 2 idle cores (docs/results.md). The synthetic benchmark is a sparse
+    # chain at L = 256 (docs/evaluation.md): teacher@256 needs ~163 network calls per sample there (nothing to recompute on
     # steps that reveal nothing), so 16 steps is a ~10x saving; at L = 64 it would be only ~3.5x.
     syn_seq_len: int = 256
     syn_train: int = 16384
     syn_eval: int = 256
     text_seq_len: int = 128
-    syn_steps: int = 1500  # 530 s in the measured run (~10-15k tokens/s, 2 ranks)
+    syn_steps: int = 1500  # 417 s in the measured run (~15k tokens/s, 2 ranks)
     text_steps: int = 500
     model_overrides: list = field(default_factory=list)
     many_steps: int = 256

@@ -1,0 +1,28 @@
+"""tools/bench/sampling.py runs and reports consistent figures (not a timing assertion)."""
+import json
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools", "bench"))
+
+import sampling as bench  # noqa: E402
+
+
+def test_sampling_bench_prints_side_by_side_figures(capsys):
+    rc = bench.main(["--config", "configs/tiny/teacher.yaml", "--set", "model.seq_len=16", "--set", "model.layers=1",
+                     "--many-steps", "32", "--num-samples", "4", "--batch-sizes", "2", "4", "--repeats", "1"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["many_steps"], out["few_steps"], out["seq_len"]) == (32, 2, 16)
+    assert out["nfe_student"] == 2.0  # every row reveals something at each of 2 steps
+    # Caching: at most one call per step, never more calls than tokens + tail.
+    assert 2.0 < out["nfe_teacher"] <= 16 + 1
+    assert out["speedup_nfe"] == round(out["nfe_teacher"] / 2.0, 3)
+    assert set(out["per_batch_size"]) == {"2", "4"}
+    for v in out["per_batch_size"].values():
+        assert v["teacher_s_per_sample"] > 0 and v["student_s_per_sample"] > 0
+        # (the printed times are rounded to 5 digits, the ratio is taken before rounding)
+        assert v["speedup_wall"] == pytest.approx(v["teacher_s_per_sample"] / v["student_s_per_sample"], rel=1e-2)
