@@ -45,8 +45,9 @@ BIN = os.path.dirname(sys.executable)
 class Plan:
     """Every size of the demo; ``quick`` shrinks them all."""
     # Measured: 29 min 50 s on 2 idle cores (docs/results.md). The synthetic benchmark is a sparse
-    # chain at L = 256 (docs/evaluation.md): teacher@256 needs ~163 network calls per sample there (nothing to recompute on
-    # steps that reveal nothing), so 16 steps is a ~10x saving; at L = 64 it would be only ~3.5x.
+    # chain at L = 256 (docs/evaluation.md): teacher@256 needs ~163 network calls per sample there
+    # (nothing to recompute on steps that reveal nothing), so 16 steps is a ~10x saving; at L = 64 it
+    # would be only ~3.5x.
     syn_seq_len: int = 256
     syn_train: int = 16384
     syn_eval: int = 256
@@ -63,7 +64,7 @@ class Plan:
     student_temperatures: tuple = (0.8, 0.9, 1.0)
     num_samples: int = 64  # synthetic samples per (model, steps, temperature)
     # Text teacher@256 costs 0.65-1.7 s/sample (~100 calls, full-vocabulary logits at every position):
-    # fewer text than synthetic samples keep the sampling stage near 9 minutes.
+    # fewer text than synthetic samples keep the sampling stage near 7 minutes (409 s measured).
     text_num_samples: int = 32
     ar_steps: int = 300
     # Synthetic distillation: dt doubles from dt0, so the last round's dt is 1/16 = the few-step student.
@@ -77,8 +78,9 @@ class Plan:
     # many-vs-few-step gap to close (docs/results.md).
     text_distill_steps: int = 75
     distill_limit: int = 512  # trajectories precomputed per round (train samples; reused across epochs)
-    # Rows per sampler call, for every model alike: on 2 CPU cores 16 rows of 256 tokens run ~30% faster
-    # per sample than 64 (cache-sized activations; measured 0.075 vs 0.107 s/sample at 16 steps).
+    # Rows per sampler call, for every model alike. On 2 CPU cores 16 rows were never slower per sample
+    # than 64 and once ~30% faster for the 16-step student (0.075 vs 0.107 s/sample; another run:
+    # 0.077 vs 0.079, docs/results.md), and they keep teacher and students at the same batch.
     sample_batch: int = 16
     distill_benchmarks: tuple = ("synthetic", "text")
     distill_overrides: list = field(default_factory=list)
