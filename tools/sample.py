@@ -83,7 +83,6 @@ def load_model(checkpoint: str, config_files: Sequence[str] = (), overrides: Seq
     """Build the tp=1 model from the checkpoint's resolved config (or ``config_files``) and load weights."""
     import yaml
 
-    from mcd_scale.model.build import build_model
     from mcd_scale.model.weights import load_full_state_dict, load_safetensors
 
     path = resolve_weights(checkpoint, weights)
@@ -97,13 +96,20 @@ def load_model(checkpoint: str, config_files: Sequence[str] = (), overrides: Seq
             cfg = from_dict(yaml.safe_load(fh), source=resolved)
         if overrides:
             raise ValueError("--set needs --config (the resolved config is used as saved)")
-    # One process, fp32, no TP/PP: the weights are layout-independent.
+    loaded = single_process_model(cfg, init=False, weights_path=path)
+    load_full_state_dict(loaded.model, load_safetensors(path), None)
+    return loaded
+
+
+def single_process_model(cfg: Config, init: bool, weights_path: str) -> LoadedModel:
+    """The config's model on one process, fp32, no TP/PP, eval mode (the weights are layout-independent):
+    randomly initialised with ``init``, else left for the caller to load."""
+    from mcd_scale.model.build import build_model
+
     cfg.train.precision = "fp32"
     cfg.parallel.activation_checkpointing = False
-    model = build_model(cfg, None, init=False, dtype=torch.float32)
-    load_full_state_dict(model, load_safetensors(path), None)
-    model.eval()
-    return LoadedModel(model, cfg, path)
+    model = build_model(cfg, None, init=init, dtype=torch.float32).eval()
+    return LoadedModel(model, cfg, weights_path)
 
 
 def sample(loaded: LoadedModel, steps: int, num_samples: int, seed: int, temperature: float = 1.0,

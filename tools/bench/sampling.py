@@ -36,13 +36,9 @@ def _load(a):
     if a.checkpoint:
         return sample_cli.load_model(a.checkpoint)
     from mcd_scale.config import load_config
-    from mcd_scale.model.build import build_model
 
     cfg = load_config([os.path.join(REPO, a.config)], list(a.overrides))
-    cfg.train.precision = "fp32"
-    cfg.parallel.activation_checkpointing = False
-    model = build_model(cfg, None, init=True, dtype=torch.float32).eval()
-    return sample_cli.LoadedModel(model, cfg, "random-init")
+    return sample_cli.single_process_model(cfg, init=True, weights_path="random-init")
 
 
 def main(argv=None) -> int:
@@ -58,7 +54,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    import sample as sample_cli
+    import sample as sample_cli  # tools/sample.py
 
     loaded = _load(a)
     few = max(a.many_steps // 16, 1)
