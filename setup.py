@@ -15,5 +15,7 @@ setup(
         # NVIDIA apex is built from source on GPU clusters (see docs/install.md); the PyPI package
         # named 'apex' is an unrelated project and must never be installed.
         "test": ["pytest"],
+        # tools/evaluate.py --hf-model / --smollm2 (pinned in requirements.txt, so CI tests this path).
+        "hf-eval": ["transformers", "gguf", "accelerate"],
     },
 )

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
+import os
 import sys
 
 import pytest
@@ -36,3 +39,78 @@ def test_smollm2_without_gguf_file_is_reported(monkeypatch, tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "model.Q4_1.gguf").write_bytes(b"")
     assert hf_evaluator.locate_smollm2_gguf() == (str(tmp_path / "sub"), "model.Q4_1.gguf")
+
+
+# --- scoring with a real (tiny, randomly initialised) Hugging Face causal LM --------------------------------
+
+WORDS = "<s> [UNK] the a of and to in was she he it that her had not be".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_model(tmp_path_factory):
+    """A 1-layer GPT-2 with a word-level tokenizer, saved the way any HF model directory is."""
+    import tokenizers
+    import torch
+    import transformers
+    from tokenizers import models, pre_tokenizers
+
+    tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=len(WORDS), n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                  bos_token_id=0, eos_token_id=0)
+    path = str(tmp_path_factory.mktemp("tiny_gpt2"))
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def chain_rule_nll(model, ids: list[int]) -> float:
+    """Independent reference: NLL per token by feeding every prefix on its own (no padding, no batching)."""
+    import torch
+    total = 0.0
+    with torch.no_grad():
+        for i in range(1, len(ids)):
+            logits = model(input_ids=torch.tensor([ids[:i]])).logits[0, -1].double()
+            total -= float(torch.log_softmax(logits, -1)[ids[i]])
+    return total / (len(ids) - 1)
+
+
+TEXTS = ["the a of she", "he had not be it that her was", "she", "to in the and of a was he had it not"]
+
+
+def test_batched_scores_equal_the_chain_rule_per_text(tiny_hf_model):
+    ev = HFEvaluator(tiny_hf_model, batch_size=3)  # texts of different lengths share a padded batch
+    assert ev.prefix_token_id == 0  # the tokenizer's BOS
+    nll, n = ev.score_texts(TEXTS)
+    ids = [[0] + [WORDS.index(w) for w in t.split()] for t in TEXTS]
+    assert n.tolist() == [len(x) - 1 for x in ids]  # the BOS is context, every real token is scored
+    want = [chain_rule_nll(ev.model, x) for x in ids]
+    assert nll == pytest.approx(want, rel=1e-5)
+    assert ev.gen_ppl(TEXTS) == pytest.approx(math.exp(sum(w * c for w, c in zip(want, n)) / n.sum()), rel=1e-5)
+    one_by_one = HFEvaluator(tiny_hf_model, batch_size=1).score_texts(TEXTS)[0]
+    assert nll == pytest.approx(one_by_one, rel=1e-6)
+
+
+def test_truncation_and_too_short_text(tiny_hf_model):
+    ev = HFEvaluator(tiny_hf_model, max_length=4)
+    nll, n = ev.score_texts(["he had not be it that her was"])
+    assert n.tolist() == [3]
+    assert nll[0] == pytest.approx(chain_rule_nll(ev.model, [0, 10, 14, 15]), rel=1e-5)
+    with pytest.raises(ValueError, match="fewer than one scorable token"):
+        ev.score_texts(["the a", ""])  # the empty text is only its BOS: nothing to score
+
+
+def test_evaluate_cli_with_hf_model(tiny_hf_model, tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import evaluate
+
+    rows = [{"benchmark": "text", "model": "teacher", "round": 0, "steps": 16, "temperature": 1.0, "text": t,
+             "ids": list(range(len(t.split())))} for t in TEXTS]
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert evaluate.main(["--samples", str(tmp_path / "s.jsonl"), "--run-dir", str(tmp_path / "run"),
+                          "--hf-model", tiny_hf_model]) == 0
+    (row,) = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert row["evaluator"] == f"hf:{tiny_hf_model}" and row["quality_metric"] == "gen_ppl"
+    assert row["quality"] == pytest.approx(HFEvaluator(tiny_hf_model).gen_ppl(TEXTS), rel=1e-9)

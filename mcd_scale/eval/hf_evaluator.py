@@ -53,7 +53,7 @@ class HFEvaluator:
     """Scores texts with a causal LM: per-text NLL per token (nats) and the token counts behind it."""
 
     def __init__(self, model_path: str, gguf_file: Optional[str] = None, prefix_token_id: Optional[int] = None,
-                 max_length: int = 1024, batch_size: int = 8):
+                 max_length: int = 1024, batch_size: int = 8, progress: bool = True):
         """model_path: a local model directory (or a GGUF's directory with ``gguf_file``).
 
         prefix_token_id: prepended to every text (its own prediction is not scored); None uses the
@@ -73,6 +73,7 @@ class HFEvaluator:
         self.prefix_token_id = prefix_token_id
         self.max_length = max_length
         self.batch_size = batch_size
+        self.progress = progress  # a tqdm bar (texts/s, ETA) on stderr: SmolLM2 scores ~10 texts/s on 2 cores
 
     @classmethod
     def smollm2(cls, **kwargs: Any) -> "HFEvaluator":
@@ -81,23 +82,48 @@ class HFEvaluator:
         _import_transformers()
         return cls(directory, gguf_file=name, prefix_token_id=0, **kwargs)
 
+    def _encode(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.prefix_token_id is not None:
+            ids = [self.prefix_token_id] + ids
+        ids = ids[: self.max_length]
+        if len(ids) < 2:
+            raise ValueError(f"text {text[:40]!r} has fewer than one scorable token")
+        return ids
+
     def score_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(NLL per token [N], scored tokens [N]); texts longer than max_length tokens are truncated."""
+        """(NLL per token [N], scored tokens [N]); texts longer than max_length tokens are truncated.
+
+        Texts go through the model ``batch_size`` at a time, right-padded with an attention mask (a
+        causal LM's scores of real tokens do not depend on padding after them); padded positions are
+        excluded from both sums."""
         torch = self._torch
+        from tqdm import tqdm
+
+        encoded = [self._encode(t) for t in texts]
         nll, counts = [], []
-        with torch.no_grad():
-            for text in texts:
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                if self.prefix_token_id is not None:
-                    ids = [self.prefix_token_id] + ids
-                ids = ids[: self.max_length]
-                if len(ids) < 2:
-                    raise ValueError(f"text {text[:40]!r} has fewer than one scorable token")
-                inp = torch.tensor([ids])
-                logits = self.model(inp).logits[0, :-1].double()
-                loss = torch.nn.functional.cross_entropy(logits, inp[0, 1:], reduction="sum")
-                nll.append(float(loss) / (len(ids) - 1))
-                counts.append(len(ids) - 1)
+        bar = tqdm(total=len(encoded), unit="text", desc="HF evaluator", disable=not self.progress,
+                   mininterval=10, leave=False)
+        with torch.no_grad(), bar:
+            for lo in range(0, len(encoded), self.batch_size):
+                chunk = encoded[lo: lo + self.batch_size]
+                width = max(len(ids) for ids in chunk)
+                inp = torch.zeros((len(chunk), width), dtype=torch.long)
+                attn = torch.zeros((len(chunk), width), dtype=torch.long)
+                for i, ids in enumerate(chunk):
+                    inp[i, : len(ids)] = torch.tensor(ids)
+                    attn[i, : len(ids)] = 1
+                logits = self.model(input_ids=inp, attention_mask=attn).logits[:, :-1].float()
+                # log p(target) = logit - logsumexp, without a float64 copy of [B, T, vocab] (~1 GB for
+                # SmolLM2's 49k vocabulary at batch 8); the sums over tokens are taken in float64.
+                logp = (logits.gather(-1, inp[:, 1:, None])[..., 0] - torch.logsumexp(logits, dim=-1)).double()
+                scored = attn[:, 1:].bool()
+                logp = torch.where(scored, logp, torch.zeros_like(logp))
+                for i in range(len(chunk)):
+                    n = int(scored[i].sum())
+                    nll.append(-float(logp[i].sum()) / n)
+                    counts.append(n)
+                bar.update(len(chunk))
         return np.array(nll), np.array(counts)
 
     def gen_ppl(self, texts: Sequence[str]) -> float:
