@@ -26,3 +26,6 @@ def test_sampling_bench_prints_side_by_side_figures(capsys):
         assert v["teacher_s_per_sample"] > 0 and v["student_s_per_sample"] > 0
         # (the printed times are rounded to 5 digits, the ratio is taken before rounding)
         assert v["speedup_wall"] == pytest.approx(v["teacher_s_per_sample"] / v["student_s_per_sample"], rel=1e-2)
+        assert v["speedup_wall_paired"] > 0 and v["speedup_wall_min"] > 0
+    # One timed pair per chunk of batch-size samples per repeat: 4 samples in chunks of 2, then of 4.
+    assert out["per_batch_size"]["2"]["pairs"] == 2 and out["per_batch_size"]["4"]["pairs"] == 1
