@@ -61,6 +61,7 @@ def test_evaluate_synthetic_end_to_end(tmp_path):
     q = expected[("mcd", 2, 0.6)][0]
     assert student["gap_closed"] == pytest.approx((few - q) / (few - many), rel=1e-9)
     assert 0.5 < student["gap_closed"] < 1.0   # the 8-step oracle sits between the 2- and 32-step ones
+    assert student["gain_vs_few_nats"] == pytest.approx(few - q, rel=1e-9)
     assert student["speedup_nfe"] == pytest.approx(16.0) and student["speedup_seconds"] == pytest.approx(16.0)
     md = (run_dir / "report.md").read_text()
     assert "Matched-entropy summary" in md and "Reference (real held-out data" in md
@@ -84,6 +85,26 @@ def test_evaluate_text_path_with_ar_evaluator(tmp_path, capsys):
     want = math.exp(AREvaluator.load(str(tmp_path / "ar")).score(ids).mean())
     assert row["quality_metric"] == "gen_ppl" and row["quality"] == pytest.approx(want, rel=1e-9)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["reference"]["text"]["quality"] > 1
+
+
+def test_gain_over_the_same_step_teacher_is_a_log_ratio_for_gen_ppl():
+    from mcd_scale.eval.report import summarize
+    base = {"benchmark": "text", "round": 0, "quality_metric": "gen_ppl", "nfe": 16, "seconds_per_sample": 0.1,
+            "evaluator": "x"}
+    rows = [{**base, "model": "teacher", "steps": 256, "temperature": t, "entropy": e, "quality": q, "nfe": 100}
+            for t, e, q in ((0.7, 3.0, 400.0), (1.0, 4.0, 3000.0))]
+    rows += [{**base, "model": "teacher", "steps": 16, "temperature": t, "entropy": e, "quality": q}
+             for t, e, q in ((0.7, 3.0, 420.0), (1.0, 4.0, 3200.0))]
+    rows.append({**base, "model": "mcd", "round": 2, "steps": 16, "temperature": 1.0, "entropy": 3.5, "quality": 1000.0})
+    (s,) = summarize(rows)
+    # The 16-step teacher curve read at entropy 3.5 in nats (log Gen PPL), not on the convex PPL scale:
+    few = math.exp(0.5 * (math.log(420.0) + math.log(3200.0)))
+    assert s["teacher_few_quality"] == pytest.approx(few) and few < 420.0 + 0.5 * (3200.0 - 420.0)
+    many = math.exp(0.5 * (math.log(400.0) + math.log(3000.0)))
+    assert s["gap_closed"] == pytest.approx((math.log(few) - math.log(1000.0)) / (math.log(few) - math.log(many)))
+    assert s["gain_vs_few_nats"] == pytest.approx(math.log(few / 1000.0), rel=1e-12) and s["gain_vs_few_nats"] > 0
+    with pytest.raises(ValueError, match="mixes quality metrics"):
+        summarize(rows + [{**rows[0], "quality_metric": "true_nll"}])
 
 
 def test_bad_rows_and_inputs_are_named(tmp_path, capsys):

@@ -3,7 +3,9 @@
 A row is one (benchmark, model, round, steps, temperature) sampling configuration, with
 ``quality`` lower-is-better (true NLL in nats/token on the synthetic benchmark, Gen PPL on text). The
 summary compares each student with the teacher at equal entropy (:func:`gap_closed`): teacher@N is the
-teacher's largest step count, teacher@n its rows at the student's own step count.
+teacher's largest step count, teacher@n its rows at the student's own step count. Curves are read in
+nats per token (Gen PPL through its log), so "gap closed" and "vs teacher@n" mean the same on both
+benchmarks.
 """
 from __future__ import annotations
 
@@ -55,24 +57,60 @@ def summarize(rows: Sequence[Row]) -> list[dict]:
             continue
         many_steps = max(r["steps"] for r in teacher)
         many = [r for r in teacher if r["steps"] == many_steps]
-        many_pts = [FrontierPoint(r["entropy"], r["quality"]) for r in many]
+        # Curves are read in nats: Gen PPL = exp(NLL under the evaluator) rises steeply (convexly) with
+        # entropy, so a straight line between two of its points overstates the teacher between them and
+        # flatters a student that sits there; interpolating log Gen PPL is the same rule as for true NLL.
+        nats = _to_nats(bench_rows)
+        many_pts = [FrontierPoint(r["entropy"], nats(r["quality"])) for r in many]
         ref_sec = _mean([r["seconds_per_sample"] for r in many])
         ref_nfe = _mean([r["nfe"] for r in many])
         for s in sorted((r for r in bench_rows if r["model"] != "teacher"),
                         key=lambda r: (r["model"], r["round"], r["steps"], r["temperature"])):
-            few_pts = [FrontierPoint(r["entropy"], r["quality"]) for r in teacher if r["steps"] == s["steps"]]
+            few_pts = [FrontierPoint(r["entropy"], nats(r["quality"])) for r in teacher if r["steps"] == s["steps"]]
             if few_pts:
-                g = gap_closed(many_pts, few_pts, FrontierPoint(s["entropy"], s["quality"]))
-                frac, note, q_many, q_few = g.fraction, g.note, g.teacher_many_quality, g.teacher_few_quality
+                g = gap_closed(many_pts, few_pts, FrontierPoint(s["entropy"], nats(s["quality"])))
+                frac, note = g.fraction, g.note
+                q_many, q_few = nats.inverse(g.teacher_many_quality), nats.inverse(g.teacher_few_quality)
             else:
                 frac, note, q_many, q_few = math.nan, f"no teacher rows at {s['steps']} steps", math.nan, math.nan
             out.append({"benchmark": bench, "model": s["model"], "round": s["round"], "steps": s["steps"],
                         "temperature": s["temperature"], "entropy": s["entropy"], "quality": s["quality"],
                         "teacher_steps": many_steps, "teacher_many_quality": q_many, "teacher_few_quality": q_few,
-                        "gap_closed": frac, "note": note,
+                        "gap_closed": frac, "gain_vs_few_nats": gain_nats(q_few, s["quality"], nats.metric),
+                        "note": note,
                         "speedup_seconds": speedup(ref_sec, s["seconds_per_sample"]),
                         "speedup_nfe": speedup(ref_nfe, s["nfe"])})
     return out
+
+
+class _to_nats:
+    """quality -> nats per token: identity for true NLL, log for Gen PPL (one metric per benchmark)."""
+
+    def __init__(self, rows: Sequence[Row]):
+        metrics = {r["quality_metric"] for r in rows}
+        if len(metrics) != 1:
+            raise ValueError(f"benchmark '{rows[0]['benchmark']}' mixes quality metrics {sorted(metrics)}")
+        self.metric = metrics.pop()
+        self.log = self.metric == "gen_ppl"
+
+    def __call__(self, q: float) -> float:
+        return math.log(q) if self.log else q
+
+    def inverse(self, v: float) -> float:
+        return math.exp(v) if self.log and math.isfinite(v) else v
+
+
+def gain_nats(teacher_few_quality: float, student_quality: float, metric: str) -> float:
+    """How much better the student is than the same-step teacher at its entropy, in nats per token.
+
+    Defined even where "gap closed" is not (no many-vs-few gap, as on a weak text teacher): a student
+    that beats temperature sampling of its teacher shows a positive figure. true_nll: the difference;
+    gen_ppl = exp(NLL under the evaluator): the log ratio, the same unit."""
+    if not (math.isfinite(teacher_few_quality) and math.isfinite(student_quality)):
+        return math.nan
+    if metric == "gen_ppl":
+        return math.log(teacher_few_quality) - math.log(student_quality)
+    return teacher_few_quality - student_quality
 
 
 def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
@@ -108,14 +146,15 @@ def render_markdown(rows: Sequence[Row], summary: Sequence[Mapping[str, Any]],
         summ = [s for s in summary if s["benchmark"] == bench]
         if summ:
             lines += ["Matched-entropy summary (teacher curves interpolated at each student's entropy; "
-                      "gap closed = (teacher@n − student) / (teacher@n − teacher@N)):", "",
+                      "gap closed = (teacher@n − student) / (teacher@n − teacher@N) and vs teacher@n = teacher@n − student, "
+                      "both in nats/token (log Gen PPL on text; curves interpolated in that unit)):", "",
                       "| model | round | steps | T | entropy | student | teacher@N | N | teacher@n | gap closed "
-                      "| speed-up s/sample | speed-up NFE | note |", "|" + "---|" * 13]
+                      "| vs teacher@n (nats) | speed-up s/sample | speed-up NFE | note |", "|" + "---|" * 14]
             for s in summ:
                 lines.append("| " + " | ".join(_fmt(s[k]) for k in (
                     "model", "round", "steps", "temperature", "entropy", "quality", "teacher_many_quality",
-                    "teacher_steps", "teacher_few_quality", "gap_closed", "speedup_seconds", "speedup_nfe",
-                    "note")) + " |")
+                    "teacher_steps", "teacher_few_quality", "gap_closed", "gain_vs_few_nats", "speedup_seconds",
+                    "speedup_nfe", "note")) + " |")
             lines.append("")
     return "\n".join(lines)
 
