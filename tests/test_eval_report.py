@@ -62,6 +62,9 @@ def test_evaluate_synthetic_end_to_end(tmp_path):
     assert student["gap_closed"] == pytest.approx((few - q) / (few - many), rel=1e-9)
     assert 0.5 < student["gap_closed"] < 1.0   # the 8-step oracle sits between the 2- and 32-step ones
     assert student["gain_vs_few_nats"] == pytest.approx(few - q, rel=1e-9)
+    # evaluate.py hands the per-sample scores to the report: the summary carries bootstrap intervals
+    lo, hi = student["gain_vs_few_ci95"]
+    assert lo < student["gain_vs_few_nats"] < hi and 0.0 <= student["p_gain_positive"] <= 1.0
     assert student["speedup_nfe"] == pytest.approx(16.0) and student["speedup_seconds"] == pytest.approx(16.0)
     md = (run_dir / "report.md").read_text()
     assert "Matched-entropy summary" in md and "Reference (real held-out data" in md

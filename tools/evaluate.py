@@ -29,8 +29,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mcd_scale.eval.metrics import gen_ppl, mean_unigram_entropy  # noqa: E402
-from mcd_scale.eval.report import write_report  # noqa: E402
+from mcd_scale.eval.bootstrap import SampleScores  # noqa: E402
+from mcd_scale.eval.metrics import gen_ppl, mean_unigram_entropy, per_sample_unigram_entropy  # noqa: E402
+from mcd_scale.eval.report import config_key, write_report  # noqa: E402
 from mcd_scale.eval.synthetic import MarkovChain2  # noqa: E402
 
 GROUP_KEYS = ("benchmark", "model", "round", "steps", "temperature")
@@ -147,13 +148,19 @@ def train_from_prepared(args: argparse.Namespace):
 
 
 def aggregate(rows: list[dict], score: Callable[[list[dict]], tuple[np.ndarray, np.ndarray, list]],
-              to_quality: Callable[[np.ndarray, np.ndarray], float], metric: str, evaluator: str) -> list[dict]:
+              to_quality: Callable[[np.ndarray, np.ndarray], float], metric: str, evaluator: str,
+              per_sample: Optional[dict] = None) -> list[dict]:
+    """One report row per configuration; ``per_sample`` (if given) receives each configuration's
+    per-sample scores, keyed by report.config_key, for the summary's bootstrap intervals."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[tuple(r[k] for k in GROUP_KEYS)].append(r)
     out = []
     for key, members in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         nll, n, ids = score(members)
+        if per_sample is not None:
+            per_sample[config_key(dict(zip(GROUP_KEYS, key)))] = SampleScores(
+                np.asarray(nll, dtype=float), np.asarray(n, dtype=float), per_sample_unigram_entropy(ids))
         nfe = [float(m["nfe"]) for m in members if m.get("nfe") is not None]
         sec = [float(m["seconds_per_sample"]) for m in members if m.get("seconds_per_sample") is not None]
         out.append({**dict(zip(GROUP_KEYS, key)), "round": int(key[2]), "steps": int(key[3]),
@@ -184,6 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         rows = read_samples(args.samples)
         report_rows: list[dict] = []
+        per_sample: dict = {}
         reference: dict[str, dict[str, Any]] = {}
         synth = [r for r in rows if r["benchmark"] == "synthetic"]
         text = [r for r in rows if r["benchmark"] == "text"]
@@ -203,7 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             evaluator = f"exact:{os.path.basename(args.synthetic_chain)}"
             report_rows += aggregate(synth, exact, lambda nll, n: float((nll * n).sum() / n.sum()),
-                                     "true_nll", evaluator)
+                                     "true_nll", evaluator, per_sample)
             L = len(symbol_ids(synth[0]))
             real = chain.sample(args.reference_samples, L, seed=args.seed)
             reference["synthetic"] = {"quality": float(chain.nll(real).mean()), "quality_metric": "true_nll",
@@ -212,14 +220,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                               f"{chain.expected_nll(L):.4f}, entropy rate {chain.entropy_rate():.4f}"}
         if text:
             scorer = TextScorer(args)
-            report_rows += aggregate(text, scorer.score_rows, gen_ppl, "gen_ppl", scorer.name)
+            report_rows += aggregate(text, scorer.score_rows, gen_ppl, "gen_ppl", scorer.name, per_sample)
             if args.data:
                 ids = prepared_ids(args.data, "val", args.reference_samples)
                 nll, n = scorer.score_ids(ids.tolist())
                 reference["text"] = {"quality": gen_ppl(nll, n), "quality_metric": "gen_ppl",
                                      "entropy": mean_unigram_entropy(ids.numpy()), "evaluator": scorer.name,
                                      "note": f"{ids.shape[0]} real sequences of the 'val' split"}
-        out = write_report(report_rows, args.run_dir, reference=reference)
+        out = write_report(report_rows, args.run_dir, reference=reference, per_sample=per_sample)
     except (EvaluateError, ValueError, FileNotFoundError, ImportError) as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2

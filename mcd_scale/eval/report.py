@@ -15,6 +15,7 @@ import os
 from collections import defaultdict
 from typing import Any, Mapping, Optional, Sequence
 
+from mcd_scale.eval.bootstrap import SampleScores, bootstrap_student
 from mcd_scale.eval.frontier import FrontierPoint, gap_closed
 from mcd_scale.eval.metrics import speedup
 
@@ -45,8 +46,18 @@ def validate_row(row: Row, where: str = "row") -> dict:
     return {k: row[k] for k in ROW_KEYS}
 
 
-def summarize(rows: Sequence[Row]) -> list[dict]:
-    """One entry per student row: gap closed at matched entropy and speed-up vs teacher@N."""
+def config_key(row: Mapping[str, Any]) -> tuple:
+    """(benchmark, model, round, steps, temperature): one sampling configuration = one report row."""
+    return (row["benchmark"], row["model"], int(row["round"]), int(row["steps"]), float(row["temperature"]))
+
+
+def summarize(rows: Sequence[Row], per_sample: Optional[Mapping[tuple, SampleScores]] = None,
+              bootstrap_draws: int = 1000) -> list[dict]:
+    """One entry per student row: gap closed at matched entropy and speed-up vs teacher@N.
+
+    per_sample: per-sample scores keyed by :func:`config_key`; when every configuration a student is
+    compared with has them, its entry also gets bootstrap 95% intervals (mcd_scale/eval/bootstrap.py).
+    """
     out = []
     by_bench: dict[str, list[Row]] = defaultdict(list)
     for r in rows:
@@ -73,13 +84,19 @@ def summarize(rows: Sequence[Row]) -> list[dict]:
                 q_many, q_few = nats.inverse(g.teacher_many_quality), nats.inverse(g.teacher_few_quality)
             else:
                 frac, note, q_many, q_few = math.nan, f"no teacher rows at {s['steps']} steps", math.nan, math.nan
+            ci = {"gain_vs_few_ci95": None, "gap_closed_ci95": None, "p_gain_positive": None}
+            needed = [s] + many + [r for r in teacher if r["steps"] == s["steps"]]
+            if per_sample and few_pts and bootstrap_draws > 0 and all(config_key(r) in per_sample for r in needed):
+                ci = bootstrap_student(per_sample[config_key(s)], [per_sample[config_key(r)] for r in many],
+                                       [per_sample[config_key(r)] for r in teacher if r["steps"] == s["steps"]],
+                                       draws=bootstrap_draws)
             out.append({"benchmark": bench, "model": s["model"], "round": s["round"], "steps": s["steps"],
                         "temperature": s["temperature"], "entropy": s["entropy"], "quality": s["quality"],
                         "teacher_steps": many_steps, "teacher_many_quality": q_many, "teacher_few_quality": q_few,
                         "gap_closed": frac, "gain_vs_few_nats": gain_nats(q_few, s["quality"], nats.metric),
                         "note": note,
                         "speedup_seconds": speedup(ref_sec, s["seconds_per_sample"]),
-                        "speedup_nfe": speedup(ref_nfe, s["nfe"])})
+                        "speedup_nfe": speedup(ref_nfe, s["nfe"]), **ci})
     return out
 
 
@@ -147,11 +164,16 @@ def render_markdown(rows: Sequence[Row], summary: Sequence[Mapping[str, Any]],
         if summ:
             lines += ["Matched-entropy summary (teacher curves interpolated at each student's entropy; "
                       "gap closed = (teacher@n − student) / (teacher@n − teacher@N) and vs teacher@n = teacher@n − student, "
-                      "both in nats/token (log Gen PPL on text; curves interpolated in that unit)):", "",
+                      "both in nats/token (log Gen PPL on text; curves interpolated in that unit); [brackets]: bootstrap "
+                      "95% interval over samples when per-sample scores are available):", "",
                       "| model | round | steps | T | entropy | student | teacher@N | N | teacher@n | gap closed "
                       "| vs teacher@n (nats) | speed-up s/sample | speed-up NFE | note |", "|" + "---|" * 14]
             for s in summ:
-                lines.append("| " + " | ".join(_fmt(s[k]) for k in (
+                cells = {k: _fmt(s[k]) for k in s}
+                for k, ci in (("gap_closed", "gap_closed_ci95"), ("gain_vs_few_nats", "gain_vs_few_ci95")):
+                    if s.get(ci):
+                        cells[k] += f" [{s[ci][0]:.3g}, {s[ci][1]:.3g}]"
+                lines.append("| " + " | ".join(cells[k] for k in (
                     "model", "round", "steps", "temperature", "entropy", "quality", "teacher_many_quality",
                     "teacher_steps", "teacher_few_quality", "gap_closed", "gain_vs_few_nats", "speedup_seconds",
                     "speedup_nfe", "note")) + " |")
@@ -227,7 +249,8 @@ def _json_safe(obj: Any) -> Any:
 
 
 def write_report(rows: Sequence[Row], run_dir: str,
-                 reference: Optional[Mapping[str, Mapping[str, Any]]] = None) -> dict:
+                 reference: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                 per_sample: Optional[Mapping[tuple, SampleScores]] = None) -> dict:
     """Write report.json (the rows), report.md, summary.json (reference + summary) and the plots into ``run_dir``; returns what was written.
 
     reference: per benchmark, the evaluator's score of real held-out data, e.g.
@@ -237,7 +260,7 @@ def write_report(rows: Sequence[Row], run_dir: str,
     if not clean:
         raise ValueError("no rows to report")
     os.makedirs(run_dir, exist_ok=True)
-    summary = summarize(clean)
+    summary = summarize(clean, per_sample)
     with open(os.path.join(run_dir, "report.json"), "w", encoding="utf-8") as f:
         json.dump(clean, f, indent=2)
     with open(os.path.join(run_dir, "report.md"), "w", encoding="utf-8") as f:
