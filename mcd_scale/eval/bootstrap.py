@@ -39,7 +39,7 @@ def bootstrap_student(student: SampleScores, teacher_many: Sequence[SampleScores
                       teacher_few: Sequence[SampleScores], draws: int = 1000, seed: int = 0) -> dict:
     """95% intervals of "vs teacher@n" (teacher@n − student, nats/token) and "gap closed", plus the
     share of draws where the student beats teacher@n. Draws whose student entropy falls outside a
-    teacher curve are dropped and counted."""
+    teacher curve are dropped and counted. An empty ``teacher_many`` skips "gap closed"."""
     rng = np.random.default_rng(seed)
     gains, gaps = np.full(draws, math.nan), np.full(draws, math.nan)
 
@@ -49,9 +49,11 @@ def bootstrap_student(student: SampleScores, teacher_many: Sequence[SampleScores
     for d in range(draws):
         e, q = resample(student)
         few = interpolate_quality_at_entropy([resample(s) for s in teacher_few], e)
-        many = interpolate_quality_at_entropy([resample(s) for s in teacher_many], e)
         if few.in_range:
             gains[d] = few.quality - q
+            if not teacher_many:
+                continue
+            many = interpolate_quality_at_entropy([resample(s) for s in teacher_many], e)
             if many.in_range and few.quality > many.quality:
                 gaps[d] = (few.quality - q) / (few.quality - many.quality)
     finite = np.isfinite(gains)

@@ -73,7 +73,8 @@ class HFEvaluator:
         self.prefix_token_id = prefix_token_id
         self.max_length = max_length
         self.batch_size = batch_size
-        self.progress = progress  # a tqdm bar (texts/s, ETA) on stderr: SmolLM2 scores ~2-3 texts of ~300 tokens per second on 2 cores
+        # a tqdm bar (texts/s, ETA) on stderr: SmolLM2 scores ~2-3 texts of ~300 tokens/s on 2 cores
+        self.progress = progress
 
     @classmethod
     def smollm2(cls, **kwargs: Any) -> "HFEvaluator":

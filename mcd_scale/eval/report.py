@@ -77,23 +77,26 @@ def summarize(rows: Sequence[Row], per_sample: Optional[Mapping[tuple, SampleSco
         ref_nfe = _mean([r["nfe"] for r in many])
         for s in sorted((r for r in bench_rows if r["model"] != "teacher"),
                         key=lambda r: (r["model"], r["round"], r["steps"], r["temperature"])):
-            few_pts = [FrontierPoint(r["entropy"], nats(r["quality"])) for r in teacher if r["steps"] == s["steps"]]
+            few = [r for r in teacher if r["steps"] == s["steps"]]
+            few_pts = [FrontierPoint(r["entropy"], nats(r["quality"])) for r in few]
+            frac, note, gain = math.nan, f"no teacher rows at {s['steps']} steps", math.nan
+            q_many = q_few = math.nan
             if few_pts:
                 g = gap_closed(many_pts, few_pts, FrontierPoint(s["entropy"], nats(s["quality"])))
                 frac, note = g.fraction, g.note
+                # "vs teacher@n": defined even where gap closed is not (no many-vs-few gap, as on a weak
+                # text teacher); positive = the student beats temperature sampling of its teacher.
+                gain = g.teacher_few_quality - g.student_quality
                 q_many, q_few = nats.inverse(g.teacher_many_quality), nats.inverse(g.teacher_few_quality)
-            else:
-                frac, note, q_many, q_few = math.nan, f"no teacher rows at {s['steps']} steps", math.nan, math.nan
             ci = {"gain_vs_few_ci95": None, "gap_closed_ci95": None, "p_gain_positive": None}
-            needed = [s] + many + [r for r in teacher if r["steps"] == s["steps"]]
-            if per_sample and few_pts and bootstrap_draws > 0 and all(config_key(r) in per_sample for r in needed):
+            if (per_sample and few and bootstrap_draws > 0
+                    and all(config_key(r) in per_sample for r in [s] + many + few)):
                 ci = bootstrap_student(per_sample[config_key(s)], [per_sample[config_key(r)] for r in many],
-                                       [per_sample[config_key(r)] for r in teacher if r["steps"] == s["steps"]],
-                                       draws=bootstrap_draws)
+                                       [per_sample[config_key(r)] for r in few], draws=bootstrap_draws)
             out.append({"benchmark": bench, "model": s["model"], "round": s["round"], "steps": s["steps"],
                         "temperature": s["temperature"], "entropy": s["entropy"], "quality": s["quality"],
                         "teacher_steps": many_steps, "teacher_many_quality": q_many, "teacher_few_quality": q_few,
-                        "gap_closed": frac, "gain_vs_few_nats": gain_nats(q_few, s["quality"], nats.metric),
+                        "gap_closed": frac, "gain_vs_few_nats": gain,
                         "note": note,
                         "speedup_seconds": speedup(ref_sec, s["seconds_per_sample"]),
                         "speedup_nfe": speedup(ref_nfe, s["nfe"]), **ci})
@@ -107,27 +110,13 @@ class _to_nats:
         metrics = {r["quality_metric"] for r in rows}
         if len(metrics) != 1:
             raise ValueError(f"benchmark '{rows[0]['benchmark']}' mixes quality metrics {sorted(metrics)}")
-        self.metric = metrics.pop()
-        self.log = self.metric == "gen_ppl"
+        self.log = metrics.pop() == "gen_ppl"
 
     def __call__(self, q: float) -> float:
         return math.log(q) if self.log else q
 
     def inverse(self, v: float) -> float:
         return math.exp(v) if self.log and math.isfinite(v) else v
-
-
-def gain_nats(teacher_few_quality: float, student_quality: float, metric: str) -> float:
-    """How much better the student is than the same-step teacher at its entropy, in nats per token.
-
-    Defined even where "gap closed" is not (no many-vs-few gap, as on a weak text teacher): a student
-    that beats temperature sampling of its teacher shows a positive figure. true_nll: the difference;
-    gen_ppl = exp(NLL under the evaluator): the log ratio, the same unit."""
-    if not (math.isfinite(teacher_few_quality) and math.isfinite(student_quality)):
-        return math.nan
-    if metric == "gen_ppl":
-        return math.log(teacher_few_quality) - math.log(student_quality)
-    return teacher_few_quality - student_quality
 
 
 def _mean(values: Sequence[Optional[float]]) -> Optional[float]:

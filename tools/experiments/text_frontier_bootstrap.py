@@ -12,9 +12,9 @@ bootstraps over samples:
 
 Per configuration: the demo's own seed-0 rows when it sampled that configuration (else 32 fresh rows at
 seed 0, identical to what the demo would have drawn: sampling is keyed per sample), plus
-``--extra-samples`` rows at seed 1. Scores are cached per evaluator in ``--out``. Each bootstrap draw
-resamples every configuration's samples, rebuilds the teacher curve (entropy, log Gen PPL) and reads it
-at the student's entropy, exactly as the report does (mcd_scale/eval/report.py).
+``--extra-samples`` rows at seed 1. Scores are cached per evaluator in ``--out``. The intervals come
+from the report's own bootstrap (mcd_scale/eval/bootstrap.py): every draw resamples every
+configuration, rebuilds the teacher curve (entropy, log Gen PPL) and reads it at the student's entropy.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path[:0] = [REPO, os.path.join(REPO, "tools")]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from mcd_scale.eval.bootstrap import SampleScores, bootstrap_student  # noqa: E402
 from mcd_scale.eval.frontier import interpolate_quality_at_entropy  # noqa: E402
 from mcd_scale.eval.metrics import per_sample_unigram_entropy  # noqa: E402
 
@@ -118,37 +119,23 @@ def main(argv=None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     groups = collect_samples(a, out_dir)
     scores = score(a, groups, out_dir)
-    ent = {k: per_sample_unigram_entropy([r["ids"] for r in v]) for k, v in groups.items()}
+    per = {k: SampleScores(scores[k][0], scores[k][1], per_sample_unigram_entropy([r["ids"] for r in v]))
+           for k, v in groups.items()}
     teacher_keys = sorted(k for k in groups if k[0] == "teacher")
-    rng = np.random.default_rng(0)
-
-    def point(k, idx):  # (mean entropy, log Gen PPL) of a configuration's rows idx
-        nll, n = scores[k]
-        return float(ent[k][idx].mean()), float((nll[idx] * n[idx]).sum() / n[idx].sum())
-
-    def gain(k, draw: bool) -> float:
-        pick = (lambda kk: rng.integers(0, len(groups[kk]), len(groups[kk]))) if draw else \
-            (lambda kk: np.arange(len(groups[kk])))
-        curve = [point(t, pick(t)) for t in teacher_keys]
-        e, q = point(k, pick(k))
-        read = interpolate_quality_at_entropy(curve, e)
-        return read.quality - q if read.in_range else math.nan
-
+    curve = [per[k].point(np.arange(len(groups[k]))) for k in teacher_keys]
     result = {"evaluator": a.evaluator, "run_dir": a.run_dir, "bootstrap": a.bootstrap,
-              "teacher_16": [{"temperature": k[2], "samples": len(groups[k]),
-                              "entropy": point(k, np.arange(len(groups[k])))[0],
-                              "gen_ppl": math.exp(point(k, np.arange(len(groups[k])))[1])} for k in teacher_keys],
+              "teacher_16": [{"temperature": k[2], "samples": len(groups[k]), "entropy": e, "gen_ppl": math.exp(q)}
+                             for k, (e, q) in zip(teacher_keys, curve)],
               "students": []}
     for k in sorted(k for k in groups if k[0] != "teacher"):
-        boot = np.array([gain(k, True) for _ in range(a.bootstrap)])
-        finite = boot[np.isfinite(boot)]
-        e, q = point(k, np.arange(len(groups[k])))
+        e, q = per[k].point(np.arange(len(groups[k])))
+        read = interpolate_quality_at_entropy(curve, e)
+        ci = bootstrap_student(per[k], [], [per[t] for t in teacher_keys], draws=a.bootstrap)
         result["students"].append({
             "model": k[0], "round": k[1], "temperature": k[2], "samples": len(groups[k]), "entropy": e,
-            "gen_ppl": math.exp(q), "vs_teacher_16_nats": gain(k, False),
-            "ci95": [float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))] if finite.size else None,
-            "p_positive": float(np.mean(finite > 0)) if finite.size else None,
-            "out_of_range_draws": int(boot.size - finite.size)})
+            "gen_ppl": math.exp(q), "vs_teacher_16_nats": read.quality - q if read.in_range else math.nan,
+            "ci95": ci["gain_vs_few_ci95"], "p_positive": ci["p_gain_positive"],
+            "out_of_range_draws": ci["bootstrap_draws_out_of_range"]})
     with open(os.path.join(out_dir, f"bootstrap_{a.evaluator}.json"), "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=1)
     print(f"| model | round | T | samples | entropy | Gen PPL ({a.evaluator}) | vs teacher@16 (nats) | 95% CI | P(> 0) |")
