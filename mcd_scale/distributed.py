@@ -20,9 +20,10 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: parsing a config must not wait ~1.5 s for it
+    import torch
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,6 +279,8 @@ class DeepSpeedMPU:
 # Start-up
 # --------------------------------------------------------------------------------------------
 def backend_for_device() -> str:
+    import torch
+
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
@@ -298,6 +301,8 @@ def disable_deepspeed_shm_allreduce() -> None:
 
 def init_distributed(tp: int = 1, pp: int = 1, timeout_s: float = 600.0) -> ParallelDims:
     """Start torch.distributed (via DeepSpeed's comm) under any launcher and build the layout."""
+    import torch
+
     import datetime
 
     import deepspeed
@@ -327,6 +332,7 @@ def shutdown() -> None:
 
 def all_ranks_agree_ok(ok: bool, message: str = "") -> None:
     """Raise on every rank if any rank failed (so errors never leave peers hanging in a collective)."""
+    import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -340,6 +346,8 @@ def all_ranks_agree_ok(ok: bool, message: str = "") -> None:
 
 
 def device() -> torch.device:
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -11,6 +11,8 @@ and a bad config under the deepspeed launcher, which must fail on every rank wit
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import os
 import time
 
@@ -213,3 +215,13 @@ def test_bad_layout_fails_fast_on_every_rank_under_deepspeed():
     # ~10 s on an idle 2-core machine, ~40 s when it is shared; the failure this guards against is
     # ranks waiting in a collective until its timeout (minutes), so the bound is generous.
     assert wall < 90, f"took {wall:.1f}s"
+
+
+def test_config_validation_path_does_not_import_torch():
+    """A bad config must fail on every rank before a launcher that kills siblings on the first exit
+    (DeepSpeed's polls every second) can kill the slower ranks: train.py parses and validates before
+    importing torch (~1.5 s here, much more on a loaded machine)."""
+    code = ("import sys; import mcd_scale.train, mcd_scale.distributed; "
+            "sys.exit(3 if 'torch' in sys.modules else 0)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, f"importing mcd_scale.train pulled in torch: {res.stderr[-2000:]}"
