@@ -54,3 +54,24 @@ def test_summary_attaches_intervals_only_when_every_configuration_has_samples():
     del per[("synthetic", "teacher", 0, 16, 0.7)]
     (s,) = summarize(rows, per, bootstrap_draws=100)
     assert s["gain_vs_few_ci95"] is None and s["gain_vs_few_nats"] == pytest.approx(0.3)
+
+
+def test_no_interval_for_a_figure_undefined_at_the_point_estimate():
+    base = {"benchmark": "synthetic", "quality_metric": "true_nll", "nfe": 16, "seconds_per_sample": 0.1,
+            "evaluator": "x"}
+    # teacher@256 no better than teacher@16: no gap, so "gap closed" is NaN; noisy samples make a few
+    # bootstrap draws show a gap anyway, and those must not become an interval.
+    curves = (("teacher", 0, 256, 0.7, 3.0, 2.0), ("teacher", 0, 256, 1.0, 4.0, 3.0),
+              ("teacher", 0, 16, 0.7, 3.0, 2.0), ("teacher", 0, 16, 1.0, 4.0, 3.0), ("mcd", 2, 16, 1.0, 3.5, 2.3))
+    rows, per = [], {}
+    for i, (model, rnd, steps, temp, ent, q) in enumerate(curves):
+        rows.append({**base, "model": model, "round": rnd, "steps": steps, "temperature": temp, "entropy": ent,
+                     "quality": q})
+        per[("synthetic", model, rnd, steps, temp)] = scores(ent, q, spread=0.05, seed=10 + i)
+    (s,) = summarize(rows, per, bootstrap_draws=200)
+    raw = bootstrap_student(per[("synthetic", "mcd", 2, 16, 1.0)],
+                            [per[("synthetic", "teacher", 0, 256, t)] for t in (0.7, 1.0)],
+                            [per[("synthetic", "teacher", 0, 16, t)] for t in (0.7, 1.0)], draws=200)
+    assert raw["gap_closed_ci95"] is not None, "the case must produce draws with a gap, or it tests nothing"
+    assert np.isnan(s["gap_closed"]) and s["gap_closed_ci95"] is None
+    assert s["gain_vs_few_nats"] == pytest.approx(0.2) and s["gain_vs_few_ci95"] is not None

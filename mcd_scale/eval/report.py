@@ -93,6 +93,13 @@ def summarize(rows: Sequence[Row], per_sample: Optional[Mapping[tuple, SampleSco
                     and all(config_key(r) in per_sample for r in [s] + many + few)):
                 ci = bootstrap_student(per_sample[config_key(s)], [per_sample[config_key(r)] for r in many],
                                        [per_sample[config_key(r)] for r in few], draws=bootstrap_draws)
+                # An interval only for a figure defined at the point estimate: where the curves miss the
+                # student or there is no gap, percentiles over the few draws where one appears would read
+                # as a measurement of something the data does not define.
+                if not math.isfinite(frac):
+                    ci["gap_closed_ci95"] = None
+                if not math.isfinite(gain):
+                    ci["gain_vs_few_ci95"] = ci["p_gain_positive"] = None
             out.append({"benchmark": bench, "model": s["model"], "round": s["round"], "steps": s["steps"],
                         "temperature": s["temperature"], "entropy": s["entropy"], "quality": s["quality"],
                         "teacher_steps": many_steps, "teacher_many_quality": q_many, "teacher_few_quality": q_few,
