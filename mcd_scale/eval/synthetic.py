@@ -191,6 +191,18 @@ class MarkovChain2:
         p = (self.probs[a, b] * match).sum(-1)                              # 0 if c is not a candidate
         return (1.0 - self.num_symbols * self.spec.floor) * p + self.spec.floor
 
+    def off_support(self, seqs: np.ndarray) -> np.ndarray:
+        """bool [n, L - 2]: transition (x[i], x[i+1]) -> x[i+2] is one only the uniform leak explains
+        (probability = floor, ~1e-6: ~14 nats each). On this chain the gap between many and few sampling
+        steps is almost entirely such transitions, made when neighbours are revealed in the same step
+        and drawn independently (docs/results.md, "Where the gap comes from")."""
+        x = self._check_ids(seqs, "seqs")
+        if x.shape[1] < 3:
+            return np.zeros((x.shape[0], 0), dtype=bool)
+        a, b, c = x[:, :-2], x[:, 1:-1], x[:, 2:]
+        match = self.successors[b] == c[..., None]                             # [n, L-2, F]
+        return ~((self.probs[a, b] > 0) & match).any(-1)
+
     def _check_ids(self, seqs: np.ndarray, name: str) -> np.ndarray:
         seqs = np.asarray(seqs)
         if seqs.ndim != 2 or seqs.shape[1] < 2:
