@@ -17,7 +17,15 @@ script tests the two missing ingredients, outside the product, on one process:
    p_T(. | z_t, y_B) for i in A (two teacher calls). Loss = mean over R of KL(q_i || target_i). Its fixed
    point, q_i ∝ exp(E_y log p_T(x_i | z_t, y_other)), is the mean-field update for the teacher's joint over
    R: a token with no neighbour in R keeps the teacher's marginal (no entropy spent), a token with one
-   sharpens toward values its neighbours' draws agree with.
+   sharpens toward values its neighbours' draws agree with. ``--split parity`` puts neighbours in
+   different halves always.
+3. Or (``--objective coordinated``) supervised targets that make independent draws consistent: tokens of R
+   within ``--reach`` of each other form a cluster; each but the last is trained toward the teacher's
+   greedy value given the cluster's earlier values, the last toward the teacher's distribution given them,
+   a lone token toward the teacher's distribution (cross-entropy; one teacher call per rank).
+
+Results, and why the gap on this benchmark is made of same-step conflicts: docs/results.md, "Where the
+gap comes from" and "A reveal-aware student".
 
 Output (``--out DIR``): ``student.safetensors`` (+ ``config.resolved.yaml``), ``samples.jsonl`` in the
 report's row format, ``result.json`` with true NLL, entropy and gap closed at each temperature against the
