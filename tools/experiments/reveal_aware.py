@@ -112,7 +112,8 @@ def train(student, teacher, chain: MarkovChain2, schedule, args, vocab_size: int
     alphas = schedule.alpha(times)
     mask_id, L, B = vocab_size, args.seq_len, args.batch
     log, start = [], time.perf_counter()
-    for step in range(args.steps):
+    for i in range(args.steps):
+        step = args.start_step + i  # data and draws keyed by the global step, so a continued run sees new data
         gen = keyed_generator("reveal-aware-train", args.seed, step)
         x = torch.from_numpy(chain.sample(B, L, seed=10_000 + args.seed * 100_000 + step)).long()
         k = torch.randint(0, args.grid_steps, (B,), generator=gen)
@@ -143,13 +144,13 @@ def train(student, teacher, chain: MarkovChain2, schedule, args, vocab_size: int
         with torch.no_grad():
             ent = float(-(logq.exp() * logq).sum(-1)[reveal].mean()) if n else float("nan")
         log.append({"step": step + 1, "loss": loss.item(), "reveal_entropy": ent, "revealed": n})
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+        if (i + 1) % args.log_every == 0 or i + 1 == args.steps:
             el = time.perf_counter() - start
-            rate = (step + 1) / el
+            rate = (i + 1) / el
             recent = log[-args.log_every:]
-            print(f"[train] step {step + 1}/{args.steps} loss {np.mean([r['loss'] for r in recent]):.4f} "
+            print(f"[train] step {i + 1}/{args.steps} loss {np.mean([r['loss'] for r in recent]):.4f} "
                   f"entropy@R {np.nanmean([r['reveal_entropy'] for r in recent]):.3f} "
-                  f"{rate:.2f} it/s eta {(args.steps - step - 1) / rate:.0f}s", flush=True)
+                  f"{rate:.2f} it/s eta {(args.steps - i - 1) / rate:.0f}s", flush=True)
     student.eval()
     return log
 
@@ -227,6 +228,9 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=600, help="training steps (0: measure the teacher only)")
     ap.add_argument("--student", default=None, help="a student.safetensors written by an earlier run: skip training")
+    ap.add_argument("--init-student", default=None,
+                    help="continue training this student.safetensors (with --start-step = the steps it had)")
+    ap.add_argument("--start-step", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--tau", type=float, default=1.0, help="teacher temperature of the targets")
@@ -275,9 +279,10 @@ def main() -> int:
     if not torch.equal(ref.tokens, mine):
         raise SystemExit("reveal_aware.py: the sampler copy drifted from mcd_scale.diffusion.sampling")
 
+    from mcd_scale.model.weights import load_full_state_dict, load_safetensors
+    if args.student or args.init_student:
+        load_full_state_dict(student, load_safetensors(args.student or args.init_student), None)
     if args.student:
-        from mcd_scale.model.weights import load_full_state_dict, load_safetensors
-        load_full_state_dict(student, load_safetensors(args.student), None)
         student.eval()
         log = []
     else:
