@@ -185,3 +185,6 @@ def test_gap_anatomy_splits_the_true_nll(tmp_path):
         assert r["off_support_rate"] == pytest.approx(chain.off_support(seqs).mean())
     assert out["clean"]["off_support_rate"] == 0.0 and out["clean"]["nll_off_support"] == 0.0
     assert out["broken"]["off_support_rate"] > 0 and out["broken"]["nll_off_support"] > 10 * 1 / 40
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n{not json\n")
+    assert gap_anatomy.main(["--samples", str(bad), "--chain", str(tmp_path / "chain.json")]) == 2

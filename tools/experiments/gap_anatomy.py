@@ -46,13 +46,18 @@ def main(argv=None) -> int:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                print(f"gap_anatomy: error: {args.samples}:{n}: not a JSON line ({exc})", file=sys.stderr)
+                return 2
             if row.get("benchmark", "synthetic") != "synthetic":
                 continue
             ids = row.get("ids") or [int(v) for v in row["text"].split()]
             groups[(row["model"], row.get("round", 0), row["steps"], row["temperature"])].append(ids)
     if not groups:
-        raise SystemExit(f"gap_anatomy: no synthetic rows in {args.samples}")
+        print(f"gap_anatomy: error: no synthetic rows in {args.samples}", file=sys.stderr)
+        return 2
     out = []
     print("| model | round | steps | T | off-support rate | NLL from off-support | NLL rest | true NLL |")
     print("|---|---|---|---|---|---|---|---|")
