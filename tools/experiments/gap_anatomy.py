@@ -19,7 +19,11 @@ from collections import defaultdict
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from evaluate import GROUP_KEYS, EvaluateError, read_samples, symbol_ids  # noqa: E402
 
 from mcd_scale.eval.synthetic import MarkovChain2  # noqa: E402
 
@@ -42,21 +46,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     chain = MarkovChain2.load(args.chain)
     groups: dict[tuple, list] = defaultdict(list)
-    with open(args.samples, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                print(f"gap_anatomy: error: {args.samples}:{n}: not a JSON line ({exc})", file=sys.stderr)
-                return 2
-            if row.get("benchmark", "synthetic") != "synthetic":
-                continue
-            ids = row.get("ids") or [int(v) for v in row["text"].split()]
-            groups[(row["model"], row.get("round", 0), row["steps"], row["temperature"])].append(ids)
-    if not groups:
-        print(f"gap_anatomy: error: no synthetic rows in {args.samples}", file=sys.stderr)
+    try:
+        # evaluate.py's reader: the same file format, field checks and file:line errors.
+        for row in read_samples(args.samples):
+            if row["benchmark"] == "synthetic":
+                groups[tuple(row[k] for k in GROUP_KEYS[1:])].append(symbol_ids(row))
+        if not groups:
+            raise EvaluateError(f"no synthetic rows in {args.samples}")
+    except EvaluateError as exc:
+        print(f"gap_anatomy: error: {exc}", file=sys.stderr)
         return 2
     out = []
     print("| model | round | steps | T | off-support rate | NLL from off-support | NLL rest | true NLL |")
