@@ -84,11 +84,14 @@ def run_training(cfg: Config, dims: Optional[ParallelDims] = None) -> int:
     own_dist = dims is None
     if dims is None:
         dims = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
+    finished = False
     try:
-        return Trainer(cfg, dims).fit()
+        code = Trainer(cfg, dims).fit()
+        finished = True  # every exit of fit() (done, preempted, diverged) is reached by all ranks together
+        return code
     finally:
         if own_dist:
-            shutdown()
+            shutdown(drain=finished)
 
 
 class Trainer:

@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         errors.append(f"{type(exc).__name__}: {exc}")
     finally:
         try:
-            shutdown()
+            shutdown(drain=False)  # no async work queued here, and a failed rank must not hang its peers
         except Exception:  # pragma: no cover
             pass
     record["ok"] = not errors

@@ -427,7 +427,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         res = precompute(args)
     except PrecomputeError as exc:
         print(f"precompute_trajectories: error: {exc}", file=sys.stderr, flush=True)
-        shutdown()
+        shutdown(drain=False)
         return 2
     if res["rank"] == 0:
         print(f"precompute_trajectories: {res['manifest']['num_samples']} samples in {res['num_shards']} shards -> "
