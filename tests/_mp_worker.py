@@ -24,13 +24,10 @@ def main() -> int:
         return 1
     finally:
         try:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                if finished:
-                    # drain queued gloo work (ZeRO-3 prefetches) first: destroying the group with work
-                    # pending aborted rank 0 at exit in ~6% of runs (see mcd_scale.distributed.shutdown)
-                    dist.barrier()
-                dist.destroy_process_group()
+            from mcd_scale.distributed import shutdown
+
+            # on success, drain queued gloo work before exit (see mcd_scale.distributed.shutdown)
+            shutdown(drain=finished)
         except Exception:
             traceback.print_exc()
             return 1
