@@ -333,7 +333,8 @@ def shutdown(drain: bool = True) -> None:
     ``~AsyncAllgatherWork`` -> ``decref_pyobject`` -> ``take_gil`` -> ``pthread_exit``). Gloo's
     barrier waits for all queued work; the sleep releases the GIL so the workers can drop it.
     Measured on 2-rank ZeRO-3 runs: 4 aborts in 65 without the barrier, 2 in 212 with the barrier
-    alone. On an error path a peer may never reach the barrier, so callers pass ``drain=False``.
+    alone, 0 in 120 with both. On an error path a peer may never reach the barrier, so callers pass
+    ``drain=False``.
     """
     import torch.distributed as dist
 
