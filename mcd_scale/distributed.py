@@ -331,10 +331,9 @@ def shutdown(drain: bool = True) -> None:
     the GIL; if the interpreter is already finalizing, that thread is unwound and the process
     aborts ("terminate called without an active exception", seen in a core dump:
     ``~AsyncAllgatherWork`` -> ``decref_pyobject`` -> ``take_gil`` -> ``pthread_exit``). Gloo's
-    barrier waits for all queued work; the sleep releases the GIL so the workers can drop it.
-    Measured on 2-rank ZeRO-3 runs: 4 aborts in 65 without the barrier, 2 in 213 with the barrier
-    alone, 0 in 120 with both. On an error path a peer may never reach the barrier, so callers pass
-    ``drain=False``.
+    barrier waits for all queued work; the sleep releases the GIL so the workers can drop it
+    (measured abort rates: docs/architecture.md, "Teardown"). On an error path a peer may never
+    reach the barrier, so callers pass ``drain=False``.
     """
     import torch.distributed as dist
 
