@@ -76,3 +76,22 @@ def test_cli_writes_jsonl_and_summary(run_dir, tmp_path):
     bad = subprocess.run(cmd[:3] + [str(tmp_path / "missing"), "--steps", "4"], capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and "error" in bad.stderr
+
+
+def test_cli_strided_reveal_order(run_dir, tmp_path):
+    """--reveal-order strided: a coupled-sampler option (recorded in the summary); refused with the ancestral
+    sampler or a bad stride, exit 2 with the flag named."""
+    out = tmp_path / "s.jsonl"
+    base = [sys.executable, os.path.join(ROOT, "tools", "sample.py"), "--checkpoint", str(run_dir), "--steps", "4",
+            "--num-samples", "2", "--seed", "1", "--quiet", "--out", str(out)]
+    r = subprocess.run(base + ["--sampler", "coupled", "--reveal-order", "strided"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "s.jsonl.summary.json").read_text())
+    assert summary["reveal_order"] == "strided" and summary["stride"] == 4 and summary["nfe"] == 4
+    for extra in (["--reveal-order", "strided"], ["--sampler", "coupled", "--reveal-order", "strided", "--stride", "0"]):
+        bad = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and ("--reveal-order" in bad.stderr or "--stride" in bad.stderr), bad.stderr
+    loaded = sample_cli.load_model(str(run_dir))
+    with pytest.raises(ValueError, match="--sampler coupled"):
+        sample_cli.sample(loaded, steps=4, num_samples=1, seed=0, reveal_order="strided")

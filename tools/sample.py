@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mcd_scale.checkpoint import checkpoint_root, read_latest  # noqa: E402
 from mcd_scale.config import Config, from_dict, load_config  # noqa: E402
-from mcd_scale.diffusion.sampling import SampleResult, ancestral_sample, coupled_sample  # noqa: E402
+from mcd_scale.diffusion.sampling import REVEAL_ORDERS, SampleResult, ancestral_sample, coupled_sample  # noqa: E402
 from mcd_scale.diffusion.schedules import get_schedule  # noqa: E402
 
 WEIGHT_FILES = {"model": "model.safetensors", "ema": "model_ema.safetensors"}
@@ -113,12 +113,19 @@ def single_process_model(cfg: Config, init: bool, weights_path: str) -> LoadedMo
 
 
 def sample(loaded: LoadedModel, steps: int, num_samples: int, seed: int, temperature: float = 1.0,
-           sampler: str = "ancestral", batch_size: Optional[int] = None, progress: bool = False) -> SampleResult:
-    fn = {"ancestral": ancestral_sample, "coupled": coupled_sample}[sampler]
+           sampler: str = "ancestral", batch_size: Optional[int] = None, progress: bool = False,
+           reveal_order: str = "random", stride: Optional[int] = None) -> SampleResult:
     schedule = get_schedule(loaded.cfg.diffusion.schedule, loaded.cfg.diffusion.eps)
-    return fn(loaded.denoiser, num_samples, loaded.seq_len, steps, loaded.vocab_size, schedule, seed,
-              temperature=temperature, batch_size=batch_size,
-              time_conditioned=loaded.cfg.model.time_conditioning, progress=progress)
+    common = dict(temperature=temperature, batch_size=batch_size,
+                  time_conditioned=loaded.cfg.model.time_conditioning, progress=progress)
+    if sampler == "coupled":
+        return coupled_sample(loaded.denoiser, num_samples, loaded.seq_len, steps, loaded.vocab_size, schedule,
+                              seed, reveal_order=reveal_order, stride=stride, **common)
+    if reveal_order != "random" or stride is not None:
+        raise ValueError("--reveal-order/--stride need --sampler coupled (the ancestral sampler draws its "
+                         "reveals step by step)")
+    return ancestral_sample(loaded.denoiser, num_samples, loaded.seq_len, steps, loaded.vocab_size, schedule,
+                            seed, **common)
 
 
 def decode_rows(tokens: torch.Tensor, tokenizer_path: Optional[str]) -> list[str]:
@@ -141,6 +148,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--num-samples", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--sampler", choices=["ancestral", "coupled"], default="ancestral")
+    ap.add_argument("--reveal-order", choices=list(REVEAL_ORDERS), default="random",
+                    help="coupled sampler: which tokens a step reveals together; 'strided' never reveals two "
+                         "tokens closer than --stride in one step (docs/diffusion.md)")
+    ap.add_argument("--stride", type=int, default=None, help="strided order's spacing (default: min(steps, seq_len))")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=None, help="default: all samples in one batch")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -151,6 +162,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.steps < 1 or args.num_samples < 1 or args.temperature <= 0:
         print("sample: error: need --steps >= 1, --num-samples >= 1, --temperature > 0", file=sys.stderr)
         return 2
+    if (args.reveal_order != "random" or args.stride is not None) and args.sampler != "coupled":
+        print("sample: error: --reveal-order/--stride need --sampler coupled (the ancestral sampler draws its "
+              "reveals step by step)", file=sys.stderr)
+        return 2
+    if args.stride is not None and args.stride < 1:
+        print(f"sample: error: --stride must be >= 1, got {args.stride}", file=sys.stderr)
+        return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
@@ -159,11 +177,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"sample: error: {exc}", file=sys.stderr)
         return 2
     res = sample(loaded, args.steps, args.num_samples, args.seed, args.temperature, args.sampler,
-                 args.batch_size, progress=not args.quiet)
+                 args.batch_size, progress=not args.quiet, reveal_order=args.reveal_order, stride=args.stride)
     texts = decode_rows(res.tokens, args.tokenizer)
     lines = [json.dumps({"index": i, "text": text, "ids": row.tolist()})
              for i, (text, row) in enumerate(zip(texts, res.tokens))]
-    summary = {"checkpoint": loaded.weights_path, "sampler": args.sampler, "steps": args.steps,
+    summary = {"checkpoint": loaded.weights_path, "sampler": args.sampler, "reveal_order": args.reveal_order,
+               "stride": (args.stride or min(args.steps, loaded.seq_len)) if args.reveal_order == "strided" else None,
+               "steps": args.steps,
                "temperature": args.temperature, "seed": args.seed, "num_samples": args.num_samples,
                "seq_len": loaded.seq_len, "nfe": res.nfe, "seconds_per_sample": res.seconds / args.num_samples}
     if args.out:
