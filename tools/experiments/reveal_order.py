@@ -47,6 +47,8 @@ def main() -> int:
     ap.add_argument("--orders", nargs="+", default=["random", "strided"])
     ap.add_argument("--steps", type=int, default=16, help="step count (and stride) of the sampled models")
     ap.add_argument("--many-steps", type=int, default=256, help="the teacher curve to close the gap to")
+    ap.add_argument("--few-steps", type=int, default=None,
+                    help="the teacher curve the gap is measured from (default: --steps)")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.8, 0.9, 1.0])
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
@@ -57,7 +59,11 @@ def main() -> int:
     rows = [r for r in json.load(open(args.teacher_report, encoding="utf-8"))
             if r["model"] == "teacher" and r.get("benchmark", "synthetic") == "synthetic"]
     many = [(r["entropy"], r["quality"]) for r in rows if r["steps"] == args.many_steps]
-    few = [(r["entropy"], r["quality"]) for r in rows if r["steps"] == args.steps]
+    few_steps = args.few_steps or args.steps
+    few = [(r["entropy"], r["quality"]) for r in rows if r["steps"] == few_steps]
+    if not many or not few:
+        raise SystemExit(f"reveal_order.py: {args.teacher_report} has no synthetic teacher rows at "
+                         f"{args.many_steps} and {few_steps} steps (see --many-steps / --few-steps)")
     results = []
     for spec in args.model:
         name, path = spec.split("=", 1)
