@@ -29,3 +29,15 @@ def test_sampling_bench_prints_side_by_side_figures(capsys):
         assert v["speedup_wall_paired"] > 0 and v["speedup_wall_min"] > 0
     # One timed pair per chunk of batch-size samples per repeat: 4 samples in chunks of 2, then of 4.
     assert out["per_batch_size"]["2"]["pairs"] == 2 and out["per_batch_size"]["4"]["pairs"] == 1
+
+
+def test_sampling_bench_few_steps_strided(capsys):
+    rc = bench.main(["--config", "configs/tiny/teacher.yaml", "--set", "model.seq_len=16", "--set", "model.layers=1",
+                     "--many-steps", "32", "--few-steps", "4", "--few-reveal-order", "strided", "--num-samples", "4",
+                     "--batch-sizes", "4", "--repeats", "1"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["few_steps"], out["few_reveal_order"]) == (4, "strided")
+    assert out["nfe_student"] == 4.0  # stride 4 at L = 16: each step reveals one residue class in every row
+    assert bench.main(["--config", "configs/tiny/teacher.yaml", "--set", "model.seq_len=16", "--many-steps", "8",
+                       "--few-steps", "8"]) == 2

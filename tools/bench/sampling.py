@@ -15,6 +15,9 @@ are medians. Each chunk of samples runs teacher then student back to back (a tim
 shared machine); ``speedup_wall_min`` = ratio of the fastest runs;
 ``speedup_wall_best`` compares each at its own fastest batch size; ``speedup_nfe`` is the ratio of
 network calls per sample, which bounds what caching leaves to gain (~10.1x at N = 256, L = 256).
+``--few-steps`` / ``--few-reveal-order strided``: the few-step side at another step count and/or with the
+coupled sampler's strided order (docs/diffusion.md), e.g. the strided teacher at 8 steps against itself
+at 256 (docs/results.md, "Reveal order").
 """
 from __future__ import annotations
 
@@ -50,6 +53,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="configs/demo/synthetic_teacher.yaml", help="shape when no --checkpoint")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--many-steps", type=int, default=256)
+    ap.add_argument("--few-steps", type=int, default=None, help="default: many-steps / 16")
+    ap.add_argument("--few-reveal-order", choices=["random", "strided"], default="random",
+                    help="strided: the few-step side uses the coupled sampler's strided order")
     ap.add_argument("--num-samples", type=int, default=32, help="samples per measurement")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--repeats", type=int, default=2)
@@ -60,8 +66,13 @@ def main(argv=None) -> int:
     import sample as sample_cli  # tools/sample.py
 
     loaded = _load(a)
-    few = max(a.many_steps // 16, 1)
-    sample_cli.sample(loaded, few, min(4, a.num_samples), seed=0)  # warm-up (allocator, kernels)
+    few = a.few_steps or max(a.many_steps // 16, 1)
+    if few < 1 or few >= a.many_steps:
+        print(f"bench: error: --few-steps must be in [1, --many-steps), got {few}", file=sys.stderr)
+        return 2
+    strided = a.few_reveal_order == "strided"
+    few_kwargs = dict(sampler="coupled", reveal_order="strided") if strided else {}
+    sample_cli.sample(loaded, few, min(4, a.num_samples), seed=0, **few_kwargs)  # warm-up (allocator, kernels)
     per_batch, nfe = {}, {}
     for bs in a.batch_sizes:
         # Teacher and student run back to back on each chunk of bs samples, so a burst of machine noise
@@ -73,7 +84,8 @@ def main(argv=None) -> int:
                 n = min(chunk, a.num_samples - first)
                 pair = {}
                 for steps in (a.many_steps, few):
-                    res = sample_cli.sample(loaded, steps, n, seed=1000 * rep + first, batch_size=bs)
+                    res = sample_cli.sample(loaded, steps, n, seed=1000 * rep + first, batch_size=bs,
+                                            **(few_kwargs if steps == few else {}))
                     pair[steps] = res.seconds / n
                     times[steps].append(pair[steps])
                     nfe.setdefault(steps, []).append(res.nfe)
@@ -88,7 +100,8 @@ def main(argv=None) -> int:
     best_teacher = min(v["teacher_s_per_sample"] for v in per_batch.values())
     best_student = min(v["student_s_per_sample"] for v in per_batch.values())
     out = {"model": loaded.weights_path, "seq_len": loaded.seq_len, "vocab_size": loaded.vocab_size,
-           "many_steps": a.many_steps, "few_steps": few, "num_samples": a.num_samples, "repeats": a.repeats,
+           "many_steps": a.many_steps, "few_steps": few, "few_reveal_order": a.few_reveal_order,
+           "num_samples": a.num_samples, "repeats": a.repeats,
            "threads": torch.get_num_threads(), "nfe_teacher": round(nfe[a.many_steps], 2), "nfe_student": nfe[few],
            "speedup_nfe": round(nfe[a.many_steps] / nfe[few], 3), "per_batch_size": per_batch,
            "speedup_wall_best": round(best_teacher / best_student, 3)}
