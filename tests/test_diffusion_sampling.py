@@ -234,6 +234,8 @@ def test_strided_thresholds_keep_each_tokens_reveal_law():
     assert torch.equal(band[:, :stride].repeat(1, L // stride), band)
     with pytest.raises(ValueError, match="reveal order"):
         reveal_thresholds("zigzag", 0, 0, L, sched, stride)
+    with pytest.raises(ValueError, match="stride"):   # 0 is refused, not replaced by the default
+        coupled_sample(FixedDenoiser([0.0] * V), 1, 8, 4, V, sched, seed=0, reveal_order="strided", stride=0)
 
 
 def test_strided_order_same_seed_same_tokens_and_random_order_unchanged():

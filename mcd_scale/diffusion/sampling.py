@@ -146,7 +146,7 @@ def _run(mode: str, denoiser: Denoiser, num_samples: int, seq_len: int, steps: i
          progress: bool, reveal_order: str = "random", stride: Optional[int] = None) -> SampleResult:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    stride = stride or min(steps, seq_len)
+    stride = min(steps, seq_len) if stride is None else stride
     times = sampling_times(steps)
     alphas = schedule.alpha(times)
     batch_size = batch_size or num_samples
