@@ -7,6 +7,7 @@ import os
 import sys
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,3 +95,41 @@ def _tiny_model_like(model):
     copy = _tiny_model()
     copy.load_state_dict(model.state_dict())
     return copy
+
+
+def test_reveal_order_experiment_runs_the_product_sampler(tmp_path, monkeypatch):
+    import json
+
+    import reveal_order
+
+    from mcd_scale.config import save_resolved
+    from mcd_scale.eval.synthetic import MarkovChain2
+    from mcd_scale.model.weights import full_state_dict, save_safetensors
+
+    cfg = load_config([], ["model.vocab_size=6", "model.seq_len=16", "model.hidden=32", "model.layers=1",
+                           "model.heads=2", "model.ffn_hidden=64", "model.pad_vocab_multiple=8", "train.seed=3"])
+    model = build_model(cfg, None, init=True, dtype=torch.float32)
+    save_safetensors(full_state_dict(model, None), str(tmp_path / "model.safetensors"))
+    save_resolved(cfg, str(tmp_path / "config.resolved.yaml"))
+    MarkovChain2(6, branching=2, seed=0, fanout=3).save(str(tmp_path / "chain.json"))
+    curve = [{"benchmark": "synthetic", "model": "teacher", "round": 0, "steps": steps, "temperature": 1.0,
+              "entropy": h, "quality": q} for steps, pts in ((64, ((0.5, 1.0), (3.0, 2.0))), (4, ((0.5, 2.0), (3.0, 4.0))))
+             for h, q in pts]
+    (tmp_path / "report.json").write_text(json.dumps(curve))
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["reveal_order.py", "--model", f"tiny={tmp_path / 'model.safetensors'}",
+                                      "--chain", str(tmp_path / "chain.json"), "--teacher-report",
+                                      str(tmp_path / "report.json"), "--out", str(out), "--steps", "4",
+                                      "--many-steps", "64", "--temperatures", "1.0", "--num-samples", "6",
+                                      "--batch", "4"])
+    assert reveal_order.main() == 0
+    rows = json.loads((out / "result.json").read_text())["results"]
+    assert [(r["order"], r["nfe"]) for r in rows] == [("random", 4.0), ("strided", 4.0)]
+    for r in rows:
+        # gap closed is read on the two teacher curves at the row's entropy: (few - q) / (few - many).
+        few, many = 2.0 + 2.0 * (r["entropy"] - 0.5) / 2.5, 1.0 + (r["entropy"] - 0.5) / 2.5
+        if 0.5 <= r["entropy"] <= 3.0:
+            assert abs(r["gap_closed"] - (few - r["true_nll"]) / (few - many)) < 1e-6
+    monkeypatch.setattr(sys, "argv", sys.argv[:-6] + ["--steps", "8"])   # no teacher rows at 8 steps
+    with pytest.raises(SystemExit, match="no synthetic teacher rows"):
+        reveal_order.main()
