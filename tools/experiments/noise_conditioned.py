@@ -83,9 +83,7 @@ class NoiseConditionedStudent(nn.Module):
         self.noise_proj = nn.Linear(vocab_size, hidden, bias=False)
         self.order_embed = nn.Embedding(order_slots, hidden)
         nn.init.zeros_(self.noise_proj.weight)
-        nn.init.zeros_(self.order_embed.weight)
-        with torch.no_grad():  # a revealed position starts as a plain mask (the teacher's input)
-            self.reveal_flag.zero_()
+        nn.init.zeros_(self.order_embed.weight)   # with reveal_flag = 0: a revealed position starts as a plain mask
         for _ in range(extra_layers):
             blk = copy.deepcopy(base.blocks[-1])    # trained norms and input projections: a sane start
             for out in (blk.attn.proj, blk.mlp.fc2):   # identity at init: nothing added to the residual stream
@@ -113,6 +111,18 @@ def fine_order(u: torch.Tensor, fine_alphas: torch.Tensor, k: torch.Tensor, rati
     return (m - (k.view(-1, 1) * ratio)).clamp(0, ratio - 1)
 
 
+def reveal_steps(z: torch.Tensor, u: torch.Tensor, alphas: torch.Tensor, mask_id: int):
+    """The coupled sampler's steps on ``alphas`` (one more entry than steps): yields (k, reveal [B, L], rows that
+    reveal something). The caller fills ``z`` in place between steps; the last step reveals everything left."""
+    steps = len(alphas) - 1
+    for k in range(steps):
+        masked = z == mask_id
+        reveal = masked & (u < float(alphas[k + 1])) if k < steps - 1 else masked
+        rows = reveal.any(dim=1).nonzero().flatten()
+        if rows.numel():
+            yield k, reveal, rows
+
+
 def student_sample(student: NoiseConditionedStudent, seed: int, ids: list[int], seq_len: int, steps: int,
                    vocab_size: int, schedule, fine_steps: int) -> tuple[torch.Tensor, float, float]:
     """The coupled sampler with the student: at step k -> k+1 exactly the tokens with alpha_t <= u < alpha_s
@@ -127,12 +137,7 @@ def student_sample(student: NoiseConditionedStudent, seed: int, ids: list[int], 
     u, g = sampler_noise(seed, ids, seq_len, vocab_size)
     z = torch.full((len(ids), seq_len), mask_id, dtype=torch.long)
     with torch.no_grad():
-        for k in range(steps):
-            masked = z == mask_id
-            reveal = masked & (u < float(alphas[k + 1])) if k < steps - 1 else masked
-            rows = reveal.any(dim=1).nonzero().flatten()
-            if rows.numel() == 0:
-                continue
+        for k, reveal, rows in reveal_steps(z, u, alphas, mask_id):
             kk = torch.full((rows.numel(),), k, dtype=torch.long)
             order = fine_order(u[rows], fine_alphas, kk, ratio)
             logits = student(z[rows], reveal[rows], g[rows], order)
@@ -184,12 +189,7 @@ def _chunk_sample(teacher, schedule, args, ids: list[int], keep_lp: bool = False
         for lo in range(0, len(ids), args.pool_batch):
             sl = slice(lo, lo + args.pool_batch)
             zb, ub, gb = z[sl], u[sl], g[sl]
-            for k in range(steps):
-                masked = zb == V
-                reveal = masked & (ub < float(alphas[k + 1])) if k < steps - 1 else masked
-                rows = reveal.any(dim=1).nonzero().flatten()
-                if rows.numel() == 0:
-                    continue
+            for _, reveal, rows in reveal_steps(zb, ub, alphas, V):
                 lp = torch.log_softmax(teacher.denoiser(zb[rows], torch.zeros(rows.numel()))[..., :V].double(), -1)
                 new = (lp + gb[rows]).argmax(-1)
                 sub = zb[rows]

@@ -45,7 +45,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 sys.path.insert(0, HERE)
 
-from noise_conditioned import _chunk_sample, batch_inputs, fine_order, load_pool, sampler_noise  # noqa: E402
+from noise_conditioned import (_chunk_sample, batch_inputs, fine_order, load_pool, reveal_steps,  # noqa: E402
+                               sampler_noise)
 from sample import load_model  # noqa: E402
 
 from mcd_scale.diffusion.sampling import coupled_sample, sampling_times  # noqa: E402
@@ -154,12 +155,7 @@ def student_sample(student: StepARStudent, seed: int, ids: list[int], seq_len: i
     u, g = sampler_noise(seed, ids, seq_len, vocab_size)
     z = torch.full((len(ids), seq_len), mask_id, dtype=torch.long)
     with torch.no_grad():
-        for k in range(steps):
-            masked = z == mask_id
-            reveal = masked & (u < float(alphas[k + 1])) if k < steps - 1 else masked
-            rows = reveal.any(dim=1).nonzero().flatten()
-            if rows.numel() == 0:
-                continue
+        for k, reveal, rows in reveal_steps(z, u, alphas, mask_id):
             zr, rr = z[rows], reveal[rows]
             h = student.hidden(zr)
             calls += rows.numel()
