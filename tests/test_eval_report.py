@@ -121,3 +121,77 @@ def test_bad_rows_and_inputs_are_named(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"benchmark": "synthetic"}\n')
     assert evaluate.main(["--samples", str(tmp_path / "bad.jsonl"), "--run-dir", str(tmp_path / "r")]) == 2
     assert "bad.jsonl:1: missing field" in capsys.readouterr().err
+
+
+def _sampler_rows():
+    """Default-sampler teacher curves (lines in entropy), a strided teacher@16 curve and two students."""
+    base = {"benchmark": "synthetic", "round": 0, "quality_metric": "true_nll", "nfe": 16,
+            "seconds_per_sample": 0.1, "evaluator": "x"}
+    rows = [{**base, "model": "teacher", "steps": 256, "temperature": t, "entropy": e, "quality": q, "nfe": 160}
+            for t, e, q in ((0.7, 3.0, 1.0), (1.0, 4.0, 2.0))]
+    rows += [{**base, "model": "teacher", "steps": 16, "temperature": t, "entropy": e, "quality": q}
+             for t, e, q in ((0.7, 3.0, 2.0), (1.0, 4.0, 3.0))]
+    rows += [{**base, "model": "teacher", "steps": 16, "temperature": t, "entropy": e, "quality": q,
+              "sampler": "coupled-strided"} for t, e, q in ((0.7, 3.0, 0.9), (1.0, 4.0, 1.9))]
+    rows.append({**base, "model": "mcd", "round": 2, "steps": 16, "temperature": 1.0, "entropy": 3.5, "quality": 1.6,
+                 "sampler": "coupled-strided"})
+    rows.append({**base, "model": "mcd", "round": 2, "steps": 16, "temperature": 1.0, "entropy": 3.5, "quality": 2.2})
+    return rows
+
+
+def test_a_second_sampler_is_measured_against_the_default_gap_and_its_own_teacher():
+    from mcd_scale.eval.report import config_key, summarize
+    rows = _sampler_rows()
+    summary = {(s["model"], s["sampler"], s["temperature"]): s for s in summarize(rows)}
+    assert len(summary) == 4  # both strided teacher rows (the sampler alone) and both students
+    # At entropy 3.5: teacher@256 1.5, default teacher@16 2.5, strided teacher@16 1.4.
+    st = summary[("mcd", "coupled-strided", 1.0)]
+    assert st["gap_closed"] == pytest.approx((2.5 - 1.6) / (2.5 - 1.5))
+    assert st["gain_vs_few_nats"] == pytest.approx(2.5 - 1.6)
+    assert st["gain_vs_same_sampler_nats"] == pytest.approx(1.4 - 1.6)  # below the teacher sampled the same way
+    anc = summary[("mcd", "ancestral", 1.0)]
+    assert anc["gap_closed"] == pytest.approx(0.3) and anc["gain_vs_same_sampler_nats"] == pytest.approx(0.3)
+    t = summary[("teacher", "coupled-strided", 1.0)]
+    assert t["gap_closed"] == pytest.approx((3.0 - 1.9) / (3.0 - 2.0)) and math.isnan(t["gain_vs_same_sampler_nats"])
+    # a default-sampler row keeps the issue's 5-field key and schema; another sampler extends both
+    assert config_key(rows[-1]) == ("synthetic", "mcd", 2, 16, 1.0)
+    assert config_key(rows[-2]) == ("synthetic", "mcd", 2, 16, 1.0, "coupled-strided")
+    assert set(validate_row(rows[-1])) == set(ROW_KEYS)
+    assert validate_row(rows[-2])["sampler"] == "coupled-strided"
+    assert set(validate_row({**rows[-1], "sampler": "ancestral"})) == set(ROW_KEYS)
+    with pytest.raises(ValueError, match="sampler 'strided' is not one of"):
+        validate_row({**rows[-1], "sampler": "strided"})
+
+
+def test_report_with_two_samplers_renders_both_and_evaluate_keeps_them_apart(tmp_path):
+    out = write_report(_sampler_rows(), str(tmp_path / "r"))
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| coupled-strided |" in md and "vs teacher@n same sampler" in md
+    saved = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert sum(r.get("sampler") == "coupled-strided" for r in saved) == 3 and len(saved) == 8
+    assert all(os.path.exists(p) for p in out["plots"])
+    # evaluate.py: the same (model, round, steps, temperature) under two samplers = two report rows
+    chain = MarkovChain2(16, branching=2, seed=1, fanout=4)
+    chain.save(str(tmp_path / "chain.json"))
+    x = chain.sample(4, 16, seed=0)
+    lines = []
+    for sampler in (None, "coupled-strided"):
+        for model, steps in (("teacher", 16), ("teacher", 2), ("mcd", 2)):
+            for i, ids in enumerate(x):
+                row = {"benchmark": "synthetic", "model": model, "round": int(model == "mcd"), "steps": steps,
+                       "temperature": 1.0, "text": " ".join(map(str, ids[::-1] if sampler else ids)),
+                       "nfe": steps, "seconds_per_sample": 0.01}
+                lines.append(json.dumps(row if sampler is None or steps == 16 else {**row, "sampler": sampler}))
+    (tmp_path / "s.jsonl").write_text("\n".join(lines) + "\n")
+    assert evaluate.main(["--samples", str(tmp_path / "s.jsonl"), "--run-dir", str(tmp_path / "e"),
+                          "--synthetic-chain", str(tmp_path / "chain.json"), "--reference-samples", "4"]) == 0
+    rows = json.loads((tmp_path / "e" / "report.json").read_text())
+    by = {(r["model"], r["steps"], r.get("sampler", "ancestral")): r for r in rows}
+    assert len(rows) == len(by) == 5
+    # the strided rows hold the reversed sequences: scored on their own, not pooled with the default rows
+    assert float(chain.nll(x[:, ::-1]).mean()) > float(chain.nll(x).mean()) + 1.0
+    assert by[("mcd", 2, "coupled-strided")]["quality"] == pytest.approx(float(chain.nll(x[:, ::-1]).mean()))
+    assert by[("mcd", 2, "ancestral")]["quality"] == pytest.approx(float(chain.nll(x).mean()))
+    (tmp_path / "bad.jsonl").write_text(lines[0][:-1] + ', "sampler": "strided"}\n')
+    assert evaluate.main(["--samples", str(tmp_path / "bad.jsonl"), "--run-dir", str(tmp_path / "b"),
+                          "--synthetic-chain", str(tmp_path / "chain.json")]) == 2

@@ -3,13 +3,15 @@
 
 Input ``--samples samples.jsonl``, one row per generated sample:
   {"benchmark": "synthetic"|"text", "model": "teacher"|"mcd"|"sdtt", "round": int, "steps": int,
-   "temperature": float, "text": str, optional "ids": [int], "nfe": float, "seconds_per_sample": float}
+   "temperature": float, "text": str, optional "ids": [int], "nfe": float, "seconds_per_sample": float,
+   optional "sampler": "ancestral" (default) | "coupled" | "coupled-strided"}
 - synthetic: "text" is the space-separated symbol ids ("ids" may be given instead); scored exactly
   with ``--synthetic-chain chain.json`` (true NLL, nats/token).
 - text: "text" is the decoded text; "ids" (the model's token ids) is preferred by the AR evaluator,
   which re-encodes "text" with ``--tokenizer`` only when "ids" is absent. The HF evaluator always
   scores "text" (decoding "ids" with ``--tokenizer`` when "text" is empty).
-Rows of one (benchmark, model, round, steps, temperature) are aggregated into one report row.
+Rows of one (benchmark, model, round, steps, temperature[, sampler]) are aggregated into one report row;
+a row of a non-default sampler keeps its "sampler" key (mcd_scale/eval/report.py).
 
 Reference figures on real data, scored the same way: synthetic -> fresh exact samples of the chain;
 text -> the prepared "val" split (``--data``), which neither the diffusion models' training nor the AR
@@ -31,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mcd_scale.eval.bootstrap import SampleScores  # noqa: E402
 from mcd_scale.eval.metrics import gen_ppl, mean_unigram_entropy, per_sample_unigram_entropy  # noqa: E402
-from mcd_scale.eval.report import config_key, write_report  # noqa: E402
+from mcd_scale.eval.report import DEFAULT_SAMPLER, SAMPLERS, config_key, sampler_of, write_report  # noqa: E402
 from mcd_scale.eval.synthetic import MarkovChain2  # noqa: E402
 
 GROUP_KEYS = ("benchmark", "model", "round", "steps", "temperature")
@@ -54,6 +56,8 @@ def read_samples(path: str) -> list[dict]:
             missing = [k for k in GROUP_KEYS if k not in row]
             if missing or ("text" not in row and "ids" not in row):
                 raise EvaluateError(f"{path}:{n}: missing field(s) {missing or ['text or ids']}")
+            if sampler_of(row) not in SAMPLERS:
+                raise EvaluateError(f"{path}:{n}: sampler {row['sampler']!r} is not one of {list(SAMPLERS)}")
             row["_where"] = f"{path}:{n}"
             rows.append(row)
     if not rows:
@@ -153,17 +157,20 @@ def aggregate(rows: list[dict], score: Callable[[list[dict]], tuple[np.ndarray, 
     """One report row per configuration; ``per_sample`` (if given) receives each configuration's
     per-sample scores, keyed by report.config_key, for the summary's bootstrap intervals."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[tuple(r[k] for k in GROUP_KEYS)].append(r)
+    for r in rows:  # a sampler other than the default one is its own configuration (report.config_key)
+        groups[tuple(r[k] for k in GROUP_KEYS) + (sampler_of(r),)].append(r)
     out = []
     for key, members in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         nll, n, ids = score(members)
+        config = dict(zip(GROUP_KEYS, key))
+        if key[-1] != DEFAULT_SAMPLER:
+            config["sampler"] = key[-1]
         if per_sample is not None:
-            per_sample[config_key(dict(zip(GROUP_KEYS, key)))] = SampleScores(
+            per_sample[config_key(config)] = SampleScores(
                 np.asarray(nll, dtype=float), np.asarray(n, dtype=float), per_sample_unigram_entropy(ids))
         nfe = [float(m["nfe"]) for m in members if m.get("nfe") is not None]
         sec = [float(m["seconds_per_sample"]) for m in members if m.get("seconds_per_sample") is not None]
-        out.append({**dict(zip(GROUP_KEYS, key)), "round": int(key[2]), "steps": int(key[3]),
+        out.append({**config, "round": int(key[2]), "steps": int(key[3]),
                     "temperature": float(key[4]), "quality": to_quality(nll, n), "quality_metric": metric,
                     "entropy": mean_unigram_entropy(ids), "nfe": float(np.mean(nfe)) if nfe else None,
                     "seconds_per_sample": float(np.mean(sec)) if sec else None, "evaluator": evaluator})

@@ -1,11 +1,18 @@
 """Evaluation report: rows -> report.json, report.md (table + matched-entropy summary), PNG plots.
 
-A row is one (benchmark, model, round, steps, temperature) sampling configuration, with
+A row is one (benchmark, model, round, steps, temperature[, sampler]) sampling configuration, with
 ``quality`` lower-is-better (true NLL in nats/token on the synthetic benchmark, Gen PPL on text). The
 summary compares each student with the teacher at equal entropy (:func:`gap_closed`): teacher@N is the
 teacher's largest step count, teacher@n its rows at the student's own step count. Curves are read in
 nats per token (Gen PPL through its log), so "gap closed" and "vs teacher@n" mean the same on both
 benchmarks.
+
+``sampler`` is optional: a row without it was drawn by the default sampler (``ancestral``), which is what
+the issue's report schema means, so a report of default-sampler rows keeps exactly :data:`ROW_KEYS`. Rows
+of another sampler (e.g. the coupled sampler's strided reveal order) carry the key; the summary then
+measures the student's gap closed against the default-sampler teacher curves (the gap the benchmark is
+about) and, in ``gain_vs_same_sampler_nats``, against the teacher sampled the same way at the same steps
+(what distillation adds to the sampler).
 """
 from __future__ import annotations
 
@@ -16,23 +23,28 @@ from collections import defaultdict
 from typing import Any, Mapping, Optional, Sequence
 
 from mcd_scale.eval.bootstrap import SampleScores, bootstrap_student
-from mcd_scale.eval.frontier import FrontierPoint, gap_closed
+from mcd_scale.eval.frontier import FrontierPoint, gap_closed, interpolate_quality_at_entropy
 from mcd_scale.eval.metrics import speedup
 
 ROW_KEYS = ("benchmark", "model", "round", "steps", "temperature", "quality", "quality_metric", "entropy", "nfe",
             "seconds_per_sample", "evaluator")
 BENCHMARKS = {"synthetic": "true_nll", "text": "gen_ppl"}
 MODELS = ("teacher", "mcd", "sdtt")
+DEFAULT_SAMPLER = "ancestral"
+# "coupled": the deterministic coupled sampler, random reveal order; "coupled-strided": its strided order.
+SAMPLERS = (DEFAULT_SAMPLER, "coupled", "coupled-strided")
 
 Row = Mapping[str, Any]
 
 
 def validate_row(row: Row, where: str = "row") -> dict:
     """The row as a dict with exactly ROW_KEYS; a clear error naming the field otherwise."""
-    keys = set(row)
+    keys = set(row) - {"sampler"}
     if keys != set(ROW_KEYS):
-        raise ValueError(f"{where}: fields {sorted(keys)} differ from {list(ROW_KEYS)} "
+        raise ValueError(f"{where}: fields {sorted(keys)} differ from {list(ROW_KEYS)} (+ optional 'sampler') "
                          f"(missing {sorted(set(ROW_KEYS) - keys)}, unknown {sorted(keys - set(ROW_KEYS))})")
+    if "sampler" in row and row["sampler"] not in SAMPLERS:
+        raise ValueError(f"{where}: sampler {row['sampler']!r} is not one of {list(SAMPLERS)}")
     if row["benchmark"] not in BENCHMARKS:
         raise ValueError(f"{where}: benchmark {row['benchmark']!r} is not one of {sorted(BENCHMARKS)}")
     if row["model"] not in MODELS:
@@ -43,12 +55,21 @@ def validate_row(row: Row, where: str = "row") -> dict:
     for k in ("quality", "entropy", "temperature"):
         if not isinstance(row[k], (int, float)) or not math.isfinite(row[k]):
             raise ValueError(f"{where}: {k} must be a finite number, got {row[k]!r}")
-    return {k: row[k] for k in ROW_KEYS}
+    out = {k: row[k] for k in ROW_KEYS}
+    if sampler_of(row) != DEFAULT_SAMPLER:
+        out["sampler"] = row["sampler"]
+    return out
+
+
+def sampler_of(row: Mapping[str, Any]) -> str:
+    return row.get("sampler") or DEFAULT_SAMPLER
 
 
 def config_key(row: Mapping[str, Any]) -> tuple:
-    """(benchmark, model, round, steps, temperature): one sampling configuration = one report row."""
-    return (row["benchmark"], row["model"], int(row["round"]), int(row["steps"]), float(row["temperature"]))
+    """(benchmark, model, round, steps, temperature), + sampler when it is not the default one: one
+    sampling configuration = one report row."""
+    key = (row["benchmark"], row["model"], int(row["round"]), int(row["steps"]), float(row["temperature"]))
+    return key if sampler_of(row) == DEFAULT_SAMPLER else key + (sampler_of(row),)
 
 
 def summarize(rows: Sequence[Row], per_sample: Optional[Mapping[tuple, SampleScores]] = None,
@@ -63,7 +84,9 @@ def summarize(rows: Sequence[Row], per_sample: Optional[Mapping[tuple, SampleSco
     for r in rows:
         by_bench[r["benchmark"]].append(r)
     for bench, bench_rows in sorted(by_bench.items()):
-        teacher = [r for r in bench_rows if r["model"] == "teacher"]
+        all_teacher = [r for r in bench_rows if r["model"] == "teacher"]
+        # The gap is the default sampler's: teacher@N and teacher@n as the benchmark defines them.
+        teacher = [r for r in all_teacher if sampler_of(r) == DEFAULT_SAMPLER]
         if not teacher:
             continue
         many_steps = max(r["steps"] for r in teacher)
@@ -75,8 +98,10 @@ def summarize(rows: Sequence[Row], per_sample: Optional[Mapping[tuple, SampleSco
         many_pts = [FrontierPoint(r["entropy"], nats(r["quality"])) for r in many]
         ref_sec = _mean([r["seconds_per_sample"] for r in many])
         ref_nfe = _mean([r["nfe"] for r in many])
-        for s in sorted((r for r in bench_rows if r["model"] != "teacher"),
-                        key=lambda r: (r["model"], r["round"], r["steps"], r["temperature"])):
+        # Every student, and the teacher drawn by another sampler: how much of the gap the sampler alone closes.
+        compared = [r for r in bench_rows if r["model"] != "teacher" or sampler_of(r) != DEFAULT_SAMPLER]
+        for s in sorted(compared, key=lambda r: (MODELS.index(r["model"]), r["round"], r["steps"], sampler_of(r),
+                                                 r["temperature"])):
             few = [r for r in teacher if r["steps"] == s["steps"]]
             few_pts = [FrontierPoint(r["entropy"], nats(r["quality"])) for r in few]
             frac, note, gain = math.nan, f"no teacher rows at {s['steps']} steps", math.nan
@@ -88,11 +113,23 @@ def summarize(rows: Sequence[Row], per_sample: Optional[Mapping[tuple, SampleSco
                 # text teacher); positive = the student beats temperature sampling of its teacher.
                 gain = g.teacher_few_quality - g.student_quality
                 q_many, q_few = nats.inverse(g.teacher_many_quality), nats.inverse(g.teacher_few_quality)
-            ci = {"gain_vs_few_ci95": None, "gap_closed_ci95": None, "p_gain_positive": None}
+            # "vs teacher@n, same sampler": the student against its teacher drawn by the student's own
+            # sampler at the same steps, so a sampler's gain is not credited to distillation.
+            same = few
+            if sampler_of(s) != DEFAULT_SAMPLER:
+                same = ([r for r in all_teacher if r["steps"] == s["steps"] and sampler_of(r) == sampler_of(s)]
+                        if s["model"] != "teacher" else [])
+            gain_same = math.nan
+            if same:
+                at = interpolate_quality_at_entropy([FrontierPoint(r["entropy"], nats(r["quality"])) for r in same],
+                                                    s["entropy"])
+                gain_same = at.quality - nats(s["quality"])
+            ci = {"gain_vs_few_ci95": None, "gap_closed_ci95": None, "p_gain_positive": None,
+                  "gain_vs_same_sampler_ci95": None}
             if (per_sample and few and bootstrap_draws > 0
                     and all(config_key(r) in per_sample for r in [s] + many + few)):
-                ci = bootstrap_student(per_sample[config_key(s)], [per_sample[config_key(r)] for r in many],
-                                       [per_sample[config_key(r)] for r in few], draws=bootstrap_draws)
+                ci.update(bootstrap_student(per_sample[config_key(s)], [per_sample[config_key(r)] for r in many],
+                                            [per_sample[config_key(r)] for r in few], draws=bootstrap_draws))
                 # An interval only for a figure defined at the point estimate: where the curves miss the
                 # student or there is no gap, percentiles over the few draws where one appears would read
                 # as a measurement of something the data does not define.
@@ -100,10 +137,19 @@ def summarize(rows: Sequence[Row], per_sample: Optional[Mapping[tuple, SampleSco
                     ci["gap_closed_ci95"] = None
                 if not math.isfinite(gain):
                     ci["gain_vs_few_ci95"] = ci["p_gain_positive"] = None
+                ci["gain_vs_same_sampler_ci95"] = ci["gain_vs_few_ci95"]
+                if same is not few:
+                    ci["gain_vs_same_sampler_ci95"] = None
+                    if (same and math.isfinite(gain_same)
+                            and all(config_key(r) in per_sample for r in same)):
+                        ci["gain_vs_same_sampler_ci95"] = bootstrap_student(
+                            per_sample[config_key(s)], [], [per_sample[config_key(r)] for r in same],
+                            draws=bootstrap_draws)["gain_vs_few_ci95"]
             out.append({"benchmark": bench, "model": s["model"], "round": s["round"], "steps": s["steps"],
+                        "sampler": sampler_of(s),
                         "temperature": s["temperature"], "entropy": s["entropy"], "quality": s["quality"],
                         "teacher_steps": many_steps, "teacher_many_quality": q_many, "teacher_few_quality": q_few,
-                        "gap_closed": frac, "gain_vs_few_nats": gain,
+                        "gap_closed": frac, "gain_vs_few_nats": gain, "gain_vs_same_sampler_nats": gain_same,
                         "note": note,
                         "speedup_seconds": speedup(ref_sec, s["seconds_per_sample"]),
                         "speedup_nfe": speedup(ref_nfe, s["nfe"]), **ci})
@@ -151,30 +197,52 @@ def render_markdown(rows: Sequence[Row], summary: Sequence[Mapping[str, Any]],
             lines += [f"Reference (real held-out data, {ref.get('evaluator', '?')}): quality "
                       f"{_fmt(ref.get('quality'))} ({ref.get('quality_metric', BENCHMARKS[bench])}), entropy "
                       f"{_fmt(ref.get('entropy'))}" + (f"; {ref['note']}" if ref.get("note") else ""), ""]
-        lines += ["| " + " | ".join(ROW_KEYS[1:]) + " |", "|" + "---|" * (len(ROW_KEYS) - 1)]
-        for r in sorted((r for r in rows if r["benchmark"] == bench),
-                        key=lambda r: (MODELS.index(r["model"]), r["round"], -r["steps"], r["temperature"])):
-            lines.append("| " + " | ".join(_fmt(r[k]) for k in ROW_KEYS[1:]) + " |")
+        bench_rows = [r for r in rows if r["benchmark"] == bench]
+        cols = list(ROW_KEYS[1:])
+        if any(sampler_of(r) != DEFAULT_SAMPLER for r in bench_rows):
+            cols.insert(cols.index("steps") + 1, "sampler")
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in sorted(bench_rows, key=lambda r: (MODELS.index(r["model"]), r["round"], -r["steps"],
+                                                   SAMPLERS.index(sampler_of(r)), r["temperature"])):
+            lines.append("| " + " | ".join(_fmt(sampler_of(r) if k == "sampler" else r[k]) for k in cols) + " |")
         lines.append("")
-        summ = [s for s in summary if s["benchmark"] == bench]
-        if summ:
-            lines += ["Matched-entropy summary (teacher curves interpolated at each student's entropy; "
-                      "gap closed = (teacher@n − student) / (teacher@n − teacher@N) and vs teacher@n = teacher@n − student, "
-                      "both in nats/token (log Gen PPL on text; curves interpolated in that unit); [brackets]: bootstrap "
-                      "95% interval over samples when per-sample scores are available):", "",
-                      "| model | round | steps | T | entropy | student | teacher@N | N | teacher@n | gap closed "
-                      "| vs teacher@n (nats) | speed-up s/sample | speed-up NFE | note |", "|" + "---|" * 14]
-            for s in summ:
-                cells = {k: _fmt(s[k]) for k in s}
-                for k, ci in (("gap_closed", "gap_closed_ci95"), ("gain_vs_few_nats", "gain_vs_few_ci95")):
-                    if s.get(ci):
-                        cells[k] += f" [{s[ci][0]:.3g}, {s[ci][1]:.3g}]"
-                lines.append("| " + " | ".join(cells[k] for k in (
-                    "model", "round", "steps", "temperature", "entropy", "quality", "teacher_many_quality",
-                    "teacher_steps", "teacher_few_quality", "gap_closed", "gain_vs_few_nats", "speedup_seconds",
-                    "speedup_nfe", "note")) + " |")
-            lines.append("")
+        lines += render_summary_table([s for s in summary if s["benchmark"] == bench])
     return "\n".join(lines)
+
+
+def render_summary_table(summ: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The matched-entropy summary of one benchmark as Markdown lines (empty without students)."""
+    if not summ:
+        return []
+    samplers = any(s.get("sampler", DEFAULT_SAMPLER) != DEFAULT_SAMPLER for s in summ)
+    head = ["Matched-entropy summary (teacher curves interpolated at each student's entropy; "
+            "gap closed = (teacher@n − student) / (teacher@n − teacher@N) and vs teacher@n = teacher@n − student, "
+            "both in nats/token (log Gen PPL on text; curves interpolated in that unit); [brackets]: bootstrap "
+            "95% interval over samples when per-sample scores are available)" +
+            (f"; teacher@N and teacher@n are drawn by the {DEFAULT_SAMPLER} sampler, so gap closed is always "
+             "against the same gap; 'same sampler' compares a student with its teacher drawn by the "
+             "student's own sampler at the same steps (a teacher row of another sampler is that sampler "
+             "alone):" if samplers else ":"), ""]
+    cols = ["model", "round", "steps", "temperature", "entropy", "quality", "teacher_many_quality",
+            "teacher_steps", "teacher_few_quality", "gap_closed", "gain_vs_few_nats", "speedup_seconds",
+            "speedup_nfe", "note"]
+    names = ["model", "round", "steps", "T", "entropy", "student", "teacher@N", "N", "teacher@n", "gap closed",
+             "vs teacher@n (nats)", "speed-up s/sample", "speed-up NFE", "note"]
+    if samplers:
+        cols.insert(3, "sampler")
+        names.insert(3, "sampler")
+        at = cols.index("gain_vs_few_nats") + 1
+        cols.insert(at, "gain_vs_same_sampler_nats")
+        names.insert(at, "vs teacher@n same sampler")
+    lines = head + ["| " + " | ".join(names) + " |", "|" + "---|" * len(cols)]
+    for s in summ:
+        cells = {k: _fmt(s.get(k, DEFAULT_SAMPLER if k == "sampler" else None)) for k in cols}
+        for k, ci in (("gap_closed", "gap_closed_ci95"), ("gain_vs_few_nats", "gain_vs_few_ci95"),
+                      ("gain_vs_same_sampler_nats", "gain_vs_same_sampler_ci95")):
+            if k in cells and s.get(ci):
+                cells[k] += f" [{s[ci][0]:.3g}, {s[ci][1]:.3g}]"
+        lines.append("| " + " | ".join(cells[k] for k in cols) + " |")
+    return lines + [""]
 
 
 def plot_report(rows: Sequence[Row], run_dir: str, reference: Optional[Mapping[str, Mapping[str, Any]]]) -> list[str]:
@@ -189,12 +257,14 @@ def plot_report(rows: Sequence[Row], run_dir: str, reference: Optional[Mapping[s
         metric = BENCHMARKS[bench]
         series: dict[tuple, list[Row]] = defaultdict(list)
         for r in bench_rows:
-            series[(r["model"], r["round"], r["steps"])].append(r)
+            series[(r["model"], r["round"], r["steps"], SAMPLERS.index(sampler_of(r)))].append(r)
         fig, ax = plt.subplots(figsize=(7, 5))
-        for (model, rnd, steps), pts in sorted(series.items(), key=lambda kv: (MODELS.index(kv[0][0]), kv[0][1:])):
+        for (model, rnd, steps, smp), pts in sorted(series.items(),
+                                                    key=lambda kv: (MODELS.index(kv[0][0]), kv[0][1:])):
             pts = sorted(pts, key=lambda r: r["entropy"])
-            ax.plot([p["entropy"] for p in pts], [p["quality"] for p in pts], marker="o",
-                    linestyle="--" if model == "teacher" else "-", label=f"{model} r{rnd} @{steps}")
+            tag = "" if SAMPLERS[smp] == DEFAULT_SAMPLER else f" {SAMPLERS[smp]}"
+            ax.plot([p["entropy"] for p in pts], [p["quality"] for p in pts], marker="o" if not tag else "s",
+                    linestyle="--" if model == "teacher" else "-", label=f"{model} r{rnd} @{steps}{tag}")
         ref = (reference or {}).get(bench)
         if ref and ref.get("entropy") is not None:
             ax.plot([ref["entropy"]], [ref["quality"]], marker="*", markersize=14, color="k", linestyle="",
@@ -213,12 +283,14 @@ def plot_report(rows: Sequence[Row], run_dir: str, reference: Optional[Mapping[s
         fig, ax = plt.subplots(figsize=(7, 5))
         by_model: dict[tuple, dict[int, Row]] = defaultdict(dict)
         for r in bench_rows:  # per steps, the row whose temperature is closest to 1
-            cur = by_model[(r["model"], r["round"])].get(r["steps"])
+            key = (r["model"], r["round"], SAMPLERS.index(sampler_of(r)))
+            cur = by_model[key].get(r["steps"])
             if cur is None or abs(r["temperature"] - 1) < abs(cur["temperature"] - 1):
-                by_model[(r["model"], r["round"])][r["steps"]] = r
-        for (model, rnd), d in sorted(by_model.items(), key=lambda kv: (MODELS.index(kv[0][0]), kv[0][1])):
+                by_model[key][r["steps"]] = r
+        for (model, rnd, smp), d in sorted(by_model.items(), key=lambda kv: (MODELS.index(kv[0][0]), kv[0][1:])):
             steps = sorted(d)
-            ax.plot(steps, [d[s]["quality"] for s in steps], marker="o", label=f"{model} round {rnd}")
+            tag = "" if SAMPLERS[smp] == DEFAULT_SAMPLER else f" {SAMPLERS[smp]}"
+            ax.plot(steps, [d[s]["quality"] for s in steps], marker="o", label=f"{model} round {rnd}{tag}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sampling steps")
         ax.set_ylabel(metric + " at T closest to 1")
