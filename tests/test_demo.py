@@ -78,6 +78,40 @@ def test_samples_plots_and_stage_lines(quick_run):
     assert "stage evaluate: done" in stdout
 
 
+def test_strided_report_reads_every_few_step_model_against_the_default_sampler_gap(quick_run):
+    """evaluate_strided: teacher@n at every temperature and each student's last round, drawn by the coupled
+    sampler's strided order, scored in <run>/strided/ next to the default sampler's teacher rows; the main
+    report and samples.jsonl stay default-sampler only (the issue's schema)."""
+    run, _ = quick_run
+    plan = demo.make_plan(quick=True)
+    main_samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert all("sampler" not in r for r in main_samples)
+    rows = json.loads((run / "strided" / "report.json").read_text())
+    strided = [r for r in rows if r.get("sampler") == "coupled-strided"]
+    default = [r for r in rows if "sampler" not in r]
+    assert {r.get("sampler", "ancestral") for r in rows} == {"ancestral", "coupled-strided"}
+    for bench in plan.strided_benchmarks:
+        temps = plan.text_temperatures if bench == "text" else plan.temperatures
+        assert {(r["steps"], r["temperature"]) for r in strided if r["benchmark"] == bench and r["model"] == "teacher"} \
+            == {(plan.few_steps, t) for t in temps}
+        assert {(r["model"], r["steps"], r["temperature"]) for r in default if r["benchmark"] == bench} == \
+            {("teacher", s, t) for s in (plan.many_steps, plan.few_steps) for t in temps}
+    main_students = {(r["benchmark"], r["model"], r["round"]) for r in json.loads((run / "report.json").read_text())
+                     if r["model"] != "teacher"}
+    for bench, model, rnd in main_students:
+        last = max(r for b, m, r in main_students if (b, m) == (bench, model))
+        got = {r["temperature"] for r in strided if (r["benchmark"], r["model"], r["round"]) == (bench, model, rnd)}
+        assert got == (set(plan.student_temperatures) if rnd == last else set()), (bench, model, rnd, got)
+    for r in strided:  # a strided step reveals one residue class: every step calls the network
+        assert r["nfe"] == r["steps"] and math.isfinite(r["quality"])
+    summary = json.loads((run / "strided" / "summary.json").read_text())["summary"]
+    assert {(s["model"], s["round"], s["temperature"]) for s in summary if s["sampler"] == "coupled-strided"} == \
+        {(r["model"], r["round"], r["temperature"]) for r in strided}
+    md = (run / "report.md").read_text()
+    assert "## Reveal order" in md and "| coupled-strided |" in md
+    assert md.index("## Reveal order") < md.index("## Demo stages")
+
+
 def test_rerun_resumes(quick_run):
     run, _ = quick_run
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--quick", "--run-dir", str(run)],
