@@ -69,6 +69,12 @@ class TrainEngine:
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
             mpu=None if self.pipeline else dims.mpu(), dist_init_required=False)
         self.module = module
+        self.guard = None
+        if self.pipeline:
+            from mcd_scale.pipeline_guard import PipelineNonFiniteGuard
+
+            self.guard = PipelineNonFiniteGuard(self.engine, loss_fn, self._any_rank, self.set_lr_scale,
+                                                self.restore_lr)
 
     # ------------------------------------------------------------------ construction
     def _build_module(self, ds_cfg: dict, init: bool):
@@ -118,10 +124,14 @@ class TrainEngine:
 
         ``poison`` (fault injection) turns this step's loss into NaN to exercise the skip policy."""
         self.engine.train()
-        if self.pipeline:
-            loss = self.engine.train_batch(data_iter=iter(micro_batches))
+        if self.pipeline:  # the same policy inside the pipeline schedule (mcd_scale/pipeline_guard.py)
+            self.guard.begin(poison)
+            try:
+                loss = self.engine.train_batch(data_iter=iter(micro_batches))
+            finally:
+                skipped = self.guard.end()
             loss_v = float(loss.item()) if torch.is_tensor(loss) else float(loss)
-            return loss_v, False
+            return (float("nan") if skipped else loss_v), skipped
         losses, nonfinite = [], False
         for i, (inputs, labels) in enumerate(micro_batches):
             logits = self.engine(*inputs)
