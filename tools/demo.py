@@ -27,7 +27,7 @@ complete, so rerunning the same command resumes; training stages also resume fro
 6. ``evaluate_smollm2`` (only with ``--smollm2``) the text rows again under SmolLM2-135M, an evaluator
                   the project did not train, in ``<run>/smollm2/``.
 
-Full mode targets ~30 min on 2 idle CPU cores; ``--quick`` is a few-minute smoke of the same pipeline.
+Full mode takes 32-34 min on 2 idle CPU cores (docs/results.md); ``--quick`` is a few-minute smoke of the same pipeline.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ STRIDED = "coupled-strided"  # report name of the coupled sampler with reveal_or
 @dataclass
 class Plan:
     """Every size of the demo; ``quick`` shrinks them all."""
-    # Measured: 29 min 50 s on 2 idle cores (docs/results.md). The synthetic benchmark is a sparse
+    # Measured: 33 min 55 s on 2 idle cores, strided rows included (docs/results.md). The synthetic benchmark is a sparse
     # chain at L = 256 (docs/evaluation.md): teacher@256 needs ~163 network calls per sample there
     # (nothing to recompute on steps that reveal nothing), so 16 steps is a ~10x saving; at L = 64 it
     # would be only ~3.5x.
