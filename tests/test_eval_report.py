@@ -195,3 +195,20 @@ def test_report_with_two_samplers_renders_both_and_evaluate_keeps_them_apart(tmp
     (tmp_path / "bad.jsonl").write_text(lines[0][:-1] + ', "sampler": "strided"}\n')
     assert evaluate.main(["--samples", str(tmp_path / "bad.jsonl"), "--run-dir", str(tmp_path / "b"),
                           "--synthetic-chain", str(tmp_path / "chain.json")]) == 2
+
+
+def test_same_sampler_interval_reads_the_teacher_of_the_students_sampler():
+    """With identical samples per configuration every bootstrap draw is the point estimate, so each
+    interval must collapse onto its own figure: the strided student's same-sampler interval on
+    1.4 − 1.6 (strided teacher), not on 2.5 − 1.6 (ancestral teacher)."""
+    from mcd_scale.eval.bootstrap import SampleScores
+    from mcd_scale.eval.report import config_key, summarize
+    rows = _sampler_rows()
+    per = {config_key(r): SampleScores(np.full(20, r["quality"]), np.full(20, 100.0), np.full(20, r["entropy"]))
+           for r in rows}
+    summary = {(s["model"], s["sampler"]): s for s in summarize(rows, per, bootstrap_draws=20)}
+    st = summary[("mcd", "coupled-strided")]
+    assert st["gain_vs_same_sampler_ci95"] == pytest.approx([-0.2, -0.2])
+    assert st["gain_vs_few_ci95"] == pytest.approx([0.9, 0.9]) and st["gap_closed_ci95"] == pytest.approx([0.9, 0.9])
+    assert summary[("mcd", "ancestral")]["gain_vs_same_sampler_ci95"] == pytest.approx([0.3, 0.3])
+    assert summary[("teacher", "coupled-strided")]["gain_vs_same_sampler_ci95"] is None
