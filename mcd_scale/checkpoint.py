@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -118,8 +118,12 @@ def rng_state_tensors(extra: Optional[dict[str, torch.Tensor]] = None) -> dict[s
 def save_checkpoint(engine, run_dir: str, state: TrainState, config_yaml: str, rank: int, world_size: int,
                     keep_last: int, full_weights: Optional[dict[str, torch.Tensor]] = None,
                     rng_extra: Optional[dict[str, torch.Tensor]] = None, barrier=None,
-                    extra_files: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> str:
-    """Save engine + TrainState atomically. Collective: every rank must call it."""
+                    extra_files: Optional[dict[str, dict[str, torch.Tensor]]] = None,
+                    on_staged: Optional[Callable[[], None]] = None) -> str:
+    """Save engine + TrainState atomically. Collective: every rank must call it.
+
+    ``on_staged`` runs on every rank once all files are staged and before COMPLETE (fault injection:
+    ``MCD_FAULT_EXIT_IN_SAVE``)."""
     from safetensors.torch import save_file
 
     root = checkpoint_root(run_dir)
@@ -127,8 +131,13 @@ def save_checkpoint(engine, run_dir: str, state: TrainState, config_yaml: str, r
     staging_root = os.path.join(root, ".staging")
     staged = os.path.join(staging_root, tag)
     if rank == 0:
-        if os.path.exists(staged):
-            shutil.rmtree(staged)
+        # A directory left in .staging is a save that died before its rename (saves never overlap):
+        # never a checkpoint, so remove it rather than let partial copies pile up. (DeepSpeed also drops
+        # its helper scripts, e.g. zero_to_fp32.py, there; those are files and stay.)
+        if os.path.isdir(staging_root):
+            for leftover in os.listdir(staging_root):
+                if os.path.isdir(os.path.join(staging_root, leftover)):
+                    shutil.rmtree(os.path.join(staging_root, leftover))
         os.makedirs(staged, exist_ok=True)
     barrier()
     engine.save_checkpoint(staging_root, tag=tag, save_latest=False)
@@ -143,6 +152,8 @@ def save_checkpoint(engine, run_dir: str, state: TrainState, config_yaml: str, r
             save_file({k: v.contiguous() for k, v in full_weights.items()}, os.path.join(staged, "model.safetensors"),
                       metadata={"format": "mcd_scale-logical-v1", "step": str(state.step)})
     barrier()
+    if on_staged is not None:
+        on_staged()
     if rank == 0:
         _atomic_write(os.path.join(staged, "COMPLETE"), json.dumps({"tag": tag, "world_size": world_size}))
         final = os.path.join(root, tag)

@@ -4,6 +4,9 @@
 - ``MCD_FAULT_EXIT_AT_STEP=k``  after step k (and its checkpoint, if one is due) every rank dies with
                                 ``os._exit(9)`` — a kill -9 without any clean-up
 - ``MCD_FAULT_SIGTERM_AT_STEP=k`` rank 0 sends itself SIGTERM after step k (a SLURM preemption)
+- ``MCD_FAULT_EXIT_IN_SAVE=k``  while saving the checkpoint of step k, after every rank has written its
+                                files into ``.staging/`` but before the checkpoint is marked COMPLETE
+                                and renamed into place, every rank dies with ``os._exit(9)``
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ class Faults:
         self.nan_steps = _steps("MCD_FAULT_NAN_STEPS")
         self.exit_at = _steps("MCD_FAULT_EXIT_AT_STEP")
         self.sigterm_at = _steps("MCD_FAULT_SIGTERM_AT_STEP")
+        self.exit_in_save = _steps("MCD_FAULT_EXIT_IN_SAVE")
 
     def poison(self, step: int) -> bool:
         return step in self.nan_steps
@@ -29,4 +33,9 @@ class Faults:
         if step in self.sigterm_at and rank == 0:
             os.kill(os.getpid(), signal.SIGTERM)
         if step in self.exit_at:
+            os._exit(9)
+
+    def in_save(self, step: int) -> None:
+        """Called by save_checkpoint once the staged files are written, before COMPLETE."""
+        if step in self.exit_in_save:
             os._exit(9)

@@ -97,10 +97,12 @@ def run_training(cfg: Config, dims: Optional[ParallelDims] = None) -> int:
 class Trainer:
     def __init__(self, cfg: Config, dims: ParallelDims):
         from mcd_scale.engine import TrainEngine
+        from mcd_scale.faults import Faults
         from mcd_scale.objectives import MdlmObjective, build_objective
 
         self.cfg, self.dims = cfg, dims
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.faults = Faults()  # fault injection from MCD_FAULT_* (all off by default)
         self.run_dir = cfg.run.dir
         if self.rank == 0:
             save_resolved(cfg, os.path.join(self.run_dir, "config.resolved.yaml"))
@@ -180,7 +182,7 @@ class Trainer:
         save_checkpoint(self.engine.engine, self.run_dir, self.state, to_yaml(self.cfg), self.rank,
                         self.dims.world_size, self.cfg.checkpoint.keep_last,
                         full_weights=full if self.rank == 0 else None, rng_extra=extra, barrier=_barrier,
-                        extra_files=extra_files)
+                        extra_files=extra_files, on_staged=lambda: self.faults.in_save(self.state.step))
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> dict:
@@ -203,9 +205,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> int:
         cfg, state = self.cfg, self.state
-        from mcd_scale.faults import Faults
-
-        preempt, faults = _Preemption(), Faults()
+        preempt, faults = _Preemption(), self.faults
         from mcd_scale.data.loader import MicroBatchLoader
         from mcd_scale.data.sampler import GlobalBatchSampler
 

@@ -137,6 +137,32 @@ def test_resume_after_kill_is_exact(prepared, tmp_path, zero):
         assert lf[s] == lr[s], f"ZeRO-{zero} step {s}: uninterrupted {lf[s]!r} vs resumed {lr[s]!r}"
 
 
+def test_kill_inside_a_checkpoint_save_leaves_the_previous_one_and_resumes_exactly(prepared, tmp_path):
+    """kill -9 on every rank while the step-4 checkpoint is staged (files written, not yet COMPLETE or
+    renamed): 'latest' still names step 2, the partial copy is never listed or loaded, the next save
+    clears it, and the resumed run's losses equal the uninterrupted run's bit for bit."""
+    common = ["train.steps=6", "parallel.zero_stage=1", "checkpoint.every=2"]
+    full = train(tmp_path / "full", prepared, 2, common)
+    assert full.returncode == 0, full.stdout[-4000:]
+    codes, out = train_ranks(tmp_path / "cut", prepared, 2, common, env={"MCD_FAULT_EXIT_IN_SAVE": "4"})
+    assert codes == [9, 9], out[-4000:]
+    ckpt = tmp_path / "cut" / "checkpoints"
+    staged = ckpt / ".staging" / "step_000004"
+    assert (staged / "model.safetensors").exists() and not (staged / "COMPLETE").exists()  # died mid-save
+    assert (ckpt / "latest").read_text().strip() == "step_000002" and not (ckpt / "step_000004").exists()
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import convert_ckpt
+    assert convert_ckpt.inspect(str(tmp_path / "cut"))["tags"] == ["step_000002"]
+    resumed = train(tmp_path / "cut", prepared, 2, common)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert "resumed from" in resumed.stdout and "step_000002" in resumed.stdout
+    assert not staged.exists() and not [p for p in (ckpt / ".staging").iterdir() if p.is_dir()]
+    assert (ckpt / "latest").read_text().strip() == "step_000006"
+    lf, lr = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    for s in range(1, 7):
+        assert lf[s] == lr[s], f"step {s}: uninterrupted {lf[s]!r} vs resumed {lr[s]!r}"
+
+
 def test_nonfinite_policy_skips_then_aborts(prepared, tmp_path):
     """One NaN step is skipped and counted; K in a row aborts with the 'diverged' exit code (3)."""
     ok = train(tmp_path / "skip", prepared, 2, ["train.steps=4", "checkpoint.every=0"],
