@@ -64,14 +64,18 @@ def _train_losses(run_dir: str) -> list[float]:
     return [r["loss"] for r in rows if r["split"] == "train"]
 
 
-def test_online_mcd_tp2_zero3_deepspeed(setup):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_online_mcd_tp2_zero3_deepspeed(setup, precision):
+    """bf16 is the 1B distillation config's precision: the student trains in bf16 under ZeRO-3 while the
+    frozen teacher (an fp32 file) is read, never written."""
     from safetensors.torch import load_file
 
     data, teacher, tmp = setup
-    run_dir = str(tmp / "online")
+    run_dir = str(tmp / f"online_{precision}")
     before = _sha(teacher)
     sets = TINY + [f"data.path={data}", "train.objective=mcd", "distill.teacher_mode=online",
-                   f"distill.teacher={teacher}", f"run.dir={run_dir}", "train.steps=4", "distill.round=1"]
+                   f"distill.teacher={teacher}", f"run.dir={run_dir}", "train.steps=4", "distill.round=1",
+                   f"train.precision={precision}"]
     cmd = [venv_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            os.path.join(REPO, "mcd_scale", "train.py"), "--config", CFG]
     for s in sets:
@@ -86,9 +90,10 @@ def test_online_mcd_tp2_zero3_deepspeed(setup):
                                      "model.safetensors"))
     ref = load_file(teacher)
     assert set(student) == set(ref)
-    changed = [k for k in ref if not torch.equal(student[k], ref[k])]
+    assert {v.dtype for v in student.values()} == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    changed = [k for k in ref if not torch.equal(student[k].float(), ref[k].float())]
     assert len(changed) >= len(ref) // 2, (len(changed), len(ref))
-    print(f"\n[online mcd tp2+zero3] losses {['%.4f' % v for v in losses]}")
+    print(f"\n[online mcd tp2+zero3 {precision}] losses {['%.4f' % v for v in losses]}")
 
 
 def test_driver_two_offline_rounds(setup):
