@@ -219,6 +219,10 @@ class CheckpointConfig:
     """'latest' (resume if present), 'none', or a step number / tag to resume from."""
     consolidated: bool = True
     """Also write layout-independent full weights (model.safetensors) with each checkpoint."""
+    universal: bool = False
+    """Also write universal.safetensors (fp32 master weights and Adam moments as full logical tensors), so
+    the run can resume at another TP/DP/ZeRO layout (mcd_scale/universal.py). Costs one gather of ~3x the
+    fp32 model on rank 0 per checkpoint."""
 
 
 @dataclass

@@ -53,7 +53,11 @@ def main(argv=None) -> int:
         return 0
     from mcd_scale.trainer import run_training
 
-    return run_training(cfg)
+    try:
+        return run_training(cfg)
+    except ConfigError as exc:  # raised on every rank (e.g. a checkpoint the layout cannot resume)
+        print(f"[rank {detect_launch_env().rank}] config error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

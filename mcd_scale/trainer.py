@@ -22,7 +22,7 @@ import torch.distributed as dist
 from mcd_scale import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
 from mcd_scale.checkpoint import (TrainState, checkpoint_root, load_rng_states, load_train_state,
                                   resolve_load_tag, restore_rng, save_checkpoint)
-from mcd_scale.config import Config, save_resolved, to_yaml
+from mcd_scale.config import Config, ConfigError, save_resolved, to_yaml
 from mcd_scale.distributed import ParallelDims, init_distributed, shutdown
 from mcd_scale.metrics import MetricsLogger, format_eta, plot_loss_curves
 
@@ -106,15 +106,23 @@ class Trainer:
         self.run_dir = cfg.run.dir
         if self.rank == 0:
             save_resolved(cfg, os.path.join(self.run_dir, "config.resolved.yaml"))
+        self.root = checkpoint_root(self.run_dir)
+        # Every rank resolves the tag itself: checkpoints live on a filesystem all ranks share.
+        self.resume_tag = resolve_load_tag(self.root, cfg.checkpoint.load)
+        self.universal = self._universal_resume()  # universal.safetensors when the layout changed, else None
         teacher_state = self._teacher_state()
         self.objective = build_objective(cfg, dims, teacher_state)
         self.eval_objective = MdlmObjective(cfg, dims)  # validation NELBO for every stage
-        self.engine = TrainEngine(cfg, dims, self.objective.loss, init_state=teacher_state)
+        init_state = teacher_state
+        if self.universal is not None:
+            from mcd_scale.universal import weights_of
+
+            init_state = weights_of(self.universal)
+        self.engine = TrainEngine(cfg, dims, self.objective.loss, init_state=init_state)
         if hasattr(self.objective, "attach"):
             self.objective.attach(self.engine)
         self.train_set, self.val_set = build_data(cfg, cfg.train.objective)
         self.state = TrainState(round=cfg.distill.round)
-        self.root = checkpoint_root(self.run_dir)
         self.ema = None
         if cfg.train.ema_decay > 0:
             from mcd_scale.distill.ema import EMA
@@ -139,10 +147,46 @@ class Trainer:
 
         return load_teacher_weights(self.cfg.distill.teacher)
 
+    def _universal_resume(self) -> Optional[dict]:
+        """The universal state when the checkpoint to resume was written by another layout (None when the
+        layout is the same or there is nothing to resume); a ConfigError naming the fix when it cannot be."""
+        from mcd_scale.universal import FILE, layout_of, refuse_reason, saved_layout
+
+        if self.resume_tag is None:
+            return None
+        ckpt = os.path.join(self.root, self.resume_tag)
+        saved = saved_layout(ckpt)
+        here = layout_of(self.cfg.parallel, self.cfg.train.precision, self.dims.world_size)
+        if saved == here:
+            return None
+        diff = ", ".join(f"{k} {saved[k]} -> {here[k]}" for k in here if saved[k] != here[k])
+        path = os.path.join(ckpt, FILE)
+        if not os.path.exists(path):
+            raise ConfigError(f"{ckpt} was written by another layout ({diff}) and has no {FILE}: resume with the "
+                              f"saved layout, or write checkpoints with 'checkpoint.universal: true' to resume "
+                              f"at any layout")
+        reason = refuse_reason(self.cfg)
+        if reason:
+            raise ConfigError(f"{ckpt}: resuming at another layout ({diff}): {reason}")
+        from safetensors.torch import load_file
+
+        if self.rank == 0:
+            print(f"universal resume from {path}: {diff}", flush=True)
+        return load_file(path)
+
     def _maybe_resume(self) -> None:
-        # Every rank resolves the tag itself: checkpoints live on a filesystem all ranks share.
-        tag = resolve_load_tag(self.root, self.cfg.checkpoint.load)
+        tag = self.resume_tag
         if tag is None:
+            return
+        if self.universal is not None:
+            from mcd_scale.universal import load_universal
+
+            self.state = load_train_state(self.root, tag)
+            load_universal(self.engine, self.universal, global_batch=self.cfg.parallel.global_batch,
+                           train_step=self.state.step)
+            self.universal = None  # the tensors are in the engine now
+            if self.rank == 0:
+                print(f"resumed from {os.path.join(self.root, tag)} at step {self.state.step}", flush=True)
             return
         self.engine.engine.load_checkpoint(self.root, tag=tag)
         self.state = load_train_state(self.root, tag)
@@ -179,6 +223,12 @@ class Trainer:
                     ema_full = self.engine.full_state_dict()
                 if self.rank == 0:
                     extra_files["model_ema.safetensors"] = ema_full
+        if self.cfg.checkpoint.universal:
+            from mcd_scale.universal import FILE, gather_universal
+
+            tensors = gather_universal(self.engine)  # collective; the whole state on rank 0 only
+            if self.rank == 0:
+                extra_files[FILE] = tensors
         save_checkpoint(self.engine.engine, self.run_dir, self.state, to_yaml(self.cfg), self.rank,
                         self.dims.world_size, self.cfg.checkpoint.keep_last,
                         full_weights=full if self.rank == 0 else None, rng_extra=extra, barrier=_barrier,

@@ -13,6 +13,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from tests.mp import REPO, run_cli, run_cli_ranks
 
@@ -183,6 +184,52 @@ def test_kill_inside_a_checkpoint_save_leaves_the_previous_one_and_resumes_exact
     lf, lr = losses(tmp_path / "full"), losses(tmp_path / "cut")
     for s in range(1, 7):
         assert lf[s] == lr[s], f"step {s}: uninterrupted {lf[s]!r} vs resumed {lr[s]!r}"
+
+
+def _checkpoint_copy(src_run, tag, dst_run, drop=()):
+    """A new run directory holding only ``tag`` of ``src_run`` (optionally without some files)."""
+    import shutil
+
+    dst = dst_run / "checkpoints"
+    shutil.copytree(src_run / "checkpoints" / tag, dst / tag, ignore=shutil.ignore_patterns(*drop))
+    (dst / "latest").write_text(tag)
+    return dst_run
+
+
+def test_universal_checkpoint_resumes_at_another_layout(prepared, tmp_path):
+    """checkpoint.universal: a ZeRO-1 DP=2 run's step-3 checkpoint resumes at ZeRO-3 TP=2, at PP=2 and at
+    ZeRO-0 on one rank, and each continues with the uninterrupted run's losses (rtol 1e-5, the layout-parity
+    tolerance; with the moments left at zero step 5 is off by ~2e-2). Without universal.safetensors
+    another layout is refused on every rank with exit 2 naming the fix."""
+    from safetensors.torch import load_file
+
+    common = ["train.steps=6", "checkpoint.every=3", "checkpoint.universal=true", "checkpoint.keep_last=0"]
+    ref = train(tmp_path / "ref", prepared, 2, common + ["parallel.zero_stage=1"])
+    assert ref.returncode == 0, ref.stdout[-4000:]
+    ckpt = tmp_path / "ref" / "checkpoints" / "step_000003"
+    uni, weights = load_file(ckpt / "universal.safetensors"), load_file(ckpt / "model.safetensors")
+    assert int(uni["meta/adam_step"]) == 3 and int(uni["meta/lr_epoch"]) == 3
+    for name, w in weights.items():  # fp32 run: the master is the weight; both moments are live
+        assert torch.equal(uni[f"fp32/{name}"], w), name
+        assert uni[f"exp_avg/{name}"].shape == w.shape and uni[f"exp_avg_sq/{name}"].abs().sum() > 0, name
+    assert len(uni) == 3 * len(weights) + 2
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import convert_ckpt
+    assert convert_ckpt.inspect(str(tmp_path / "ref"))["universal"] is True
+    lref = losses(tmp_path / "ref")
+    for name, nproc, layout in (("z3tp2", 2, ["parallel.zero_stage=3", "parallel.tp=2"]),
+                                ("pp2", 2, ["parallel.zero_stage=1", "parallel.pp=2"]),
+                                ("z0", 1, ["parallel.zero_stage=0"])):
+        run = _checkpoint_copy(tmp_path / "ref", "step_000003", tmp_path / name)
+        res = train(run, prepared, nproc, common + layout)
+        assert res.returncode == 0, res.stdout[-4000:]
+        assert "universal resume from" in res.stdout and "resumed from" in res.stdout
+        assert_close(losses(run), lref, [4, 5, 6], 1e-5, f"universal resume at {name} vs uninterrupted ZeRO-1")
+    run = _checkpoint_copy(tmp_path / "ref", "step_000003", tmp_path / "no_universal", drop=("universal.safetensors",))
+    assert convert_ckpt.inspect(str(run))["universal"] is False
+    codes, out = train_ranks(run, prepared, 2, common + ["parallel.zero_stage=3", "parallel.tp=2"])
+    assert codes == [2, 2], out[-4000:]
+    assert "tp 1 -> 2" in out and "checkpoint.universal: true" in out
 
 
 def test_nonfinite_policy_skips_then_aborts(prepared, tmp_path):

@@ -5,7 +5,7 @@
     python tools/convert_ckpt.py export RUN_OR_CKPT --out DIR [--ema]
 
 ``inspect`` lists the checkpoints of a run (tags, ``latest``), the TrainState, the parallel layout and
-precision that wrote them, and the logical tensors of the consolidated weights with the parameter count.
+precision that wrote them, whether it is universal (resumable at another layout: checkpoint.universal), and the logical tensors of the consolidated weights with the parameter count.
 ``export`` writes a self-contained directory: ``model.safetensors`` (layout-independent logical
 weights: they load into ANY TP/PP/ZeRO layout through ``load_full_state_dict``, which is how a
 teacher trained at TP=2 becomes a TP=1 student or a PP=2 sampler) plus ``config.yaml`` (the model
@@ -64,6 +64,8 @@ def inspect(path: str) -> dict:
     info["layout"] = {"world_size": world, "tp": par.get("tp"), "pp": par.get("pp"),
                       "zero_stage": par.get("zero_stage"), "precision": cfg.get("train", {}).get("precision"),
                       "objective": cfg.get("train", {}).get("objective")}
+    # universal.safetensors (checkpoint.universal): the run can resume at any TP/PP/DP/ZeRO layout
+    info["universal"] = os.path.exists(os.path.join(ckpt, "universal.safetensors"))
     for name in ("model.safetensors", "model_ema.safetensors"):
         f = os.path.join(ckpt, name)
         if not os.path.exists(f):

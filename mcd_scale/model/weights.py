@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,12 +41,16 @@ def _gather_tp(local: torch.Tensor, split_dim: Optional[int], dims) -> torch.Ten
     return torch.cat(parts, dim=split_dim)
 
 
-def _stage_state(module: nn.Module, dims) -> dict[str, torch.Tensor]:
+def _local_weight(param: nn.Parameter) -> torch.Tensor:
+    with _gathered(param, modify=False):
+        return param.data.detach().clone()
+
+
+def _stage_state(module: nn.Module, dims, local_of: Callable[[nn.Parameter], torch.Tensor]) -> dict[str, torch.Tensor]:
     """Full logical tensors of this stage's parameters (collective over the TP and ZeRO-3 DP groups)."""
     out: dict[str, torch.Tensor] = {}
     for name, param in logical_parameters(module):
-        with _gathered(param, modify=False):
-            local = param.data.detach().clone()
+        local = local_of(param)
         full = _gather_tp(local, param.tp_split_dim, dims)
         if tuple(full.shape) != tuple(param.logical_shape):
             raise RuntimeError(f"{name}: gathered shape {tuple(full.shape)} != logical {param.logical_shape}")
@@ -55,15 +59,19 @@ def _stage_state(module: nn.Module, dims) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def full_state_dict(module: nn.Module, dims=None) -> dict[str, torch.Tensor]:
+def full_state_dict(module: nn.Module, dims=None,
+                    local_of: Optional[Callable[[nn.Parameter], torch.Tensor]] = None) -> dict[str, torch.Tensor]:
     """``{logical_name: full tensor (CPU, param dtype)}`` of the whole model, on global rank 0.
 
     Collective: every rank must call it. TP shards are all-gathered, ZeRO-3 partitions gathered one
     parameter at a time, and with pipeline parallelism each stage's (tp 0, dp 0) rank sends its layers
     to global rank 0. Returns the complete dict on global rank 0 and ``{}`` on every other rank (so the
     result means the same at every layout). ``dims=None``: single process.
+
+    ``local_of(param)`` gives this TP rank's whole (ZeRO-gathered) tensor for a parameter; the default is
+    its weight. mcd_scale/universal.py passes the fp32 master weight and Adam's moments instead.
     """
-    state = _stage_state(module, dims)
+    state = _stage_state(module, dims, local_of or _local_weight)
     rank = 0 if dims is None else dims.rank
     if dims is None or dims.pp == 1:
         return state if rank == 0 else {}

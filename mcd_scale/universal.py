@@ -1,0 +1,164 @@
+"""Universal (layout-independent) training checkpoints: resume at another TP / DP / ZeRO layout.
+
+A DeepSpeed checkpoint holds the optimizer state partitioned for the layout that wrote it, so it can
+only be resumed by that layout. With ``checkpoint.universal: true`` every checkpoint also gets
+``universal.safetensors``: for every parameter its fp32 master weight and Adam's two moments as full
+logical tensors (keys ``fp32/<name>``, ``exp_avg/<name>``, ``exp_avg_sq/<name>``), gathered exactly
+like ``model.safetensors`` (TP shards concatenated, ZeRO partitions gathered, pipeline stages sent to
+rank 0), plus Adam's step count and the LR-schedule position (``meta/adam_step``, ``meta/lr_epoch``).
+
+A run whose layout differs from the checkpoint's (:func:`layout_of`) resumes from that file
+(:func:`load_universal`): weights and fp32 masters, both moments, Adam's step count, the LR schedule
+and DeepSpeed's step counters. The data cursor is the layout-independent ``train_state.json``. What does
+not carry over: the per-rank RNG streams (dropout; the data and corruption draws are keyed by sample
+id, not by rank) and the EMA shadow (per-rank shards; refused with the fix named). Resuming the same
+layout never reads this file.
+
+Order of a universal resume (why): weights first, as the engine's initial state, because DeepSpeed
+builds its fp32 partitions from the module's parameters; then Adam's state tensors are created (torch
+creates them lazily at the first step) and DeepSpeed's views into them linked; then the fp32 masters
+and moments are written through DeepSpeed's ``safe_set_full_*`` API, which knows every ZeRO stage's
+partitioning.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+
+FILE = "universal.safetensors"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def layout_of(parallel: Any, precision: str, world_size: int) -> dict:
+    """What a DeepSpeed checkpoint's optimizer files depend on."""
+    return {"world_size": int(world_size), "tp": int(parallel.tp), "pp": int(parallel.pp),
+            "zero_stage": int(parallel.zero_stage), "precision": str(precision)}
+
+
+def saved_layout(checkpoint_dir: str) -> dict:
+    """The layout that wrote ``checkpoint_dir`` (its config.resolved.yaml and COMPLETE marker)."""
+    import json
+
+    import yaml
+
+    with open(os.path.join(checkpoint_dir, "config.resolved.yaml"), encoding="utf-8") as fh:
+        cfg = yaml.safe_load(fh)
+    with open(os.path.join(checkpoint_dir, "COMPLETE"), encoding="utf-8") as fh:
+        world = json.load(fh)["world_size"]
+    par = cfg["parallel"]
+    return {"world_size": int(world), "tp": int(par["tp"]), "pp": int(par["pp"]),
+            "zero_stage": int(par["zero_stage"]), "precision": str(cfg["train"]["precision"])}
+
+
+def _inner_optimizer(ds_engine):
+    """The torch AdamW that owns the state (DeepSpeed's ZeRO / bf16 wrappers keep it as ``.optimizer``)."""
+    opt = ds_engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def _ds_managed(param) -> bool:
+    """True when DeepSpeed keeps this parameter's fp32 master and moments in its own partitions. (ZeRO-1/2
+    set ``_hp_mapping`` on every parameter, None where this rank holds no fragment of it: the gather is
+    still collective, so the attribute's presence decides, never its value.)"""
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+
+
+def _step_and_epoch(ds_engine) -> tuple[int, int]:
+    inner = _inner_optimizer(ds_engine)
+    steps = [int(st["step"]) for st in inner.state.values() if "step" in st]
+    sched = ds_engine.lr_scheduler
+    return (max(steps) if steps else 0), (int(sched.last_epoch) if sched is not None else 0)
+
+
+def gather_universal(train_engine) -> dict[str, torch.Tensor]:
+    """The universal state on global rank 0, {} elsewhere. Collective: every rank calls it."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from mcd_scale.model.weights import full_state_dict
+
+    ds = train_engine.engine
+    inner = _inner_optimizer(ds)
+
+    def master(p):
+        return (safe_get_full_fp32_param(p) if _ds_managed(p) else p.data).detach().float().clone()
+
+    def moment(key):
+        def get(p):
+            if _ds_managed(p):
+                return safe_get_full_optimizer_state(p, key).detach().float().clone()
+            st = inner.state.get(p, {})
+            return (st[key] if key in st else torch.zeros_like(p)).detach().float().clone()
+        return get
+
+    out: dict[str, torch.Tensor] = {}
+    for prefix, local_of in (("fp32", master), *((k, moment(k)) for k in MOMENTS)):
+        for name, t in full_state_dict(train_engine.module, train_engine.dims, local_of=local_of).items():
+            out[f"{prefix}/{name}"] = t
+    if out:
+        step, epoch = _step_and_epoch(ds)
+        out["meta/adam_step"] = torch.tensor(step, dtype=torch.int64)
+        out["meta/lr_epoch"] = torch.tensor(epoch, dtype=torch.int64)
+    return out
+
+
+def weights_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fp32 master weights as a logical state dict (the engine's initial weights)."""
+    return {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("fp32/")}
+
+
+@torch.no_grad()
+def load_universal(train_engine, state: dict[str, torch.Tensor], global_batch: int, train_step: int) -> None:
+    """Write fp32 masters, moments, Adam's step and the LR schedule into an engine of any layout whose
+    weights were initialised from :func:`weights_of` (``TrainEngine(init_state=...)``)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from mcd_scale.model.logical import local_slice, logical_parameters
+
+    ds, dims = train_engine.engine, train_engine.dims
+    inner = _inner_optimizer(ds)
+    step, epoch = int(state["meta/adam_step"]), int(state["meta/lr_epoch"])
+    # Adam creates its state lazily at the first step; create it now so the moments have a home. Its keys
+    # are the tensors the optimizer steps: the fp32 partitions under ZeRO (stage 3 swaps its flat groups
+    # into param_groups only during step), the parameters themselves otherwise.
+    keys = {id(p): p for group in inner.param_groups for p in group["params"]}
+    keys.update({id(p): p for p in getattr(ds.optimizer, "fp32_partitioned_groups_flat", [])})
+    for p in keys.values():
+        st = inner.state[p]
+        st["step"] = torch.tensor(float(step))
+        for key in MOMENTS:
+            st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    if hasattr(ds.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 and bf16: link the views
+        ds.optimizer._hp_optimizer_states_linked = False
+        ds.optimizer._lazy_init_hp_params_optimizer_state()
+    tp_rank, tp = (dims.tp_rank, dims.tp) if dims is not None and dims.tp > 1 else (0, 1)
+    for name, p in logical_parameters(train_engine.module):
+        def local(prefix):
+            return local_slice(state[f"{prefix}/{name}"], p.tp_split_dim, tp_rank, tp).to(p.device).float()
+
+        if _ds_managed(p):
+            safe_set_full_fp32_param(p, local("fp32"))
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(p, local(key), key)
+        else:  # ZeRO-0 fp32: the parameter is its own master, the state is keyed by it
+            p.data.copy_(local("fp32").to(p.dtype))
+            for key in MOMENTS:
+                inner.state[p][key].copy_(local(key))
+    sched = ds.lr_scheduler
+    if sched is not None:
+        sched.last_epoch = epoch
+        lrs = sched.get_lr()
+        for g, lr in zip(inner.param_groups, lrs):
+            g["lr"] = lr
+        sched._last_lr = list(lrs)
+    ds.global_steps = train_step
+    ds.global_samples = train_step * global_batch
+
+
+def refuse_reason(cfg) -> Optional[str]:
+    """Why this run cannot resume universally (None if it can)."""
+    if cfg.train.ema_decay > 0:
+        return ("the EMA shadow is saved per rank and does not move to another layout yet; resume at the saved "
+                "layout, or set train.ema_decay: 0")
+    return None
