@@ -150,16 +150,17 @@ class Trainer:
     def _universal_resume(self) -> Optional[dict]:
         """The universal state when the checkpoint to resume was written by another layout (None when the
         layout is the same or there is nothing to resume); a ConfigError naming the fix when it cannot be."""
-        from mcd_scale.universal import FILE, layout_of, refuse_reason, saved_layout
+        from mcd_scale.universal import FILE, layout_of, native_resume_ok, refuse_reason, saved_layout
 
         if self.resume_tag is None:
             return None
         ckpt = os.path.join(self.root, self.resume_tag)
         saved = saved_layout(ckpt)
         here = layout_of(self.cfg.parallel, self.cfg.train.precision, self.dims.world_size)
-        if saved == here:
+        changed = [k for k in here if saved[k] != here[k]]
+        if not changed or native_resume_ok(saved, here):
             return None
-        diff = ", ".join(f"{k} {saved[k]} -> {here[k]}" for k in here if saved[k] != here[k])
+        diff = ", ".join(f"{k} {saved[k]} -> {here[k]}" for k in changed)
         path = os.path.join(ckpt, FILE)
         if not os.path.exists(path):
             raise ConfigError(f"{ckpt} was written by another layout ({diff}) and has no {FILE}: resume with the "

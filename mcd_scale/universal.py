@@ -52,6 +52,13 @@ def saved_layout(checkpoint_dir: str) -> dict:
             "zero_stage": int(par["zero_stage"]), "precision": str(cfg["train"]["precision"])}
 
 
+def native_resume_ok(saved: dict, here: dict) -> bool:
+    """DeepSpeed loads its own checkpoint across a layout change only for fp32 ZeRO-0 with another DP size
+    (its optimizer file is per TP/PP rank, not per DP rank); everything else needs the universal file."""
+    changed = {k for k in here if saved[k] != here[k]}
+    return changed <= {"world_size"} and here["zero_stage"] == 0 and here["precision"] == "fp32"
+
+
 def _inner_optimizer(ds_engine):
     """The torch AdamW that owns the state (DeepSpeed's ZeRO / bf16 wrappers keep it as ``.optimizer``)."""
     opt = ds_engine.optimizer
