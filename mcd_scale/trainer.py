@@ -109,7 +109,7 @@ class Trainer:
         self.root = checkpoint_root(self.run_dir)
         # Every rank resolves the tag itself: checkpoints live on a filesystem all ranks share.
         self.resume_tag = resolve_load_tag(self.root, cfg.checkpoint.load)
-        self.universal = self._universal_resume()  # universal.safetensors when the layout changed, else None
+        self.universal = self._universal_resume()  # path of universal.safetensors when the layout changed
         teacher_state = self._teacher_state()
         self.objective = build_objective(cfg, dims, teacher_state)
         self.eval_objective = MdlmObjective(cfg, dims)  # validation NELBO for every stage
@@ -147,8 +147,8 @@ class Trainer:
 
         return load_teacher_weights(self.cfg.distill.teacher)
 
-    def _universal_resume(self) -> Optional[dict]:
-        """The universal state when the checkpoint to resume was written by another layout (None when the
+    def _universal_resume(self) -> Optional[str]:
+        """The universal file to resume from when the checkpoint to resume was written by another layout (None when the
         layout is the same or there is nothing to resume); a ConfigError naming the fix when it cannot be."""
         from mcd_scale.universal import FILE, layout_of, native_resume_ok, refuse_reason, saved_layout
 
@@ -169,11 +169,9 @@ class Trainer:
         reason = refuse_reason(self.cfg)
         if reason:
             raise ConfigError(f"{ckpt}: resuming at another layout ({diff}): {reason}")
-        from safetensors.torch import load_file
-
         if self.rank == 0:
             print(f"universal resume from {path}: {diff}", flush=True)
-        return load_file(path)
+        return path
 
     def _maybe_resume(self) -> None:
         tag = self.resume_tag
@@ -185,7 +183,6 @@ class Trainer:
             self.state = load_train_state(self.root, tag)
             load_universal(self.engine, self.universal, global_batch=self.cfg.parallel.global_batch,
                            train_step=self.state.step)
-            self.universal = None  # the tensors are in the engine now
             if self.rank == 0:
                 print(f"resumed from {os.path.join(self.root, tag)} at step {self.state.step}", flush=True)
             return

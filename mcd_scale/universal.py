@@ -110,25 +110,33 @@ def gather_universal(train_engine) -> dict[str, torch.Tensor]:
     return out
 
 
-def weights_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The fp32 master weights as a logical state dict (the engine's initial weights)."""
-    return {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("fp32/")}
+def weights_of(path: str) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a universal file as a logical state dict (the engine's initial weights).
+    Only these are read whole; the moments are read one tensor at a time by :func:`load_universal`, so a
+    rank's peak is the fp32 model plus one tensor, not three fp32 models."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as fh:
+        return {k.split("/", 1)[1]: fh.get_tensor(k) for k in fh.keys() if k.startswith("fp32/")}
 
 
 @torch.no_grad()
-def load_universal(train_engine, state: dict[str, torch.Tensor], global_batch: int, train_step: int) -> None:
-    """Write fp32 masters, moments, Adam's step and the LR schedule into an engine of any layout whose
-    weights were initialised from :func:`weights_of` (``TrainEngine(init_state=...)``)."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+def load_universal(train_engine, path: str, global_batch: int, train_step: int) -> None:
+    """Write fp32 masters, moments, Adam's step and the LR schedule of the universal file ``path`` into an
+    engine of any layout whose weights were initialised from :func:`weights_of` (``TrainEngine(init_state=...)``)."""
+    from safetensors import safe_open
 
-    from mcd_scale.model.logical import local_slice, logical_parameters
+    with safe_open(path, framework="pt") as fh:
+        _init_adam_state(train_engine.engine, int(fh.get_tensor("meta/adam_step")))
+        _write_masters_and_moments(train_engine, fh)
+        _set_schedule(train_engine.engine, int(fh.get_tensor("meta/lr_epoch")), global_batch, train_step)
 
-    ds, dims = train_engine.engine, train_engine.dims
+
+def _init_adam_state(ds, step: int) -> None:
+    """Adam creates its state lazily at the first step; create it now so the moments have a home. Its keys
+    are the tensors the optimizer steps: the fp32 partitions under ZeRO (stage 3 swaps its flat groups
+    into param_groups only during step), the parameters themselves otherwise."""
     inner = _inner_optimizer(ds)
-    step, epoch = int(state["meta/adam_step"]), int(state["meta/lr_epoch"])
-    # Adam creates its state lazily at the first step; create it now so the moments have a home. Its keys
-    # are the tensors the optimizer steps: the fp32 partitions under ZeRO (stage 3 swaps its flat groups
-    # into param_groups only during step), the parameters themselves otherwise.
     keys = {id(p): p for group in inner.param_groups for p in group["params"]}
     keys.update({id(p): p for p in getattr(ds.optimizer, "fp32_partitioned_groups_flat", [])})
     for p in keys.values():
@@ -139,10 +147,18 @@ def load_universal(train_engine, state: dict[str, torch.Tensor], global_batch: i
     if hasattr(ds.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 and bf16: link the views
         ds.optimizer._hp_optimizer_states_linked = False
         ds.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _write_masters_and_moments(train_engine, fh) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from mcd_scale.model.logical import local_slice, logical_parameters
+
+    dims, inner = train_engine.dims, _inner_optimizer(train_engine.engine)
     tp_rank, tp = (dims.tp_rank, dims.tp) if dims is not None and dims.tp > 1 else (0, 1)
     for name, p in logical_parameters(train_engine.module):
-        def local(prefix):
-            return local_slice(state[f"{prefix}/{name}"], p.tp_split_dim, tp_rank, tp).to(p.device).float()
+        def local(prefix):  # one tensor read at a time
+            return local_slice(fh.get_tensor(f"{prefix}/{name}"), p.tp_split_dim, tp_rank, tp).to(p.device).float()
 
         if _ds_managed(p):
             safe_set_full_fp32_param(p, local("fp32"))
@@ -152,7 +168,10 @@ def load_universal(train_engine, state: dict[str, torch.Tensor], global_batch: i
             p.data.copy_(local("fp32").to(p.dtype))
             for key in MOMENTS:
                 inner.state[p][key].copy_(local(key))
-    sched = ds.lr_scheduler
+
+
+def _set_schedule(ds, epoch: int, global_batch: int, train_step: int) -> None:
+    sched, inner = ds.lr_scheduler, _inner_optimizer(ds)
     if sched is not None:
         sched.last_epoch = epoch
         lrs = sched.get_lr()
