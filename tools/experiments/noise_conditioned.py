@@ -56,9 +56,9 @@ from sample import load_model  # noqa: E402
 
 from mcd_scale.diffusion.sampling import coupled_sample, sampling_times, token_gumbel_rows  # noqa: E402
 from mcd_scale.diffusion.schedules import get_schedule  # noqa: E402
-from mcd_scale.eval.frontier import gap_closed  # noqa: E402
-from mcd_scale.eval.metrics import per_sample_unigram_entropy  # noqa: E402
 from mcd_scale.eval.synthetic import MarkovChain2  # noqa: E402
+
+from chain_scores import score_row, teacher_curves  # noqa: E402
 from mcd_scale.rng import keyed_generator  # noqa: E402
 
 CHUNK = 128
@@ -393,10 +393,8 @@ def main() -> int:
     with open(os.path.join(args.out, "train_log.jsonl"), "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in log)
 
-    teacher_rows = [r for r in json.load(open(args.teacher_report, encoding="utf-8"))
-                    if r["model"] == "teacher" and r.get("benchmark", "synthetic") == "synthetic"]
-    many = [(r["entropy"], r["quality"]) for r in teacher_rows if r["steps"] == args.fine_steps]
-    few = [(r["entropy"], r["quality"]) for r in teacher_rows if r["steps"] == args.grid_steps]
+    many, few = teacher_curves(args.teacher_report, args.fine_steps, args.grid_steps, "noise_conditioned.py",
+                               "--fine-steps / --grid-steps")
 
     eval_ids = list(range(args.num_samples))
     results = {}
@@ -407,14 +405,8 @@ def main() -> int:
     tok, nfe, secs = student_sample(student, args.seed, eval_ids, L, args.grid_steps, V, schedule, args.fine_steps)
     for name, arr_t in (("teacher_coupled@%d" % args.fine_steps, ref_many),
                         ("teacher_coupled@%d" % args.grid_steps, few_ref), ("noise_conditioned", tok)):
-        arr = arr_t.numpy()
-        nll, ent = chain.nll(arr), per_sample_unigram_entropy(arr)
-        row = {"true_nll": float(nll.mean()), "true_nll_se": float(nll.std(ddof=1) / math.sqrt(len(nll))),
-               "entropy": float(ent.mean()), "off_support_rate": float(chain.off_support(arr).mean()),
+        row = {**score_row(chain, arr_t.numpy(), many, few),
                "equal_to_teacher_many_same_noise": float((arr_t == ref_many).float().mean())}
-        gc = gap_closed(many, few, (row["entropy"], row["true_nll"]))
-        row.update({"gap_closed": gc.fraction, "teacher_many_at_entropy": gc.teacher_many_quality,
-                    "teacher_few_at_entropy": gc.teacher_few_quality, "note": gc.note})
         results[name] = row
         print(name, json.dumps(row), flush=True)
     results["noise_conditioned"].update({"nfe": nfe, "seconds_per_sample": secs / args.num_samples})

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -33,9 +32,9 @@ from sample import load_model  # noqa: E402
 
 from mcd_scale.diffusion.sampling import coupled_sample  # noqa: E402
 from mcd_scale.diffusion.schedules import get_schedule  # noqa: E402
-from mcd_scale.eval.frontier import gap_closed  # noqa: E402
-from mcd_scale.eval.metrics import per_sample_unigram_entropy  # noqa: E402
 from mcd_scale.eval.synthetic import MarkovChain2  # noqa: E402
+
+from chain_scores import score_row, teacher_curves  # noqa: E402
 
 
 def main() -> int:
@@ -56,14 +55,8 @@ def main() -> int:
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     chain = MarkovChain2.load(args.chain)
-    rows = [r for r in json.load(open(args.teacher_report, encoding="utf-8"))
-            if r["model"] == "teacher" and r.get("benchmark", "synthetic") == "synthetic"]
-    many = [(r["entropy"], r["quality"]) for r in rows if r["steps"] == args.many_steps]
     few_steps = args.few_steps or args.steps
-    few = [(r["entropy"], r["quality"]) for r in rows if r["steps"] == few_steps]
-    if not many or not few:
-        raise SystemExit(f"reveal_order.py: {args.teacher_report} has no synthetic teacher rows at "
-                         f"{args.many_steps} and {few_steps} steps (see --many-steps / --few-steps)")
+    many, few = teacher_curves(args.teacher_report, args.many_steps, few_steps, "reveal_order.py")
     results = []
     for spec in args.model:
         name, path = spec.split("=", 1)
@@ -73,15 +66,9 @@ def main() -> int:
             for temp in args.temperatures:
                 res = coupled_sample(m.denoiser, args.num_samples, m.seq_len, args.steps, m.vocab_size, schedule,
                                      args.seed, temperature=temp, batch_size=args.batch, reveal_order=order)
-                arr, secs = res.tokens.numpy(), res.seconds / args.num_samples
-                nll, ent = chain.nll(arr), per_sample_unigram_entropy(arr)
                 row = {"model": name, "order": order, "steps": args.steps, "temperature": temp,
-                       "true_nll": float(nll.mean()), "true_nll_se": float(nll.std(ddof=1) / math.sqrt(len(nll))),
-                       "entropy": float(ent.mean()), "off_support_rate": float(chain.off_support(arr).mean()),
-                       "seconds_per_sample": secs, "nfe": res.nfe}
-                gc = gap_closed(many, few, (row["entropy"], row["true_nll"]))
-                row.update({"gap_closed": gc.fraction, "teacher_many_at_entropy": gc.teacher_many_quality,
-                            "teacher_few_at_entropy": gc.teacher_few_quality, "note": gc.note})
+                       **score_row(chain, res.tokens.numpy(), many, few),
+                       "seconds_per_sample": res.seconds / args.num_samples, "nfe": res.nfe}
                 results.append(row)
                 print(json.dumps(row), flush=True)
     with open(os.path.join(args.out, "result.json"), "w", encoding="utf-8") as fh:
