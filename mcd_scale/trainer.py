@@ -177,17 +177,20 @@ class Trainer:
         tag = self.resume_tag
         if tag is None:
             return
-        if self.universal is not None:
+        self.state = load_train_state(self.root, tag)  # layout-independent: step, data cursor, round
+        if self.universal is not None:  # another layout: no per-rank RNG or EMA files apply (universal.py)
             from mcd_scale.universal import load_universal
 
-            self.state = load_train_state(self.root, tag)
             load_universal(self.engine, self.universal, global_batch=self.cfg.parallel.global_batch,
                            train_step=self.state.step)
-            if self.rank == 0:
-                print(f"resumed from {os.path.join(self.root, tag)} at step {self.state.step}", flush=True)
-            return
+        else:
+            self._load_native(tag)
+        if self.rank == 0:
+            print(f"resumed from {os.path.join(self.root, tag)} at step {self.state.step}", flush=True)
+
+    def _load_native(self, tag: str) -> None:
+        """DeepSpeed's own checkpoint, this rank's RNG streams and EMA shard (same layout)."""
         self.engine.engine.load_checkpoint(self.root, tag=tag)
-        self.state = load_train_state(self.root, tag)
         rest = restore_rng(load_rng_states(self.root, tag, self.rank))
         if self.ema is not None:
             from safetensors.torch import load_file
@@ -202,8 +205,6 @@ class Trainer:
         rng = getattr(self.engine.module, "rng", None)
         if rest and rng is not None:
             rng.set_states({k.split("/", 1)[1]: v for k, v in rest.items() if k.startswith("dropout/")})
-        if self.rank == 0:
-            print(f"resumed from {os.path.join(self.root, tag)} at step {self.state.step}", flush=True)
 
     def _save(self) -> None:
         full = self.engine.full_state_dict() if self.cfg.checkpoint.consolidated else None

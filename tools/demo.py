@@ -275,27 +275,25 @@ class Demo:
     # -------------------------------------------------------------------------------------- sampling
     def sample_jobs(self) -> list[dict]:
         p = self.plan
-        jobs = []
+        jobs, strided = [], []
+
+        def add(strided_too: bool, **job) -> None:
+            jobs.append({**job, "sampler": DEFAULT_SAMPLER})
+            if strided_too and job["benchmark"] in p.strided_benchmarks:
+                strided.append({**job, "sampler": STRIDED})
+
         for bench in ("synthetic", "text"):
             for steps in (p.many_steps, p.few_steps):
                 for t in (p.text_temperatures if bench == "text" else p.temperatures):
-                    jobs.append(dict(benchmark=bench, model="teacher", round=0, steps=steps, temperature=t,
-                                     checkpoint=self.teacher_dir(bench)))
+                    add(steps == p.few_steps, benchmark=bench, model="teacher", round=0, steps=steps, temperature=t,
+                        checkpoint=self.teacher_dir(bench))
             for objective in ("mcd", "sdtt"):
                 rounds = self.student_checkpoints(bench, objective)
                 for rnd, run in rounds:
-                    temps = p.student_temperatures if rnd == rounds[-1][0] else (1.0,)
-                    for t in temps:
-                        jobs.append(dict(benchmark=bench, model=objective, round=rnd, steps=p.few_steps,
-                                         temperature=t, checkpoint=run))
-        for job in jobs:
-            job["sampler"] = DEFAULT_SAMPLER
-        strided = []
-        for job in jobs:  # teacher@n at every temperature, each student's last round at its own temperatures
-            last = max([j["round"] for j in jobs if j["benchmark"] == job["benchmark"] and j["model"] == job["model"]])
-            if (job["benchmark"] in p.strided_benchmarks and job["steps"] == p.few_steps
-                    and (job["model"] == "teacher" or job["round"] == last)):
-                strided.append({**job, "sampler": STRIDED})
+                    last = rnd == rounds[-1][0]  # the last round has its own frontier, also in the strided order
+                    for t in (p.student_temperatures if last else (1.0,)):
+                        add(last, benchmark=bench, model=objective, round=rnd, steps=p.few_steps, temperature=t,
+                            checkpoint=run)
         return jobs + strided
 
     def sample_all(self) -> None:
