@@ -144,8 +144,15 @@ class ParallelDims:
     pp: int
     rank: int = 0
     groups: dict = field(default_factory=dict, repr=False)
+    # The one device rule: every tensor our loop, objectives, losses, guards, metrics and tools create or
+    # receive lives here -- cuda:LOCAL_RANK under NCCL, the host under gloo (set by build()).
+    device: Any = field(default=None, repr=False)
 
     def __post_init__(self):
+        if self.device is None:  # a layout built by hand (tests, tools without a process group): the host
+            import torch
+
+            self.device = torch.device("cpu")
         if self.world_size % (self.tp * self.pp) != 0:
             raise ValueError(f"world size {self.world_size} not divisible by tp*pp={self.tp * self.pp}")
 
@@ -202,7 +209,7 @@ class ParallelDims:
         from megatron.core import parallel_state as ps
 
         world, rank = dist.get_world_size(), dist.get_rank()
-        dims = cls(world_size=world, tp=tp, pp=pp, rank=rank)
+        dims = cls(world_size=world, tp=tp, pp=pp, rank=rank, device=backend_device())
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -366,12 +373,16 @@ def all_ranks_agree_ok(ok: bool, message: str = "") -> None:
         raise RuntimeError(message or f"{int(flag.item())} rank(s) failed; see their logs")
 
 
-def device() -> torch.device:
-    import torch
+def backend_device() -> "torch.device":
+    """cuda:<current> when the process group's backend is NCCL, else the host (gloo, or no group)."""
+    from mcd_scale.collectives import comm_device
 
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return comm_device()
+
+
+def device() -> "torch.device":
+    """Deprecated spelling of :func:`backend_device` (prefer ``dims.device``)."""
+    return backend_device()
 
 
 def rank0_print(*args: Any, **kwargs: Any) -> None:
