@@ -201,11 +201,16 @@ def shard_complete(split_dir: str, j: int, first: int, last: int) -> Optional[di
 
 
 def trajectory_batch(model, cfg, params: dict, x: torch.Tensor, gids: torch.Tensor, dims) -> list[dict]:
-    """Payloads (without ids) of one batch: times + packed top-k targets."""
+    """Payloads (without ids) of one batch: times + packed top-k targets.
+
+    Times and thresholds are drawn on the host (keyed CPU generators: the same on any rank or device);
+    z_s and s move to the teacher's device once; the vocab gather, the log-softmax and the top-k run
+    there, and only the packed top-k (bytes per sample proportional to k, not V) comes back
+    (:func:`mcd_scale.distill.targets.pack_batch`)."""
     from mcd_scale.diffusion.duality import coupled_pair, reveal_thresholds
     from mcd_scale.diffusion.schedules import get_schedule
     from mcd_scale.distill.rounds import coupled_times
-    from mcd_scale.distill.targets import pack_sample, topk_from_logits
+    from mcd_scale.distill.targets import pack_batch, topk_from_logits
     from mcd_scale.model.tp_layers import gather_vocab_logits
 
     seed, n, t_min, L, V = params["seed"], params["round"], params["t_min"], params["seq_len"], params["vocab_size"]
@@ -216,14 +221,14 @@ def trajectory_batch(model, cfg, params: dict, x: torch.Tensor, gids: torch.Tens
     schedule = get_schedule(params["schedule"], params["eps"])
     _, z_s = coupled_pair(x, t, s, u, schedule, params["mask_id"])
     dev = next(model.parameters()).device
-    logits = model(z_s.to(dev), s.to(device=dev, dtype=torch.float32))
+    z_dev = z_s.to(dev, non_blocking=True)
+    logits = model(z_dev, s.to(device=dev, dtype=torch.float32))
     logits = gather_vocab_logits(logits, dims.tp, dims.tp_group)
-    targets = topk_from_logits(logits.float().cpu(), z_s, V, params["top_k"], params["temperature"])
-    out = []
-    for b in range(x.shape[0]):
-        rec = pack_sample(targets, b)
-        rec["times"] = np.array([float(t[b]), float(s[b])], dtype=np.float64)
-        out.append(rec)
+    targets = topk_from_logits(logits, z_dev, V, params["top_k"], params["temperature"])
+    out = pack_batch(targets)
+    times = np.stack([t.numpy(), s.numpy()], axis=1).astype(np.float64)
+    for b, rec in enumerate(out):
+        rec["times"] = times[b].copy()
     return out
 
 
@@ -281,18 +286,13 @@ def collect_shards(split_dir: str, num_shards: int, N: int, S: int) -> list[dict
 
 def _agree(ok: bool) -> bool:
     """True on every rank iff every rank is ok."""
-    import torch.distributed as dist
+    from mcd_scale import collectives
 
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-    dist.all_reduce(flag)
-    return int(flag.item()) == 0
+    return not collectives.any_rank(not ok)
 
 
 def precompute(args) -> dict:
-    import torch.distributed as dist
-
+    from mcd_scale import collectives
     from mcd_scale.distributed import detect_launch_env, init_distributed
     from mcd_scale.model.build import build_model
     from mcd_scale.model.weights import load_full_state_dict, load_safetensors
@@ -316,7 +316,7 @@ def precompute(args) -> dict:
                               f"model.ffn_hidden ({m.ffn_hidden}) and the padded vocabulary ({m.padded_vocab}); the "
                               f"teacher's weights are layout-independent, so pass e.g. --set parallel.tp=1")
     dims = init_distributed(tp, 1)
-    rank = dist.get_rank()
+    rank = collectives.rank()
     ok, err = True, ""
     split_dir = os.path.join(args.out, "train")
     if rank == 0:
@@ -332,7 +332,9 @@ def precompute(args) -> dict:
     if not _agree(ok):
         raise PrecomputeError(err or "rank 0 could not prepare --out (see its log)")
 
-    model = build_model(cfg, dims, init=False)
+    # The teacher lives on this rank's device (cuda:LOCAL_RANK under NCCL): the weights are copied
+    # from the host state straight into the device parameters of this TP shard.
+    model = build_model(cfg, dims, init=False).to(dims.device)
     load_full_state_dict(model, state, dims)
     del state
     model.eval()
@@ -350,9 +352,7 @@ def precompute(args) -> dict:
             todo.append((j, first, last))
     # TP peers must agree on the work list (the writer's view decides).
     if dims.tp > 1:
-        obj = [todo]
-        dist.broadcast_object_list(obj, src=dims.rank_of(0, dims.dp_rank, 0), group=dims.tp_group)
-        todo = obj[0]
+        todo = collectives.broadcast_object(todo, src=dims.rank_of(0, dims.dp_rank, 0), group=dims.tp_group)
     progress = None
     if rank == 0:
         from tqdm import tqdm
@@ -381,9 +381,8 @@ def precompute(args) -> dict:
     elapsed = time.perf_counter() - t0
     if progress is not None:
         progress.close()
-    rate = torch.tensor([float(done) if writer else 0.0], dtype=torch.float64)
-    dist.all_reduce(rate)
-    dist.barrier()
+    rate = collectives.all_reduce(torch.tensor([float(done) if writer else 0.0], dtype=torch.float64))
+    collectives.barrier()
 
     ok, err, manifest = True, "", None
     if rank == 0:

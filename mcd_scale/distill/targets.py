@@ -146,6 +146,28 @@ def pack_sample(targets: TopKTargets, b: int) -> dict[str, np.ndarray]:
     }
 
 
+def pack_batch(targets: TopKTargets) -> list[dict[str, np.ndarray]]:
+    """Every sample's packed record (as :func:`pack_sample`), with one device-to-host copy per field.
+
+    Only the packed top-k crosses to the host: ids [N, k], float16 log-probs [N, k], the tail [N] and the
+    [B, L] mask of positions, i.e. bytes per sample proportional to k (and L), never to V. The float16
+    cast happens on the device so the host receives the stored width, not float32.
+    """
+    batch, seq_len = targets.positions.shape
+    ids = targets.ids.to(torch.int32).cpu().numpy().astype(_index_dtype(targets.vocab_size))
+    logp = targets.logp.to(torch.float16).cpu().numpy()
+    tail = targets.tail_logp.to(torch.float32).cpu().numpy()
+    positions = targets.positions.cpu().numpy()
+    out, start = [], 0
+    for b in range(batch):
+        pos = np.flatnonzero(positions[b])
+        stop = start + pos.shape[0]
+        out.append({"topk_pos": pos.astype(_index_dtype(seq_len)), "topk_ids": ids[start:stop],
+                    "topk_logp": logp[start:stop], "tail_logp": tail[start:stop]})
+        start = stop
+    return out
+
+
 def unpack_samples(samples: Sequence[Mapping[str, np.ndarray]], seq_len: int, vocab_size: int,
                    logp_dtype: torch.dtype = torch.float32) -> TopKTargets:
     """Collate packed samples (from :func:`pack_sample`) into one batch of :class:`TopKTargets`.
