@@ -41,3 +41,9 @@ def test_sampling_bench_few_steps_strided(capsys):
     assert out["nfe_student"] == 4.0  # stride 4 at L = 16: each step reveals one residue class in every row
     assert bench.main(["--config", "configs/tiny/teacher.yaml", "--set", "model.seq_len=16", "--many-steps", "8",
                        "--few-steps", "8"]) == 2
+
+
+def test_sampling_bench_bad_device_exits_2(capsys):
+    assert bench.main(["--config", "configs/tiny/teacher.yaml", "--device", "gpu0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device" in err[0]

@@ -95,3 +95,22 @@ def test_cli_strided_reveal_order(run_dir, tmp_path):
     loaded = sample_cli.load_model(str(run_dir))
     with pytest.raises(ValueError, match="--sampler coupled"):
         sample_cli.sample(loaded, steps=4, num_samples=1, seed=0, reveal_order="strided")
+
+
+def test_device_flag_bad_value_exits_2_with_one_line(run_dir, capsys):
+    missing_cuda = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    for bad in ("gpu0", missing_cuda):
+        rc = sample_cli.main(["--checkpoint", str(run_dir), "--steps", "2", "--num-samples", "1", "--device", bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "--device" in err[0], (bad, err)
+
+
+def test_device_flag_cpu_runs_and_reports_device(run_dir, tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    rc = sample_cli.main(["--checkpoint", str(run_dir), "--steps", "3", "--num-samples", "2", "--device", "cpu",
+                          "--sampler", "coupled", "--quiet", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads((tmp_path / "s.jsonl.summary.json").read_text())
+    assert summary["device"] == "cpu"
+    direct = sample_cli.sample(sample_cli.load_model(str(run_dir)), 3, 2, 0, sampler="coupled")
+    assert [json.loads(line)["ids"] for line in out.read_text().splitlines()] == direct.tokens.tolist()

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mcd_scale.checkpoint import checkpoint_root, read_latest  # noqa: E402
+from mcd_scale.cli_device import DeviceFlagError, resolve_device  # noqa: E402
 from mcd_scale.config import Config, from_dict, load_config  # noqa: E402
 from mcd_scale.diffusion.sampling import REVEAL_ORDERS, SampleResult, ancestral_sample, coupled_sample  # noqa: E402
 from mcd_scale.diffusion.schedules import get_schedule  # noqa: E402
@@ -43,6 +44,7 @@ class LoadedModel:
     model: torch.nn.Module
     cfg: Config
     weights_path: str
+    device: torch.device = torch.device("cpu")  # where the model's parameters live
 
     @property
     def vocab_size(self) -> int:
@@ -79,8 +81,9 @@ def resolve_weights(checkpoint: str, weights: str = "model") -> str:
 
 
 def load_model(checkpoint: str, config_files: Sequence[str] = (), overrides: Sequence[str] = (),
-               weights: str = "model") -> LoadedModel:
-    """Build the tp=1 model from the checkpoint's resolved config (or ``config_files``) and load weights."""
+               weights: str = "model", device: torch.device | str = "cpu") -> LoadedModel:
+    """Build the tp=1 model from the checkpoint's resolved config (or ``config_files``) and load weights
+    (copied from the host file straight into the parameters on ``device``)."""
     import yaml
 
     from mcd_scale.model.weights import load_full_state_dict, load_safetensors
@@ -96,20 +99,21 @@ def load_model(checkpoint: str, config_files: Sequence[str] = (), overrides: Seq
             cfg = from_dict(yaml.safe_load(fh), source=resolved)
         if overrides:
             raise ValueError("--set needs --config (the resolved config is used as saved)")
-    loaded = single_process_model(cfg, init=False, weights_path=path)
+    loaded = single_process_model(cfg, init=False, weights_path=path, device=device)
     load_full_state_dict(loaded.model, load_safetensors(path), None)
     return loaded
 
 
-def single_process_model(cfg: Config, init: bool, weights_path: str) -> LoadedModel:
+def single_process_model(cfg: Config, init: bool, weights_path: str,
+                         device: torch.device | str = "cpu") -> LoadedModel:
     """The config's model on one process, fp32, no TP/PP, eval mode (the weights are layout-independent):
     randomly initialised with ``init``, else left for the caller to load."""
     from mcd_scale.model.build import build_model
 
     cfg.train.precision = "fp32"
     cfg.parallel.activation_checkpointing = False
-    model = build_model(cfg, None, init=init, dtype=torch.float32).eval()
-    return LoadedModel(model, cfg, weights_path)
+    model = build_model(cfg, None, init=init, dtype=torch.float32).eval().to(device)
+    return LoadedModel(model, cfg, weights_path, torch.device(device))
 
 
 def sample(loaded: LoadedModel, steps: int, num_samples: int, seed: int, temperature: float = 1.0,
@@ -117,7 +121,7 @@ def sample(loaded: LoadedModel, steps: int, num_samples: int, seed: int, tempera
            reveal_order: str = "random", stride: Optional[int] = None) -> SampleResult:
     schedule = get_schedule(loaded.cfg.diffusion.schedule, loaded.cfg.diffusion.eps)
     common = dict(temperature=temperature, batch_size=batch_size,
-                  time_conditioned=loaded.cfg.model.time_conditioning, progress=progress)
+                  time_conditioned=loaded.cfg.model.time_conditioning, progress=progress, device=loaded.device)
     if sampler == "coupled":
         return coupled_sample(loaded.denoiser, num_samples, loaded.seq_len, steps, loaded.vocab_size, schedule,
                               seed, reveal_order=reveal_order, stride=stride, **common)
@@ -155,6 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=None, help="default: all samples in one batch")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default=None,
+                    help="where the model runs: cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     ap.add_argument("--out", default=None, help="JSONL file (default: stdout)")
     ap.add_argument("--tokenizer", default=None, help="SentencePiece model to decode text (e.g. data/prepared/tokenizer.model)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -169,10 +175,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.stride is not None and args.stride < 1:
         print(f"sample: error: --stride must be >= 1, got {args.stride}", file=sys.stderr)
         return 2
+    try:
+        device = resolve_device(args.device)
+    except DeviceFlagError as exc:
+        print(f"sample: error: {exc}", file=sys.stderr)
+        return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        loaded = load_model(args.checkpoint, args.config, args.overrides, args.weights)
+        loaded = load_model(args.checkpoint, args.config, args.overrides, args.weights, device)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"sample: error: {exc}", file=sys.stderr)
         return 2
@@ -183,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              for i, (text, row) in enumerate(zip(texts, res.tokens))]
     summary = {"checkpoint": loaded.weights_path, "sampler": args.sampler, "reveal_order": args.reveal_order,
                "stride": (args.stride or min(args.steps, loaded.seq_len)) if args.reveal_order == "strided" else None,
-               "steps": args.steps,
+               "steps": args.steps, "device": str(device),
                "temperature": args.temperature, "seed": args.seed, "num_samples": args.num_samples,
                "seq_len": loaded.seq_len, "nfe": res.nfe, "seconds_per_sample": res.seconds / args.num_samples}
     if args.out:

@@ -130,22 +130,35 @@ def _log_probs(logits_rows: torch.Tensor, vocab_size: int, temperature: float) -
 
 def _fill(z: torch.Tensor, reveal: torch.Tensor, logits: torch.Tensor, ids: list[int], seed: int,
           vocab_size: int, temperature: float, purpose: str, greedy: bool) -> None:
-    """Set every position in ``reveal`` to argmax(log p / T + g) (or argmax log p when greedy), in place."""
-    for b, sid in enumerate(ids):
-        pos = reveal[b].nonzero().flatten()
-        if pos.numel() == 0:
-            continue
-        score = _log_probs(logits[b, pos], vocab_size, temperature)
-        if not greedy:
-            score = score + token_gumbel_rows(seed, sid, pos.numpy(), vocab_size, purpose)
-        z[b, pos] = score.argmax(-1).to(z.dtype)
+    """Set every position in ``reveal`` to argmax(log p / T + g) (or argmax log p when greedy), in place.
+
+    ``z`` and ``reveal`` live on the host (small [B, L] bookkeeping); ``logits`` on the network's device.
+    The revealed rows are gathered and scored on that device: one host-to-device copy of their indices
+    and Gumbel noise (drawn on the host from the keyed counter stream, so they are the same on any
+    device) and one device-to-host copy of the chosen ids per call, whatever the batch size."""
+    rows, pos = reveal.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return
+    dev = logits.device
+    score = _log_probs(logits[rows.to(dev), pos.to(dev)], vocab_size, temperature)
+    if not greedy:
+        noise = [token_gumbel_rows(seed, ids[b], pos[rows == b].numpy(), vocab_size, purpose)
+                 for b in range(len(ids)) if bool((rows == b).any())]
+        score = score + torch.cat(noise).to(dev)
+    z[rows, pos] = score.argmax(-1).cpu().to(z.dtype)
 
 
 def _run(mode: str, denoiser: Denoiser, num_samples: int, seq_len: int, steps: int, vocab_size: int,
          schedule: Schedule, seed: int, temperature: float, batch_size: Optional[int], greedy_tail: bool,
-         progress: bool, reveal_order: str = "random", stride: Optional[int] = None) -> SampleResult:
+         progress: bool, reveal_order: str = "random", stride: Optional[int] = None,
+         device: Optional[torch.device | str] = None) -> SampleResult:
+    """The network runs on ``device`` (default: the host). Every random draw (thresholds, ancestral
+    reveal draws, Gumbel noise) comes from keyed CPU generators / the counter stream on the host, and the
+    [B, L] token state stays there; only the network's input rows go to the device and only the chosen
+    ids come back, once per step. Same key -> same tokens on any device, up to float64 ties in argmax."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    device = torch.device(device or "cpu")
     stride = min(steps, seq_len) if stride is None else stride
     times = sampling_times(steps)
     alphas = schedule.alpha(times)
@@ -175,7 +188,7 @@ def _run(mode: str, denoiser: Denoiser, num_samples: int, seq_len: int, steps: i
                 # Only the samples with a token to reveal call the network: the others' outputs would
                 # be unchanged (time-agnostic caching), so NFE is counted per sample, as MCD.md §7 asks.
                 sub = z[rows]
-                logits = net.logits(sub, float(times[k]))
+                logits = net.logits(sub.to(device, non_blocking=True), float(times[k]))
                 _fill(sub, reveal[rows], logits, [ids[int(r)] for r in rows], seed, vocab_size, temperature,
                       mode + "-gumbel", greedy=False)
                 z[rows] = sub
@@ -186,7 +199,7 @@ def _run(mode: str, denoiser: Denoiser, num_samples: int, seq_len: int, steps: i
         rows = remaining.any(dim=1).nonzero().flatten()
         if rows.numel() > 0:  # tail: whatever the last step left masked
             sub = z[rows]
-            logits = net.logits(sub, float(times[-1]))
+            logits = net.logits(sub.to(device, non_blocking=True), float(times[-1]))
             _fill(sub, remaining[rows], logits, [ids[int(r)] for r in rows], seed, vocab_size, temperature,
                   mode + "-gumbel", greedy=greedy_tail)
             z[rows] = sub
@@ -197,24 +210,27 @@ def _run(mode: str, denoiser: Denoiser, num_samples: int, seq_len: int, steps: i
 
 def ancestral_sample(denoiser: Denoiser, num_samples: int, seq_len: int, steps: int, vocab_size: int,
                      schedule: Schedule, seed: int, temperature: float = 1.0, batch_size: Optional[int] = None,
-                     time_conditioned: bool = False, greedy_tail: bool = True, progress: bool = False) -> SampleResult:
+                     time_conditioned: bool = False, greedy_tail: bool = True, progress: bool = False,
+                     device: Optional[torch.device | str] = None) -> SampleResult:
     """MDLM ancestral sampler: at t -> s each masked token is revealed with probability
     (alpha_s - alpha_t) / (1 - alpha_t), its value drawn from p_theta(. | z_t) / T (Gumbel-max, float64);
     revealed tokens are kept. Masks left after the last step are filled greedily (``greedy_tail``)
     or sampled. ``time_conditioned`` is kept for interface compatibility: lazy evaluation (module
     docstring) gives the same calls and results for both kinds of model."""
     return _run("ancestral", denoiser, num_samples, seq_len, steps, vocab_size, schedule, seed, temperature,
-                batch_size, greedy_tail, progress)
+                batch_size, greedy_tail, progress, device=device)
 
 
 def coupled_sample(denoiser: Denoiser, num_samples: int, seq_len: int, steps: int, vocab_size: int,
                    schedule: Schedule, seed: int, temperature: float = 1.0, batch_size: Optional[int] = None,
                    time_conditioned: bool = False, greedy_tail: bool = True, progress: bool = False,
-                   reveal_order: str = "random", stride: Optional[int] = None) -> SampleResult:
+                   reveal_order: str = "random", stride: Optional[int] = None,
+                   device: Optional[torch.device | str] = None) -> SampleResult:
     """Deterministic coupled sampler: per-token u and Gumbel noise drawn once (keyed); at t -> s exactly
     the tokens with alpha_t <= u < alpha_s are revealed, each to argmax(log p_theta / T + g).
     Same seed -> same tokens, whatever the batch size. ``time_conditioned``: as in ancestral_sample.
     ``reveal_order``/``stride``: how the thresholds u are drawn (:func:`reveal_thresholds`); the stride
-    defaults to ``min(steps, seq_len)``, one residue class per step."""
+    defaults to ``min(steps, seq_len)``, one residue class per step. ``device``: where the network runs
+    (the model's device; see :func:`_run` for what crosses)."""
     return _run("coupled", denoiser, num_samples, seq_len, steps, vocab_size, schedule, seed, temperature,
-                batch_size, greedy_tail, progress, reveal_order, stride)
+                batch_size, greedy_tail, progress, reveal_order, stride, device)

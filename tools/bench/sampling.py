@@ -31,20 +31,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 for p in (REPO, os.path.join(REPO, "tools")):
     if p not in sys.path:
         sys.path.insert(0, p)
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
 import torch  # noqa: E402
 
 
-def _load(a):
+def _load(a, device):
     import sample as sample_cli  # tools/sample.py
 
     if a.checkpoint:
-        return sample_cli.load_model(a.checkpoint)
+        return sample_cli.load_model(a.checkpoint, device=device)
     from mcd_scale.config import load_config
 
     cfg = load_config([os.path.join(REPO, a.config)], list(a.overrides))
-    return sample_cli.single_process_model(cfg, init=True, weights_path="random-init")
+    return sample_cli.single_process_model(cfg, init=True, weights_path="random-init", device=device)
 
 
 def main(argv=None) -> int:
@@ -60,12 +58,20 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     a = ap.parse_args(argv)
+    from mcd_scale.cli_device import DeviceFlagError, resolve_device
+
+    try:
+        device = resolve_device(a.device)
+    except DeviceFlagError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
     if a.threads:
         torch.set_num_threads(a.threads)
     import sample as sample_cli  # tools/sample.py
 
-    loaded = _load(a)
+    loaded = _load(a, device)
     few = a.few_steps or max(a.many_steps // 16, 1)
     if few < 1 or few >= a.many_steps:
         print(f"bench: error: --few-steps must be in [1, --many-steps), got {few}", file=sys.stderr)
@@ -99,7 +105,8 @@ def main(argv=None) -> int:
     nfe = {steps: statistics.fmean(v) for steps, v in nfe.items()}
     best_teacher = min(v["teacher_s_per_sample"] for v in per_batch.values())
     best_student = min(v["student_s_per_sample"] for v in per_batch.values())
-    out = {"model": loaded.weights_path, "seq_len": loaded.seq_len, "vocab_size": loaded.vocab_size,
+    out = {"model": loaded.weights_path, "device": str(device),
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "seq_len": loaded.seq_len, "vocab_size": loaded.vocab_size,
            "many_steps": a.many_steps, "few_steps": few, "few_reveal_order": a.few_reveal_order,
            "num_samples": a.num_samples, "repeats": a.repeats,
            "threads": torch.get_num_threads(), "nfe_teacher": round(nfe[a.many_steps], 2), "nfe_student": nfe[few],

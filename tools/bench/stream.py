@@ -11,6 +11,10 @@ workers (``reader_samples_per_s``), and the samples/s a tiny student consumes (f
 AdamW step of ``build_model`` on z_t with a top-k cross-entropy to the teacher targets,
 ``student_samples_per_s``). ``headroom_w`` = reader / student rate: > 1 means data is not the
 bottleneck at that worker count.
+
+``--device`` (default: cuda when present) is where the student trains; the precompute runs where the
+tool puts its teacher, ``dims.device`` of its process group (cuda under NCCL, i.e. whenever CUDA is
+present; run with ``CUDA_VISIBLE_DEVICES=`` for an all-CPU measurement).
 """
 from __future__ import annotations
 
@@ -24,7 +28,6 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -89,16 +92,17 @@ def _reader_rate(ds, workers: int, a) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def _student_rate(cfg, ds, a) -> float:
+def _student_rate(cfg, ds, a, device) -> float:
     from mcd_scale.data.loader import collate_samples
     from mcd_scale.model.build import build_model
 
-    model = build_model(cfg, None, init=True)
+    model = build_model(cfg, None, init=True).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     V = cfg.model.vocab_size
     batches = [collate_samples([(g, g, ds[g]) for g in range(i, i + a.batch)])
                for i in range(0, min(len(ds), 4 * a.batch) - a.batch + 1, a.batch)]
-    pairs = [(ds.coupled_pair(b)[0], b) for b in batches]
+    pairs = [(ds.coupled_pair(b)[0].to(device), {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()})
+             for b in batches]
 
     def step(z_t, b):
         logits = model(z_t, b["t"].float())[..., :V].float()
@@ -116,6 +120,8 @@ def _student_rate(cfg, ds, a) -> float:
         z_t, b = pairs[i % len(pairs)]
         step(z_t, b)
         n += int(z_t.shape[0])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the steps above were only queued
     return n / (time.perf_counter() - t0)
 
 
@@ -134,7 +140,15 @@ def main(argv=None) -> int:
     ap.add_argument("--read-samples", type=int, default=512, help="samples read per worker setting")
     ap.add_argument("--student-steps", type=int, default=10)
     ap.add_argument("--workers", default="0,1,2")
+    ap.add_argument("--device", default=None, help="student device: cpu, cuda or cuda:N (default: cuda when present)")
     a = ap.parse_args(argv)
+    from mcd_scale.cli_device import DeviceFlagError, resolve_device
+
+    try:
+        device = resolve_device(a.device)
+    except DeviceFlagError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
     from mcd_scale.data.trajectories import open_trajectories
@@ -146,7 +160,7 @@ def main(argv=None) -> int:
         cfg.data.path, cfg.data.trajectories, cfg.distill.teacher = tokens, out, teacher
         ds = open_trajectories(cfg)
         reader = {str(w): round(_reader_rate(ds, int(w), a), 1) for w in a.workers.split(",")}
-        student = _student_rate(cfg, ds, a)
+        student = _student_rate(cfg, ds, a, device)
         shard_bytes = sum(s["bytes"] for s in ds.manifest["splits"]["train"]["shards"])
     result = {
         "config": {k: v for k, v in vars(a).items()},
