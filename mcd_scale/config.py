@@ -97,6 +97,29 @@ class ParallelConfig:
     """How PipelineModule splits layers: 'uniform' or 'parameters'."""
     offload_optimizer: bool = False
     """ZeRO optimizer-state offload to CPU (JIT-builds DeepSpeedCPUAdam on first use)."""
+    fused_optimizer: bool = True
+    """Use torch AdamW's fused CUDA kernel (one kernel per step instead of a loop over parameters). Applies
+    on CUDA only; on the host the single-tensor AdamW is used whatever this says (mcd_scale/optim.py)."""
+    overlap_comm: bool = True
+    """ZeRO-2/3: overlap the gradient reduce-scatter (and ZeRO-3 parameter prefetch) with backward/forward
+    compute. Costs pinned bucket buffers of reduce_bucket_elements (docs/performance.md)."""
+    contiguous_gradients: bool = True
+    """ZeRO-2/3: copy reduced gradient partitions into one contiguous buffer (no fragmentation of the
+    allocator over a long run; one extra copy per bucket)."""
+    reduce_dtype: str = "fp32"
+    """Data type of the data-parallel gradient reduction under bf16: 'fp32' (exact sum of the DP ranks'
+    bf16 gradients, twice the bytes) or 'bf16' (half the bytes, rounding at every reduction hop). Ignored
+    in fp32 training (always fp32) and outside ZeRO-3 (DeepSpeed's own choice). See docs/performance.md
+    "Decided GPU defaults"."""
+    reduce_bucket_elements: int = 50_000_000
+    """ZeRO-2/3 gradient reduction bucket (elements): reduce-scatter starts when this many gradient
+    elements are ready. Two 1B blocks' TP shard (~25M each); DeepSpeed's 5e8 would hold the whole shard."""
+    zero3_prefetch_elements: int = 50_000_000
+    """ZeRO-3: parameter elements fetched ahead of use (stage3_prefetch_bucket_size)."""
+    zero3_persistence_threshold: int = -1
+    """ZeRO-3: parameters with at most this many elements (per TP shard) stay whole on every rank instead
+    of being all-gathered at every use. -1: the largest 1-D parameter of the model (LayerNorm weights,
+    biases, adaLN vectors), so only matrices are partitioned; 0: partition everything."""
 
 
 @dataclass
@@ -251,6 +274,7 @@ class Config:
 CHOICES = {
     "parallel.pipeline_partition": ("uniform", "parameters"),
     "schedule.decay": ("cosine", "linear", "constant"),
+    "parallel.reduce_dtype": ("fp32", "bf16"),
     "train.objective": ("mdlm", "mcd", "sdtt"),
     "train.precision": ("fp32", "bf16"),
     "diffusion.schedule": ("loglinear", "cosine"),
@@ -402,6 +426,11 @@ def validate_fields(cfg: Config) -> None:
     for name in ("tp", "pp", "micro_batch", "global_batch"):
         _require(getattr(p, name) >= 1, f"'parallel.{name}' must be >= 1, got {getattr(p, name)}.")
     _require(p.zero_stage in (0, 1, 2, 3), f"'parallel.zero_stage' must be 0, 1, 2 or 3, got {p.zero_stage}.")
+    for name in ("reduce_bucket_elements", "zero3_prefetch_elements"):
+        _require(getattr(p, name) >= 1, f"'parallel.{name}' must be >= 1, got {getattr(p, name)}.")
+    _require(p.zero3_persistence_threshold >= -1,
+             f"'parallel.zero3_persistence_threshold' must be -1 (auto), 0 or a positive element count, "
+             f"got {p.zero3_persistence_threshold}.")
     _require(t.steps >= 0, f"'train.steps' must be >= 0, got {t.steps}.")
     _require(0.0 <= t.ema_decay < 1.0, f"'train.ema_decay' must be in [0, 1), got {t.ema_decay}.")
     _require(t.log_every >= 1, f"'train.log_every' must be >= 1, got {t.log_every}.")
@@ -473,18 +502,40 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "zero_optimization": {"stage": p.zero_stage},
         "zero_allow_untested_optimizer": True,
     }
+    if p.zero_stage >= 2:
+        ds["zero_optimization"].update({
+            "overlap_comm": p.overlap_comm,
+            "contiguous_gradients": p.contiguous_gradients,
+            "reduce_bucket_size": p.reduce_bucket_elements,
+        })
     if p.zero_stage == 3:
         ds["zero_optimization"].update({
-            "stage3_param_persistence_threshold": 0,
+            "stage3_param_persistence_threshold": persistence_threshold(cfg),
+            "stage3_prefetch_bucket_size": p.zero3_prefetch_elements,
             "stage3_gather_16bit_weights_on_model_save": False,
         })
     if p.offload_optimizer and p.zero_stage >= 1:
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     if cfg.train.precision == "bf16":
         ds["bf16"] = {"enabled": True}
+        if p.zero_stage == 3:  # DeepSpeed's default under bf16 is a bf16 reduction; state the decided one
+            ds["communication_data_type"] = p.reduce_dtype
     if p.pp > 1:
         ds["pipeline"] = {"activation_checkpoint_interval": 1 if p.activation_checkpointing else 0}
     return ds
+
+
+def persistence_threshold(cfg: Config) -> int:
+    """ZeRO-3 persistence threshold in elements (per TP shard): the configured one, or for -1 the
+    largest 1-D parameter (norms and biases are a few KiB each, but gathering them one by one costs a
+    collective's latency per vector, several per block per pass)."""
+    p, m = cfg.parallel, cfg.model
+    if p.zero3_persistence_threshold >= 0:
+        return p.zero3_persistence_threshold
+    vectors = [m.hidden, 3 * m.hidden // p.tp, m.ffn_hidden // p.tp]  # norms/row biases, qkv, fc1 biases
+    if m.time_conditioning:
+        vectors.append(6 * m.hidden)  # adaLN modulation bias (replicated)
+    return max(vectors)
 
 
 def to_dict(cfg: Config) -> dict:

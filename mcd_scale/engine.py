@@ -62,8 +62,9 @@ class TrainEngine:
         module = self._build_module(ds_cfg, init=init_state is None)
         self._load_init_state(module, init_state)
         trainable = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.optimizer.lr, betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
-                                      eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay)
+        from mcd_scale.optim import build_optimizer
+
+        optimizer = build_optimizer(cfg, trainable, dims.device)  # fused kernel on CUDA (mcd_scale/optim.py)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,

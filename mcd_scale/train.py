@@ -29,8 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate the config (and the layout for --world-size) and exit")
     p.add_argument("--world-size", type=int, default=None,
                    help="with --dry-run: the number of ranks to validate for (default: the launcher's)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="with --dry-run: the device kind the printed optimizer options are for (default: cuda)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
+
+
+def dry_run_report(cfg, world: int, device_type: str) -> dict:
+    """What ``--dry-run`` derives for ``world`` ranks: the layout, the DeepSpeed dict, the optimizer
+    options on ``device_type`` and the per-rank memory plan (no torch model is built)."""
+    from mcd_scale.config import deepspeed_config, grad_accum
+    from mcd_scale.memory_plan import memory_plan
+    from mcd_scale.optim import adamw_options
+
+    return {"dp": world // (cfg.parallel.tp * cfg.parallel.pp), "grad_accum": grad_accum(cfg, world),
+            "deepspeed": deepspeed_config(cfg, world), "optimizer": adamw_options(cfg, device_type),
+            "memory_plan": memory_plan(cfg, world)}
 
 
 def main(argv=None) -> int:
@@ -43,13 +57,10 @@ def main(argv=None) -> int:
         print(f"[rank {detect_launch_env().rank}] config error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     if args.dry_run:
-        from mcd_scale.config import deepspeed_config, grad_accum
         import json
 
         print(json.dumps({"ok": True, "world_size": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
-                          "dp": world // (cfg.parallel.tp * cfg.parallel.pp),
-                          "grad_accum": grad_accum(cfg, world),
-                          "deepspeed": deepspeed_config(cfg, world)}, indent=2))
+                          **dry_run_report(cfg, world, args.device)}, indent=2))
         return 0
     from mcd_scale.trainer import run_training
 

@@ -424,3 +424,65 @@ def test_bare_off_is_the_word_where_it_is_a_choice():
     from mcd_scale.config import load_config as _load
 
     assert _load([], ["distill.temperature.schedule=off"]).distill.temperature.schedule == "off"
+
+
+# --------------------------------------------------------------------------------------------
+# Decided GPU defaults (docs/performance.md "Decided GPU defaults") in the derived dicts
+# --------------------------------------------------------------------------------------------
+ONE_B = {"teacher_1b.yaml": 8, "distill_1b.yaml": 16}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_B))
+def test_one_b_configs_derive_the_decided_gpu_defaults(monkeypatch, name):
+    from deepspeed.runtime import config as ds_config
+
+    from mcd_scale.optim import adamw_options
+
+    cfg = load_config([os.path.join(REPO, "configs", name)])
+    world = ONE_B[name]
+    ds = deepspeed_config(cfg, world)
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["overlap_comm"] is True and zero["contiguous_gradients"] is True
+    # The largest 1-D parameter of the TP shard persists (fc1 bias, ffn/tp), so no norm/bias is gathered.
+    assert zero["stage3_param_persistence_threshold"] == cfg.model.ffn_hidden // cfg.parallel.tp == 4096
+    assert zero["reduce_bucket_size"] == zero["stage3_prefetch_bucket_size"] == 50_000_000
+    assert ds["bf16"] == {"enabled": True} and ds["communication_data_type"] == "fp32"
+    assert cfg.parallel.activation_checkpointing is False  # the memory plan fits without it
+    assert adamw_options(cfg, "cuda")["fused"] is True
+    assert "fused" not in adamw_options(cfg, "cpu")  # CPU keeps the single-tensor AdamW
+
+    class MPU:
+        def get_data_parallel_world_size(self):
+            return world // cfg.parallel.tp
+
+    monkeypatch.setattr(ds_config.dist, "get_rank", lambda *a, **k: 0)
+    parsed = ds_config.DeepSpeedConfig(ds, mpu=MPU())  # DeepSpeed accepts every key under its own names
+    import torch
+
+    assert parsed.communication_data_type == torch.float32
+    assert parsed.zero_config.overlap_comm and parsed.zero_config.param_persistence_threshold == 4096
+    assert parsed.zero_config.reduce_bucket_size == parsed.zero_config.prefetch_bucket_size == 50_000_000
+
+
+def test_gpu_default_keys_are_validated_and_reach_the_dict():
+    assert "'parallel.reduce_dtype'" in _err(["parallel.reduce_dtype=fp16"])
+    assert "'parallel.zero3_persistence_threshold'" in _err(["parallel.zero3_persistence_threshold=-2"])
+    assert "'parallel.reduce_bucket_elements'" in _err(["parallel.reduce_bucket_elements=0"])
+    cfg = load_config([], ["parallel.zero_stage=3", "train.precision=bf16", "parallel.reduce_dtype=bf16",
+                           "parallel.overlap_comm=false", "parallel.zero3_persistence_threshold=0"])
+    ds = deepspeed_config(cfg, 1)
+    assert ds["communication_data_type"] == "bf16" and ds["zero_optimization"]["overlap_comm"] is False
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    # fp32 training and ZeRO-0/1 do not carry ZeRO-2/3 keys or a reduction dtype.
+    plain = deepspeed_config(load_config([], ["parallel.zero_stage=1"]), 1)
+    assert "communication_data_type" not in plain and set(plain["zero_optimization"]) == {"stage"}
+
+
+def test_build_optimizer_is_plain_adamw_on_cpu():
+    import torch
+
+    from mcd_scale.optim import build_optimizer
+
+    cfg = load_config([], ["parallel.fused_optimizer=true", "optimizer.lr=0.01"])
+    opt = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))], torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW) and not opt.defaults["fused"] and opt.defaults["lr"] == 0.01
