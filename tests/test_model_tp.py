@@ -65,15 +65,17 @@ def _tp_case(dims, extra, load_state):
 
     cfg = tiny_cfg(extra)
     model = build_model(cfg, dims)
-    init_state = full_state_dict(model, dims)
+    init_state = full_state_dict(model, dims)  # fp32, compared exactly
+    model.double()  # logits/grads compared in fp64: see _check_case
     z, t, w = sample_inputs(cfg)
-    logits = gather_vocab_logits(model(z, t), dims.tp, dims.tp_group)
-    (logits * w).sum().backward()
+    logits = gather_vocab_logits(model(z, t.double()), dims.tp, dims.tp_group)
+    (logits * w.double()).sum().backward()
     grads = full_grads(model, dims)
 
     load_full_state_dict(model, load_state, dims)
     with torch.no_grad():
-        loaded_logits = gather_vocab_logits(model(z, t), dims.tp, dims.tp_group)
+        loaded_logits = gather_vocab_logits(model(z, t.double()), dims.tp, dims.tp_group)
+    model.float()  # the loaded values are fp32 values, so fp64 -> fp32 is exact
     reloaded = full_state_dict(model, dims)
 
     # Dropout: the replicated residual stream must stay identical across TP ranks in training.
@@ -99,13 +101,14 @@ def _reference(extra, load_state):
     cfg = tiny_cfg(extra)
     model = build_model(cfg)
     init_state = full_state_dict(model)
+    model.double()
     z, t, w = sample_inputs(cfg)
-    logits = model(z, t)
-    (logits * w).sum().backward()
+    logits = model(z, t.double())
+    (logits * w.double()).sum().backward()
     grads = full_grads(model)
     load_full_state_dict(model, load_state)
     with torch.no_grad():
-        loaded_logits = model(z, t)
+        loaded_logits = model(z, t.double())
     return logits.detach(), grads, init_state, loaded_logits
 
 
@@ -124,13 +127,20 @@ def test_tp2_matches_tp1():
 
 def _check_case(extra, load_state, res):
     ref_logits, ref_grads, ref_init, ref_loaded = _reference(extra, load_state)
+    # TP=2 sums the same products in a different order (row-parallel partial sums, all-reduces, a
+    # CPU-dependent GEMM blocking), so it equals TP=1 only up to rounding. In fp32 that rounding reached
+    # 1.4e-5 on embed.weight's gradient (a sum over B*L*Vp products) on some CPUs. In fp64 (unit roundoff
+    # 1.1e-16) the same reorderings differ by <= 1.5e-13 here (gradients up to ~300); 1e-10 abs + 1e-10 rel
+    # leaves >= 1e3x headroom for any CPU's summation order and is far below what a wrong shard, a missing
+    # reduce or a wrong init changes (O(1e-2) and up).
     for r in res:
-        torch.testing.assert_close(r["logits"], ref_logits, atol=1e-5, rtol=0)
-        torch.testing.assert_close(r["loaded_logits"], ref_loaded, atol=1e-5, rtol=0)
+        assert r["logits"].dtype == torch.float64 and ref_logits.dtype == torch.float64
+        torch.testing.assert_close(r["logits"], ref_logits, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(r["loaded_logits"], ref_loaded, atol=1e-10, rtol=1e-10)
         assert r["block_out_equal"], "dropout broke the replication of the residual stream across TP ranks"
         assert set(r["grads"]) == set(ref_grads)
         for name, g in ref_grads.items():
-            torch.testing.assert_close(r["grads"][name], g, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(r["grads"][name], g, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
     init, reloaded = res[0]["init_state"], res[0]["reloaded"]
     assert res[1]["init_state"] == {} and res[1]["reloaded"] == {}, "full_state_dict is rank-0 only"
     assert set(init) == set(ref_init) and set(reloaded) == set(load_state)

@@ -58,21 +58,24 @@ def _fork(rng: Optional[DropoutRNG], name: str):
 # --------------------------------------------------------------------------------------------------
 # Rotary position embedding
 # --------------------------------------------------------------------------------------------------
-def rotary_cos_sin(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables ``[seq_len, head_dim]`` in float32 (half-split / GPT-NeoX convention).
+def rotary_cos_sin(seq_len: int, head_dim: int, base: float, device: torch.device,
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[seq_len, head_dim]`` in ``dtype`` (float32, or float64 for an fp64 model;
+    half-split / GPT-NeoX convention).
 
     Computed per forward (a few kFLOPs) instead of cached in a buffer: no state to shard, move or
     keep consistent across meta/ZeRO-3 construction.
     """
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=dtype), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, L, heads, head_dim]`` by position; math in float32, result in x's dtype."""
-    xf = x.float()
+    """Rotate ``x [B, L, heads, head_dim]`` by position; math in float32 (float64 for an fp64 x, so
+    fp64 reference tests are not rounded to fp32 here), result in x's dtype."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     out = xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]
@@ -104,7 +107,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, l, _ = x.shape
         q, k, v = self.qkv(x).view(b, l, self.local_heads, 3, self.head_dim).unbind(dim=3)
-        cos, sin = rotary_cos_sin(l, self.head_dim, self.rope_base, x.device)
+        cos, sin = rotary_cos_sin(l, self.head_dim, self.rope_base, x.device,
+                                  torch.promote_types(x.dtype, torch.float32))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         p = self.dropout if self.training else 0.0
         # Attention probabilities are TP-sharded (each rank holds its own heads): per-rank stream.
@@ -142,8 +146,9 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.FREQ_DIM // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = t.float()[:, None] * freqs[None]
+        math_dtype = torch.promote_types(self.fc1.weight.dtype, torch.float32)  # fp64 stays fp64
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=math_dtype) / half)
+        args = t.to(math_dtype)[:, None] * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.fc1.weight.dtype)
         return F.silu(self.fc2(F.silu(self.fc1(emb))))
 
