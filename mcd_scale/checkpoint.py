@@ -10,13 +10,15 @@ Layout of ``<run.dir>/checkpoints/``::
         model.safetensors         layout-independent full weights (checkpoint.consolidated)
         model_ema.safetensors     the same for the EMA weights (train.ema_decay > 0)
         ema_rank{r}.safetensors   per-rank EMA shadow (sharded like the weights under ZeRO-3)
-        COMPLETE                  marker written last inside the staged directory
+        COMPLETE                  marker written last inside the staged directory: JSON with every
+                                  file's size and sha256 (mcd_scale/integrity.py; verified on read)
     latest                        text file with the newest complete tag, replaced atomically last
 
 Atomicity: every rank writes into ``.staging/<tag>``; after a barrier rank 0 renames it to
 ``<tag>`` and only then rewrites ``latest`` (write temp + os.replace). A crash at any point leaves
 either the previous checkpoint or the new one, never a half-written one named as latest.
-Loading uses safetensors / JSON / DeepSpeed's own loader; nothing of ours is unpickled.
+Loading uses safetensors / JSON / DeepSpeed's own loader; nothing of ours is unpickled, and every
+file DeepSpeed will unpickle is verified against the COMPLETE record first (:func:`verify_tag`).
 """
 from __future__ import annotations
 
@@ -78,8 +80,10 @@ def read_latest(root: str) -> Optional[str]:
         return None
     with open(path, encoding="utf-8") as fh:
         tag = fh.read().strip()
+    from mcd_scale.cli import MissingCheckpoint
+
     if not os.path.exists(os.path.join(root, tag, "COMPLETE")):
-        raise FileNotFoundError(f"{path} names '{tag}' but {os.path.join(root, tag)} is missing or incomplete; "
+        raise MissingCheckpoint(f"{path} names '{tag}' but {os.path.join(root, tag)} is missing or incomplete; "
                                 f"point 'checkpoint.load' at one of {list_tags(root)} or remove the run directory")
     return tag
 
@@ -91,8 +95,9 @@ def resolve_load_tag(root: str, load: str) -> Optional[str]:
     if load == "latest":
         return read_latest(root)
     tag = tag_for(int(load)) if load.isdigit() else load
+    from mcd_scale.cli import MissingCheckpoint
     if not os.path.exists(os.path.join(root, tag, "COMPLETE")):
-        raise FileNotFoundError(f"'checkpoint.load' = {load!r}: no complete checkpoint {os.path.join(root, tag)}; "
+        raise MissingCheckpoint(f"'checkpoint.load' = {load!r}: no complete checkpoint {os.path.join(root, tag)}; "
                                 f"available: {list_tags(root) or 'none'}")
     return tag
 
@@ -155,7 +160,12 @@ def save_checkpoint(engine, run_dir: str, state: TrainState, config_yaml: str, r
     if on_staged is not None:
         on_staged()
     if rank == 0:
-        _atomic_write(os.path.join(staged, "COMPLETE"), json.dumps({"tag": tag, "world_size": world_size}))
+        from mcd_scale.integrity import record_files
+
+        # Every rank's files are staged (barrier above): record each one's size and sha256 so readers can
+        # verify what they read before anything (DeepSpeed's unpickler included) opens it.
+        _atomic_write(os.path.join(staged, "COMPLETE"),
+                      json.dumps({"tag": tag, "world_size": world_size, "files": record_files(staged)}, indent=1))
         final = os.path.join(root, tag)
         if os.path.exists(final):
             shutil.rmtree(final)
@@ -172,6 +182,14 @@ def _prune(root: str, keep_last: int) -> None:
     tags = list_tags(root)
     for old in tags[:-keep_last]:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+
+
+def verify_tag(root: str, tag: str) -> str:
+    """Every file of a tag against its integrity record, before any of it is read (IntegrityError names
+    the bad file). Returns "ok" or "unrecorded" (a marker written before records existed)."""
+    from mcd_scale.integrity import verify
+
+    return verify(os.path.join(root, tag))
 
 
 def load_train_state(root: str, tag: str) -> TrainState:

@@ -41,17 +41,21 @@ def resolve_teacher_file(path: str) -> str:
 
 
 def load_teacher_weights(path: str) -> dict[str, torch.Tensor]:
+    """The teacher's weights, verified first against its checkpoint's integrity record (IntegrityError
+    names a truncated or altered file)."""
     from safetensors.torch import load_file
 
-    return load_file(resolve_teacher_file(path))
+    from mcd_scale.integrity import verify_file
+
+    file = resolve_teacher_file(path)
+    verify_file(file)
+    return load_file(file)
 
 
 def teacher_digest(path: str) -> str:
     """sha256 of the teacher weights file (recorded in trajectory manifests and checked by readers)."""
-    import hashlib
+    from mcd_scale.integrity import sha256_file, verify_file
 
-    h = hashlib.sha256()
-    with open(resolve_teacher_file(path), "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    file = resolve_teacher_file(path)
+    verify_file(file)  # IntegrityError (an input error) names a truncated or altered teacher file
+    return sha256_file(file)
