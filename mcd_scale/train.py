@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one field, e.g. --set parallel.tp=2 (repeatable)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config (and the layout for --world-size) and exit")
+    p.add_argument("--layout-only", action="store_true",
+                   help="with --dry-run: validate the config and layout only, not the input paths (data, "
+                        "teacher, trajectories, checkpoint), e.g. for an allocation before the data is staged")
     p.add_argument("--world-size", type=int, default=None,
                    help="with --dry-run: the number of ranks to validate for (default: the launcher's)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
@@ -56,19 +59,29 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"[rank {detect_launch_env().rank}] config error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
+    from mcd_scale.cli import debug, input_error_types, report
+    from mcd_scale.preflight import check_inputs
+
+    try:  # paths before any heavy import or process group; --dry-run verifies the checkpoint's files too
+        inputs = None if (args.dry_run and args.layout_only) else check_inputs(cfg, verify_checkpoint=args.dry_run)
+    except input_error_types() as exc:
+        if debug():
+            raise
+        return report("train", exc)
     if args.dry_run:
         import json
 
-        print(json.dumps({"ok": True, "world_size": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
+        print(json.dumps({"ok": True, "inputs": inputs, "world_size": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
                           **dry_run_report(cfg, world, args.device)}, indent=2))
         return 0
     from mcd_scale.trainer import run_training
 
     try:
         return run_training(cfg)
-    except ConfigError as exc:  # raised on every rank (e.g. a checkpoint the layout cannot resume)
-        print(f"[rank {detect_launch_env().rank}] config error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
+    except input_error_types() as exc:  # on every rank: a missing/corrupt checkpoint, shard, teacher, a bad layout
+        if debug():  # MCD_DEBUG=1: the traceback too
+            raise
+        return report("train", exc)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from mcd_scale import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
 from mcd_scale.checkpoint import (TrainState, checkpoint_root, load_rng_states, load_train_state,
-                                  resolve_load_tag, restore_rng, save_checkpoint)
+                                  resolve_load_tag, restore_rng, save_checkpoint, verify_tag)
 from mcd_scale.config import Config, ConfigError, save_resolved, to_yaml
 from mcd_scale.distributed import ParallelDims, init_distributed, shutdown
 from mcd_scale.metrics import MetricsLogger, format_eta, plot_loss_curves
@@ -104,11 +104,13 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.faults = Faults()  # fault injection from MCD_FAULT_* (all off by default)
         self.run_dir = cfg.run.dir
-        if self.rank == 0:
-            save_resolved(cfg, os.path.join(self.run_dir, "config.resolved.yaml"))
         self.root = checkpoint_root(self.run_dir)
-        # Every rank resolves the tag itself: checkpoints live on a filesystem all ranks share.
+        # Every rank resolves the tag itself: checkpoints live on a filesystem all ranks share. Every rank
+        # verifies the tag's integrity record before anything reads it (DeepSpeed unpickles its .pt files),
+        # so a bad file is one line naming it on every rank.
         self.resume_tag = resolve_load_tag(self.root, cfg.checkpoint.load)
+        if self.resume_tag is not None:
+            verify_tag(self.root, self.resume_tag)
         self.universal = self._universal_resume()  # path of universal.safetensors when the layout changed
         teacher_state = self._teacher_state()
         self.objective = build_objective(cfg, dims, teacher_state)
@@ -133,6 +135,8 @@ class Trainer:
             self.ema = EMA([p for p in self.engine.module.parameters() if p.requires_grad], cfg.train.ema_decay,
                            release_cache=release)
         self._maybe_resume()
+        if self.rank == 0:  # only once the inputs were read: a failed launch leaves the run's files as they were
+            save_resolved(cfg, os.path.join(self.run_dir, "config.resolved.yaml"))
         self.logger = MetricsLogger(self.run_dir, self.rank == 0, cfg.logging.tensorboard, cfg.train.steps)
         from mcd_scale.model.flops import train_flops_per_token
 

@@ -373,7 +373,7 @@ def _train_cli(*args, timeout=120):
 
 def test_cli_dry_run_valid_layout_prints_json():
     res = _train_cli("--config", TINY, "--set", "parallel.tp=2", "--set", "parallel.global_batch=32",
-                     "--dry-run", "--world-size", "8")
+                     "--dry-run", "--layout-only", "--world-size", "8")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["ok"] is True and (out["world_size"], out["tp"], out["pp"], out["dp"]) == (8, 2, 1, 4)

@@ -88,11 +88,16 @@ def load_model(checkpoint: str, config_files: Sequence[str] = (), overrides: Seq
 
     from mcd_scale.model.weights import load_full_state_dict, load_safetensors
 
+    from mcd_scale.integrity import verify_file
+
     path = resolve_weights(checkpoint, weights)
+    verify_file(path)  # against the checkpoint's integrity record (or an export's meta.json) before reading
     if config_files:
         cfg = load_config(list(config_files), list(overrides))
     else:
         resolved = os.path.join(os.path.dirname(path), "config.resolved.yaml")
+        if not os.path.isfile(resolved):  # an export written before it carried config.resolved.yaml
+            resolved = os.path.join(os.path.dirname(path), "config.yaml")
         if not os.path.isfile(resolved):
             raise FileNotFoundError(f"no config.resolved.yaml beside '{path}'; pass --config")
         with open(resolved, encoding="utf-8") as fh:
@@ -132,6 +137,19 @@ def sample(loaded: LoadedModel, steps: int, num_samples: int, seed: int, tempera
                             seed, **common)
 
 
+def check_tokenizer(path: str) -> None:
+    from mcd_scale.cli import InputError
+    from mcd_scale.data.tokenizer import Tokenizer
+
+    if not os.path.isfile(path):
+        raise InputError(f"--tokenizer {path}: no such file; pass the tokenizer.model of the prepared data")
+    try:
+        Tokenizer.from_file(path)
+    except Exception as exc:  # SentencePiece raises plain RuntimeError/OSError for a corrupt model
+        raise InputError(f"--tokenizer {path} is not a SentencePiece model ({' '.join(str(exc).split())[:200]}); "
+                         f"pass the tokenizer.model of the prepared data") from None
+
+
 def decode_rows(tokens: torch.Tensor, tokenizer_path: Optional[str]) -> list[str]:
     if tokenizer_path:
         from mcd_scale.data.tokenizer import Tokenizer
@@ -145,8 +163,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or model.safetensors")
-    ap.add_argument("--config", nargs="*", default=[], help="model config (default: the checkpoint's own)")
-    ap.add_argument("--set", nargs="*", default=[], dest="overrides", help="key=value overrides with --config")
+    ap.add_argument("--config", nargs="+", action="extend", default=[], metavar="FILE",
+                    help="model config files, later override earlier (repeatable; default: the checkpoint's own)")
+    ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                    help="override one field with --config (repeatable)")
     ap.add_argument("--weights", choices=sorted(WEIGHT_FILES), default="model")
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--num-samples", type=int, default=8)
@@ -182,10 +202,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    from mcd_scale.cli import input_errors_exit
+
     try:
-        loaded = load_model(args.checkpoint, args.config, args.overrides, args.weights, device)
+        with input_errors_exit("sample"):
+            if args.tokenizer:  # before sampling: a bad tokenizer must not cost the whole run's output
+                check_tokenizer(args.tokenizer)
+            loaded = load_model(args.checkpoint, args.config, args.overrides, args.weights, device)
     except (FileNotFoundError, ValueError, KeyError) as exc:
-        print(f"sample: error: {exc}", file=sys.stderr)
+        print(f"sample: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     res = sample(loaded, args.steps, args.num_samples, args.seed, args.temperature, args.sampler,
                  args.batch_size, progress=not args.quiet, reveal_order=args.reveal_order, stride=args.stride)
