@@ -55,6 +55,16 @@ def all_reduce(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
     return buf.to(t.device)
 
 
+def all_reduce_(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """In-place :func:`all_reduce` (no copy when ``t`` already lives on the backend's device); returns ``t``."""
+    if not initialized():
+        return t
+    if t.device == comm_device(group) and t.is_contiguous():
+        dist.all_reduce(t, op=_op(op), group=group)
+        return t
+    return t.copy_(all_reduce(t, op, group))
+
+
 def any_rank_tensor(flag: torch.Tensor, group=None) -> torch.Tensor:
     """1.0 on every rank if ``flag`` is non-zero on any rank (float64 scalar, no host read)."""
     return all_reduce(flag.detach().to(torch.float64).reshape(1), "max", group)

@@ -344,6 +344,8 @@ def shutdown(drain: bool = True) -> None:
     """
     import torch.distributed as dist
 
+    from mcd_scale import collectives
+
     try:
         from megatron.core import parallel_state as ps
 
@@ -353,7 +355,7 @@ def shutdown(drain: bool = True) -> None:
         pass
     if dist.is_available() and dist.is_initialized():
         if drain:
-            dist.barrier()
+            collectives.barrier()
             time.sleep(_GLOO_WORKER_GRACE_S)  # GIL released: let gloo workers free finished work
         dist.destroy_process_group()
 
@@ -361,16 +363,38 @@ def shutdown(drain: bool = True) -> None:
 def all_ranks_agree_ok(ok: bool, message: str = "") -> None:
     """Raise on every rank if any rank failed (so errors never leave peers hanging in a collective)."""
     import torch
-    import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    from mcd_scale import collectives
+
+    if not collectives.initialized():
         if not ok:
             raise RuntimeError(message)
         return
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-    dist.all_reduce(flag)
-    if int(flag.item()) > 0:
-        raise RuntimeError(message or f"{int(flag.item())} rank(s) failed; see their logs")
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=collectives.comm_device())
+    failed = int(collectives.all_reduce(flag, "sum").item())
+    if failed > 0:
+        raise RuntimeError(message or f"{failed} rank(s) failed; see their logs")
+
+
+def to_device(obj: Any, device: "torch.device") -> Any:
+    """``obj`` (tensors in nested tuples/lists/dicts) on ``device``: the one place a micro-batch's data moves.
+
+    Called once per micro-batch by the engine (mcd_scale/engine.py). To a CUDA device the host tensors go
+    through pinned memory with ``non_blocking=True``, so the copy overlaps the previous micro-batch's compute;
+    tensors already there are returned as they are (no copy)."""
+    import torch
+
+    if torch.is_tensor(obj):
+        if obj.device == device:
+            return obj
+        if device.type == "cuda" and obj.device.type == "cpu":
+            return (obj if obj.is_pinned() else obj.pin_memory()).to(device, non_blocking=True)
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
 
 
 def backend_device() -> "torch.device":

@@ -17,10 +17,10 @@ import math
 from typing import Callable, Iterable, Optional
 
 import torch
-import torch.distributed as dist
 
+from mcd_scale import collectives
 from mcd_scale.config import Config, deepspeed_config
-from mcd_scale.distributed import ParallelDims
+from mcd_scale.distributed import ParallelDims, to_device
 
 
 def lr_lambda(cfg: Config) -> Callable[[int], float]:
@@ -39,6 +39,26 @@ def lr_lambda(cfg: Config) -> Callable[[int], float]:
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return fn
+
+
+def poisoned(loss: torch.Tensor) -> torch.Tensor:
+    """Fault injection: a NaN loss whose backward creates no NaN of its own (an add passes the gradient
+    through unchanged; a multiply by NaN would put NaN into every gradient, even a zero one)."""
+    return loss + float("nan")
+
+
+def guard_nonfinite(loss: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to back-propagate, finite flag as a device bool), with no host read.
+
+    Where the loss is non-finite, the loss's own backward may produce NaN (0 x inf partials), so a hook on the
+    logits replaces their gradient by zeros (``torch.where``, not a product: 0 x NaN is NaN), and the returned
+    loss is a zero connected to the graph through finite values only. The micro-batch then adds exactly zero
+    to the gradients; the step-level decision (skip at lr 0) is taken once per step by the caller."""
+    ok = torch.isfinite(loss.detach()).all()
+    if logits.requires_grad:
+        logits.register_hook(lambda g: torch.where(ok, g, torch.zeros_like(g)))
+    zero = logits.float().nan_to_num(0.0, 0.0, 0.0).sum() * 0.0
+    return torch.where(ok, loss, zero.to(loss.dtype)), ok
 
 
 def params_dtype(cfg: Config) -> torch.dtype:
@@ -74,7 +94,7 @@ class TrainEngine:
         if self.pipeline:
             from mcd_scale.pipeline_guard import PipelineNonFiniteGuard
 
-            self.guard = PipelineNonFiniteGuard(self.engine, loss_fn, self._any_rank, self.set_lr_scale,
+            self.guard = PipelineNonFiniteGuard(self.engine, loss_fn, dims.device, self.set_lr_scale,
                                                 self.restore_lr)
 
     # ------------------------------------------------------------------ construction
@@ -96,17 +116,11 @@ class TrainEngine:
 
     # ------------------------------------------------------------------ steps
     def _world_mean(self, value: torch.Tensor) -> float:
-        v = value.detach().double().reshape(1).clone()
-        if dist.is_initialized():
-            dist.all_reduce(v)
-            v /= dist.get_world_size()
-        return float(v.item())
+        """World mean of a scalar (one collective, one host read: evaluation only, not the step path)."""
+        return collectives.mean(value)
 
-    def _any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+    def _any_rank(self, flag) -> bool:
+        return collectives.any_rank(flag)
 
     def set_lr_scale(self, scale: float) -> list[float]:
         """Temporarily scale the learning rate (0 = skip the update); returns the old lrs."""
@@ -120,42 +134,52 @@ class TrainEngine:
         for g, lr in zip(self.engine.optimizer.param_groups, old):
             g["lr"] = lr
 
-    def train_step(self, micro_batches: list, poison: bool = False) -> tuple[float, bool]:
-        """One optimizer step over this rank's micro-batches. Returns (mean loss, skipped).
+    def train_step(self, micro_batches: list, poison: bool = False,
+                   stop_requested: bool = False) -> tuple[float, bool, bool]:
+        """One optimizer step over this rank's micro-batches. Returns (mean loss, skipped, stop on any rank).
 
-        ``poison`` (fault injection) turns this step's loss into NaN to exercise the skip policy."""
+        One collective and one host read per step, whatever the number of micro-batches (docs/architecture.md,
+        "Device rule and collectives"): each micro-batch's non-finite flag and loss stay on the device, and the
+        world agrees on [bad micro-batches, loss sum, stop requested] once, just before the optimizer step.
+        A non-finite micro-batch contributes zero gradient (see :func:`guard_nonfinite`), so the skip is exact:
+        the agreed step then runs at lr 0 on every rank. ``stop_requested`` (this rank's preemption signal)
+        rides on the same collective. ``poison`` (fault injection) turns this step's losses into NaN."""
         self.engine.train()
         if self.pipeline:  # the same policy inside the pipeline schedule (mcd_scale/pipeline_guard.py)
-            self.guard.begin(poison)
+            self.guard.begin(poison, stop_requested)
             try:
-                loss = self.engine.train_batch(data_iter=iter(micro_batches))
+                self.engine.train_batch(data_iter=iter(self._on_device(micro_batches)))
             finally:
-                skipped = self.guard.end()
-            loss_v = float(loss.item()) if torch.is_tensor(loss) else float(loss)
-            return (float("nan") if skipped else loss_v), skipped
-        losses, nonfinite = [], False
+                skipped, loss_v, stop = self.guard.end()
+            return (float("nan") if skipped else loss_v), skipped, stop
+        dev = self.dims.device
+        n_bad = torch.zeros((), dtype=torch.float64, device=dev)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         for i, (inputs, labels) in enumerate(micro_batches):
+            inputs, labels = to_device((inputs, labels), dev)  # the one move of this micro-batch's data
             logits = self.engine(*inputs)
             loss = self.loss_fn(logits, labels)
             if poison:
-                loss = loss * float("nan")
-            # All ranks agree per micro-batch, so a bad sample on one rank never leaves peers stepping
-            # with a partial gradient: the loss is zeroed everywhere and the update skipped.
-            bad = self._any_rank(not bool(torch.isfinite(loss.detach()).item()))
-            if bad:
-                nonfinite = True
-                # A zero connected to the graph through finite values only (backward of a non-finite
-                # loss would put inf*0 = NaN into the gradients).
-                loss = logits.float().nan_to_num(0.0, 0.0, 0.0).sum() * 0.0
-            last = i == len(micro_batches) - 1
-            old = self.set_lr_scale(0.0) if (last and nonfinite) else None
+                loss = poisoned(loss)
+            loss, ok = guard_nonfinite(loss, logits)
+            n_bad = n_bad + (~ok).double()
+            loss_sum = loss_sum + torch.where(ok, loss.detach().double(), torch.zeros_like(loss_sum))
             self.engine.backward(loss)
+            old = None
+            if i == len(micro_batches) - 1:  # the optimizer step follows: the one collective + host read
+                summary = torch.stack([n_bad, loss_sum, torch.full_like(loss_sum, float(stop_requested))])
+                bad_total, loss_total, stop_total = collectives.all_reduce(summary, "sum").tolist()
+                skipped = bad_total > 0
+                old = self.set_lr_scale(0.0) if skipped else None
             self.engine.step()
             if old is not None:
                 self.restore_lr(old)
-            losses.append(loss.detach().float() if not bad else torch.tensor(float("nan")))
-        mean = torch.stack(losses).mean()
-        return (float("nan") if nonfinite else self._world_mean(mean)), nonfinite
+        mean = loss_total / (len(micro_batches) * collectives.world_size())
+        return (float("nan") if skipped else mean), skipped, stop_total > 0
+
+    def _on_device(self, micro_batches: list) -> list:
+        """Pipeline menu: DeepSpeed's schedule moves inputs/labels itself only to its own device; ours first."""
+        return [to_device(mb, self.dims.device) for mb in micro_batches]
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list, loss_fn: Optional[Callable] = None) -> float:
@@ -171,7 +195,8 @@ class TrainEngine:
                 self.engine.module.loss_fn = self.loss_fn
             return float(loss.item()) if torch.is_tensor(loss) else float(loss)
         fn = loss_fn or self.loss_fn
-        vals = [fn(self.engine(*inputs), labels).float() for inputs, labels in micro_batches]
+        vals = [fn(self.engine(*inputs), labels).float()
+                for inputs, labels in (to_device(mb, self.dims.device) for mb in micro_batches)]
         return self._world_mean(torch.stack(vals).mean())
 
     def grad_norm(self) -> Optional[float]:

@@ -8,8 +8,8 @@ only the last stage ever sees a loss, so the same policy needs two hooks:
    injection) is recorded and replaced by a zero that is connected to the graph through finite values
    only, so the backward sends zero gradients up the pipeline instead of NaNs;
 2. the schedule's ``OptimizerStep`` instruction is wrapped, on this engine instance only: every rank
-   reaches it after its last send/receive of the batch, all ranks agree (all-reduce MAX over the world)
-   whether any last stage saw a bad loss, and if so the step runs with the learning rate scaled to 0 —
+   reaches it after its last send/receive of the batch, all ranks agree (one all-reduce over the world,
+   the step's only collective of ours) whether any last stage saw a bad loss, and if so the step runs with the learning rate scaled to 0 —
    exactly what the plain engine does, so a skipped step leaves PP and DP runs in the same state
    (tests/test_train_teacher.py::test_pp2_skips_a_nonfinite_step_like_pp1).
 """
@@ -19,22 +19,31 @@ from typing import Callable
 
 import torch
 
+from mcd_scale import collectives
+
 
 class PipelineNonFiniteGuard:
-    """Install on a PipelineEngine; call :meth:`begin` before and :meth:`skipped` after ``train_batch``."""
+    """Install on a PipelineEngine; call :meth:`begin` before and :meth:`end` after ``train_batch``.
 
-    def __init__(self, engine, loss_fn: Callable, any_rank: Callable[[bool], bool],
-                 set_lr_scale: Callable[[float], list], restore_lr: Callable[[list], None]):
+    One collective and one host read per step (at the ``OptimizerStep`` instruction): the last stage keeps its
+    bad-micro-batch count and loss sum on the device (no read per micro-batch), and the world agrees on
+    [bad count, loss sum, stop requested] once."""
+
+    def __init__(self, engine, loss_fn: Callable, device, set_lr_scale: Callable[[float], list],
+                 restore_lr: Callable[[list], None]):
         from deepspeed.runtime.pipe import schedule
 
-        self.engine, self.loss_fn = engine, loss_fn
-        self.poison = False
-        self.nonfinite_local = False  # this rank's last stage saw a bad loss in the current batch
-        self.skip = False  # the agreed decision of the last optimizer step
+        self.engine, self.loss_fn, self.device = engine, loss_fn, device
+        self.poison, self.stop_requested = False, False
+        self._reset()
         step = type(engine)._INSTRUCTION_MAP[schedule.OptimizerStep]
 
         def guarded_step(eng, *args, **kwargs):
-            self.skip = any_rank(self.nonfinite_local)
+            summary = torch.stack([self.n_bad, self.loss_sum, self.n_losses,
+                                   torch.full_like(self.n_bad, float(self.stop_requested))])
+            bad, loss_sum, n_losses, stop = collectives.all_reduce(summary, "sum").tolist()
+            self.skip, self.stop = bad > 0, stop > 0
+            self.loss_mean = loss_sum / max(n_losses, 1.0)
             old = set_lr_scale(0.0) if self.skip else None
             try:
                 return step(eng, *args, **kwargs)
@@ -46,20 +55,29 @@ class PipelineNonFiniteGuard:
         # copy with one entry replaced changes this engine only.
         engine._INSTRUCTION_MAP = {**type(engine)._INSTRUCTION_MAP, schedule.OptimizerStep: guarded_step}
 
+    def _reset(self) -> None:
+        z = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.n_bad, self.loss_sum, self.n_losses = z, z.clone(), z.clone()
+        self.skip, self.stop, self.loss_mean = False, False, float("nan")
+
     def guarded_loss(self, logits: torch.Tensor, labels) -> torch.Tensor:
+        from mcd_scale.engine import guard_nonfinite, poisoned
+
         loss = self.loss_fn(logits, labels)
         if self.poison:
-            loss = loss * float("nan")
-        if not bool(torch.isfinite(loss.detach()).all().item()):
-            self.nonfinite_local = True
-            return logits.float().nan_to_num(0.0, 0.0, 0.0).sum() * 0.0
+            loss = poisoned(loss)
+        loss, ok = guard_nonfinite(loss, logits)
+        self.n_bad = self.n_bad + (~ok).double()
+        self.loss_sum = self.loss_sum + torch.where(ok, loss.detach().double(), torch.zeros_like(self.loss_sum))
+        self.n_losses = self.n_losses + 1.0
         return loss
 
-    def begin(self, poison: bool) -> None:
-        self.poison, self.nonfinite_local, self.skip = poison, False, False
+    def begin(self, poison: bool, stop_requested: bool = False) -> None:
+        self.poison, self.stop_requested = poison, stop_requested
+        self._reset()
         self.engine.module.loss_fn = self.guarded_loss
 
-    def end(self) -> bool:
-        """Restore the plain loss (evaluation uses it) and return whether the step was skipped."""
+    def end(self) -> tuple[bool, float, bool]:
+        """Restore the plain loss (evaluation uses it); (skipped, world-mean loss of the step, stop on any rank)."""
         self.engine.module.loss_fn = self.loss_fn
-        return self.skip
+        return self.skip, self.loss_mean, self.stop

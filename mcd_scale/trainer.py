@@ -16,9 +16,7 @@ import signal
 import time
 from typing import Iterator, Optional
 
-import torch
-import torch.distributed as dist
-
+from mcd_scale import collectives
 from mcd_scale import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
 from mcd_scale.checkpoint import (TrainState, checkpoint_root, load_rng_states, load_train_state,
                                   resolve_load_tag, restore_rng, save_checkpoint, verify_tag)
@@ -28,7 +26,8 @@ from mcd_scale.metrics import MetricsLogger, format_eta, plot_loss_curves
 
 
 class _Preemption:
-    """SIGTERM/SIGUSR1 set a flag; the loop all-reduces it at a step boundary (never mid-step)."""
+    """SIGTERM/SIGUSR1 set a flag; the step's one collective carries it (TrainEngine.train_step), so the
+    ranks agree at a step boundary (never mid-step) without a collective of its own."""
 
     def __init__(self):
         self.requested = False
@@ -41,16 +40,9 @@ class _Preemption:
     def _handler(self, signum, frame):
         self.requested = True
 
-    def any_rank(self) -> bool:
-        t = torch.tensor([1.0 if self.requested else 0.0], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
 
 def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def build_data(cfg: Config, objective_name: str):
@@ -101,7 +93,7 @@ class Trainer:
         from mcd_scale.objectives import MdlmObjective, build_objective
 
         self.cfg, self.dims = cfg, dims
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.rank = collectives.rank()
         self.faults = Faults()  # fault injection from MCD_FAULT_* (all off by default)
         self.run_dir = cfg.run.dir
         self.root = checkpoint_root(self.run_dir)
@@ -276,7 +268,8 @@ class Trainer:
                 micro = next(it)
                 wait_acc += time.time() - t_wait
                 prepared = [self.objective.prepare(m, state.step) for m in micro]
-                loss, skipped = self.engine.train_step(prepared, poison=faults.poison(state.step + 1))
+                loss, skipped, stop = self.engine.train_step(prepared, poison=faults.poison(state.step + 1),
+                                                             stop_requested=preempt.requested)
                 state.step += 1
                 state.consumed_samples += cfg.parallel.global_batch
                 if skipped or not (loss == loss and abs(loss) != float("inf")):
@@ -318,7 +311,7 @@ class Trainer:
                 if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and state.step < cfg.train.steps:
                     self._save()
                 faults.after_step(state.step, self.rank)
-                if preempt.any_rank():
+                if stop:
                     self.logger.console(f"preemption signal: saving at step {state.step} and exiting "
                                         f"with code {EXIT_PREEMPTED} (requeue)")
                     exit_code = EXIT_PREEMPTED

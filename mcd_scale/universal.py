@@ -139,9 +139,11 @@ def _init_adam_state(ds, step: int) -> None:
     inner = _inner_optimizer(ds)
     keys = {id(p): p for group in inner.param_groups for p in group["params"]}
     keys.update({id(p): p for p in getattr(ds.optimizer, "fp32_partitioned_groups_flat", [])})
+    on_device = any(g.get("fused") or g.get("capturable") for g in inner.param_groups)
     for p in keys.values():
         st = inner.state[p]
-        st["step"] = torch.tensor(float(step))
+        # Where torch's Adam keeps 'step': with its parameter when fused/capturable, on the host otherwise.
+        st["step"] = torch.tensor(float(step), device=p.device if on_device else "cpu")
         for key in MOMENTS:
             st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
     if hasattr(ds.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 and bf16: link the views

@@ -69,10 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _check_group(name: str, group, members: list[int], rank: int, errors: list[str]) -> None:
     import torch
-    import torch.distributed as dist
 
-    t = torch.tensor([float(rank), 1.0], dtype=torch.float64)
-    dist.all_reduce(t, group=group)
+    from mcd_scale import collectives
+
+    t = collectives.all_reduce(torch.tensor([float(rank), 1.0], dtype=torch.float64, device=collectives.comm_device()),
+                               "sum", group=group)
     want = [float(sum(members)), float(len(members))]
     if t.tolist() != want:
         errors.append(f"all-reduce on the {name} group {members} gave (sum of ranks, size) = "

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from mcd_scale import collectives
+
 from mcd_scale.diffusion.schedules import Schedule
 from mcd_scale.diffusion.subs import subs_log_probs
 
@@ -65,9 +67,9 @@ def nelbo_loss_reference(logits_full: torch.Tensor, x: torch.Tensor, z_t: torch.
 # --------------------------------------------------------------------------------------------
 # Vocab-parallel cross-entropy with the SUBS column exclusion
 # --------------------------------------------------------------------------------------------
-def _all_reduce(t: torch.Tensor, op, group) -> None:
+def _all_reduce(t: torch.Tensor, op: str, group) -> None:
     if group is not None:
-        torch.distributed.all_reduce(t, op=op, group=group)
+        collectives.all_reduce_(t, op, group=group)
 
 
 class _VocabParallelSubsCE(torch.autograd.Function):
@@ -89,7 +91,7 @@ class _VocabParallelSubsCE(torch.autograd.Function):
         if n_real < shard:
             work[..., n_real:] = float("-inf")
         logits_max = work.max(dim=-1).values if n_real > 0 else work.new_full(work.shape[:-1], float("-inf"))
-        _all_reduce(logits_max, torch.distributed.ReduceOp.MAX, group)
+        _all_reduce(logits_max, "max", group)
         work.sub_(logits_max.unsqueeze(-1))
 
         local_target = target - vocab_start
@@ -97,11 +99,11 @@ class _VocabParallelSubsCE(torch.autograd.Function):
         idx = torch.where(in_shard, local_target, torch.zeros_like(local_target))
         target_logit = work.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
         target_logit = torch.where(in_shard, target_logit, torch.zeros_like(target_logit))
-        _all_reduce(target_logit, torch.distributed.ReduceOp.SUM, group)
+        _all_reduce(target_logit, "sum", group)
 
         work.exp_()  # exp(-inf) = 0: excluded columns carry no mass
         sum_exp = work.sum(dim=-1)
-        _all_reduce(sum_exp, torch.distributed.ReduceOp.SUM, group)
+        _all_reduce(sum_exp, "sum", group)
         loss = torch.log(sum_exp) - target_logit
         work.div_(sum_exp.unsqueeze(-1))  # now the softmax
         ctx.save_for_backward(work, idx, in_shard)

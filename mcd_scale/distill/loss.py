@@ -38,6 +38,7 @@ For k = V the rest is empty and every form reduces to the exact divergence. All 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 
 from mcd_scale.distill.targets import TopKTargets
 
-Target = Union[torch.Tensor, TopKTargets]
+Target = Union[torch.Tensor, TopKTargets, "DenseTopK"]
 DIVERGENCES = ("reverse_kl", "forward_kl")
 TAIL_MODELS = ("bucket", "uniform")
 
@@ -134,6 +135,49 @@ def forward_kl_topk(logp_s: torch.Tensor, target: TopKTargets) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
+# Dense top-k targets (offline MCD in the training loop: one row per position, no boolean indexing)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DenseTopK:
+    """Top-k teacher at every position [B, L, k] (the trajectory shards' layout); rows outside the positions
+    masked at s are ignored by :func:`mcd_loss`. Same attributes as :class:`TopKTargets` that the per-row
+    divergences read (ids, logp, tail_logp, vocab_size, k)."""
+
+    ids: torch.Tensor  # int [B, L, k]
+    logp: torch.Tensor  # float [B, L, k]
+    tail_logp: torch.Tensor  # float [B, L]
+    vocab_size: int
+
+    @property
+    def k(self) -> int:
+        return int(self.ids.shape[-1])
+
+    def to(self, device) -> "DenseTopK":
+        return DenseTopK(self.ids.to(device), self.logp.to(device), self.tail_logp.to(device), self.vocab_size)
+
+    @classmethod
+    def from_rows(cls, rows: TopKTargets, positions: torch.Tensor) -> "DenseTopK":
+        """Scatter a row-per-masked-position :class:`TopKTargets` to [B, L, k] (used outside the step path)."""
+        shape = (*positions.shape, rows.k)
+        ids = torch.zeros(shape, dtype=rows.ids.dtype, device=rows.ids.device)
+        logp = torch.zeros(shape, dtype=rows.logp.dtype, device=rows.logp.device)
+        tail = torch.zeros(positions.shape, dtype=rows.tail_logp.dtype, device=rows.tail_logp.device)
+        ids[positions], logp[positions], tail[positions] = rows.ids, rows.logp, rows.tail_logp
+        return cls(ids, logp, tail, rows.vocab_size)
+
+    def finite_outside(self, positions: torch.Tensor) -> "DenseTopK":
+        """Ids in range and a uniform (k + 1)-outcome teacher at rows outside ``positions``: every row's
+        divergence is then finite, so masking it out also masks its gradient."""
+        k = self.k
+        fill = -math.log(k + 1)
+        keep = positions.unsqueeze(-1)
+        ids = torch.where(keep, self.ids, torch.arange(k, device=self.ids.device, dtype=self.ids.dtype))
+        logp = torch.where(keep, self.logp, torch.full_like(self.logp, fill))
+        tail = torch.where(positions, self.tail_logp, torch.full_like(self.tail_logp, fill))
+        return DenseTopK(ids, logp, tail, self.vocab_size)
+
+
+# ------------------------------------------------------------------------------------------------
 # The loss
 # ------------------------------------------------------------------------------------------------
 def _validate_pair(x: torch.Tensor, z_t: torch.Tensor, z_s: torch.Tensor, mask_id: int) -> None:
@@ -156,12 +200,14 @@ def mcd_loss(student_logits: torch.Tensor, x: torch.Tensor, z_t: torch.Tensor, z
     Args:
         student_logits: [B, L, >= V+1] student output on z_t (full vocabulary, any float dtype).
         x: [B, L] clean ids; z_t, z_s: [B, L] coupled noisy ids (mask id = vocab_size), s < t.
-        target: the teacher on z_s — a [B, L, V] log-prob tensor (online, :func:`full_from_logits`) or
-            :class:`TopKTargets` whose positions are exactly the tokens masked at s (offline).
+        target: the teacher on z_s — a [B, L, V] log-prob tensor (online, :func:`full_from_logits`),
+            :class:`TopKTargets` whose positions are exactly the tokens masked at s, or :class:`DenseTopK`
+            (offline; rows outside the tokens masked at s are ignored).
         divergence: 'reverse_kl' (KL(p_S || p_T)) or 'forward_kl' (KL(p_T || p_S)).
         topk_tail: tail model for a top-k target with reverse KL, 'bucket' or 'uniform' (the forward KL
             always uses the bucket); ignored for a full target.
-        validate: check the coupling (costs a few host syncs; turn off in a tuned inner loop).
+        validate: check the coupling and the top-k positions (host syncs: tests and debug runs only; the
+            training loop passes ``MCD_DEBUG_CHECKS=1`` through, see mcd_scale/distill/objective.py).
 
     Returns:
         loss: scalar, (sum of CE + sum of divergences) / (B * L).
@@ -176,29 +222,35 @@ def mcd_loss(student_logits: torch.Tensor, x: torch.Tensor, z_t: torch.Tensor, z
     masked_t, masked_s = z_t == mask_id, z_s == mask_id
     ce_mask = masked_t & ~masked_s
     kl_mask = masked_s  # contained in masked_t for a coupled pair
+    # Masked arithmetic over every position (no boolean-mask indexing: its output size is data-dependent, a
+    # host sync on a GPU). Inputs at positions a term ignores are made finite first, so the torch.where that
+    # drops them also drops their gradient (a where over an inf/NaN branch would back-propagate 0 x inf = NaN).
+    logp_s = student_log_probs(student_logits, vocab_size)  # [B, L, V]
+    x_idx = x.long().clamp(0, vocab_size - 1).unsqueeze(-1)
+    ce_tok = -logp_s.gather(-1, x_idx).squeeze(-1)
+    ce_sum = torch.where(ce_mask, ce_tok, torch.zeros_like(ce_tok)).sum()
 
-    # Cross-entropy on tokens revealed between t and s (only the V real columns compete).
-    ce_logits = _upcast(student_logits[ce_mask][:, :vocab_size])
-    ce_sum = F.cross_entropy(ce_logits, x[ce_mask].long(), reduction="sum")
-
-    logp_s = student_log_probs(student_logits[kl_mask], vocab_size)  # [N, V]
-    if isinstance(target, TopKTargets):
+    if isinstance(target, (TopKTargets, DenseTopK)):
         if target.vocab_size != vocab_size:
-            raise ValueError(f"TopKTargets built for vocab_size {target.vocab_size}, loss called with {vocab_size}.")
-        if target.positions.shape != kl_mask.shape or not torch.equal(target.positions.to(kl_mask.device), kl_mask):
-            raise ValueError("TopKTargets.positions differ from the tokens masked in z_s: the targets were "
-                             "computed for another z_s (wrong shard record, seed or (t, s)).")
-        target = target.to(logp_s.device)
+            raise ValueError(f"top-k targets built for vocab_size {target.vocab_size}, loss called with {vocab_size}.")
+        if isinstance(target, TopKTargets):  # rows of the masked positions only: scatter them to [B, L, k]
+            if validate and (target.positions.shape != kl_mask.shape
+                             or not torch.equal(target.positions.to(kl_mask.device), kl_mask)):
+                raise ValueError("TopKTargets.positions differ from the tokens masked in z_s: the targets were "
+                                 "computed for another z_s (wrong shard record, seed or (t, s)).")
+            target = DenseTopK.from_rows(target.to(logp_s.device), kl_mask)
+        target = target.to(logp_s.device).finite_outside(kl_mask)
         if divergence == "reverse_kl":
-            per_row = reverse_kl_topk(logp_s, target, topk_tail)
+            per_tok = reverse_kl_topk(logp_s, target, topk_tail)
         else:
-            per_row = forward_kl_topk(logp_s, target)
+            per_tok = forward_kl_topk(logp_s, target)
     else:
         if target.shape != (*z_s.shape, vocab_size):
             raise ValueError(f"full target must be [B, L, V] = {(*z_s.shape, vocab_size)}, got {tuple(target.shape)}.")
-        logp_t = target[kl_mask]
-        per_row = reverse_kl_full(logp_s, logp_t) if divergence == "reverse_kl" else forward_kl_full(logp_s, logp_t)
-    kl_sum = per_row.sum()
+        # Outside kl_mask the teacher is replaced by the student itself (a finite, zero divergence).
+        logp_t = torch.where(kl_mask.unsqueeze(-1), target.to(logp_s.dtype), logp_s.detach())
+        per_tok = reverse_kl_full(logp_s, logp_t) if divergence == "reverse_kl" else forward_kl_full(logp_s, logp_t)
+    kl_sum = torch.where(kl_mask, per_tok, torch.zeros_like(per_tok)).sum()
 
     n_tokens = z_t.numel()
     loss = (ce_sum + kl_sum) / n_tokens
@@ -211,6 +263,6 @@ def mcd_loss(student_logits: torch.Tensor, x: torch.Tensor, z_t: torch.Tensor, z
         "n_revealed_t": (~masked_t).sum(),
         "n_ce": n_ce,
         "n_kl": n_kl,
-        "n_tokens": torch.tensor(n_tokens),
+        "n_tokens": torch.tensor(n_tokens, device=z_t.device),
     }
     return loss, stats

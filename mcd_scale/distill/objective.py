@@ -46,8 +46,16 @@ OFFLINE_KEYS = ("ids", "sample_id", "position", "t", "s", "tk_mask", "tk_ids", "
 
 
 def _time_input(cfg: Config, t: torch.Tensor) -> torch.Tensor:
-    """The network's time input: float32 t, or zeros for a time-agnostic model."""
-    return t.float() if cfg.model.time_conditioning else torch.zeros(t.shape, dtype=torch.float32)
+    """The network's time input: float32 t, or zeros for a time-agnostic model (on t's device)."""
+    return t.float() if cfg.model.time_conditioning else torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+
+
+def debug_checks() -> bool:
+    """``MCD_DEBUG_CHECKS=1``: validate the loss's inputs in the training loop (host syncs every micro-batch;
+    tests and debugging only). Read once, when an objective is built."""
+    import os
+
+    return os.environ.get("MCD_DEBUG_CHECKS", "0") == "1"
 
 
 def _gather(logits: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
@@ -60,7 +68,6 @@ def build_frozen_teacher(cfg: Config, dims: ParallelDims, teacher_state: Optiona
     """A :class:`FrozenTeacher` on this rank's TP shard from full logical weights (plain replica, never
     ZeRO-partitioned: ``build_model`` without a DeepSpeed config), moved to this rank's device."""
     from mcd_scale.distill.teacher import FrozenTeacher
-    from mcd_scale.distributed import device
     from mcd_scale.model.build import build_model
     from mcd_scale.model.weights import load_full_state_dict
 
@@ -70,7 +77,7 @@ def build_frozen_teacher(cfg: Config, dims: ParallelDims, teacher_state: Optiona
                          f"model.safetensors (got {cfg.distill.teacher!r}).")
     module = build_model(cfg, dims, ds_config=None, init=False)
     load_full_state_dict(module, teacher_state, dims)
-    return FrozenTeacher(module, round=cfg.distill.round).to(device())
+    return FrozenTeacher(module, round=cfg.distill.round).to(dims.device)
 
 
 class _TeacherMixin:
@@ -83,8 +90,8 @@ class _TeacherMixin:
         teacher = self.teacher
 
         def fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            dev = next(teacher.module.parameters()).device
-            logits = teacher(z.to(dev), _time_input(self.cfg, t).to(dev))
+            dev = self.dims.device  # the teacher lives there (build_frozen_teacher)
+            logits = teacher(z.to(dev), _time_input(self.cfg, t.to(dev)))
             with torch.no_grad():
                 return _gather(logits, self.dims)
 
@@ -127,6 +134,7 @@ class McdObjective(_TeacherMixin):
         self.temperature = round_temperature(d, d.round)
         self.divergence = d.divergence
         self.teacher = build_frozen_teacher(cfg, dims, teacher_state) if self.mode == "online" else None
+        self.validate = debug_checks()
 
     # ------------------------------------------------------------------ data side
     def thresholds(self, sample_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -160,7 +168,8 @@ class McdObjective(_TeacherMixin):
         u = self.thresholds(micro["sample_id"], x.shape[1])
         z_t, z_s = coupled_pair(x, t, s, u, self.schedule, self.mask_id)
         logits = self.teacher_log_probs_fn()(z_s, s)
-        target = full_from_logits(logits, self.vocab_size, self.temperature).to(x.device)
+        # The target stays on the device (where the teacher made it); the engine moves the rest once.
+        target = full_from_logits(logits, self.vocab_size, self.temperature)
         return (z_t, _time_input(self.cfg, t)), (x, z_t, z_s, target)
 
     def _prepare_offline(self, micro: dict) -> tuple[tuple, tuple]:
@@ -198,22 +207,19 @@ class McdObjective(_TeacherMixin):
         return _gather(logits_shard, self.dims)
 
     def loss_and_stats(self, logits_shard: torch.Tensor, labels: tuple) -> tuple[torch.Tensor, dict]:
-        from mcd_scale.distill.loss import mcd_loss
-        from mcd_scale.distill.targets import TopKTargets
+        from mcd_scale.distill.loss import DenseTopK, mcd_loss
 
         logits = self.full_logits(logits_shard)
-        dev = logits.device
-        if len(labels) == 4:
-            x, z_t, z_s, target = (v.to(dev) for v in labels)
+        if len(labels) == 4:  # labels are on the device already (TrainEngine moved them)
+            x, z_t, z_s, target = labels
         elif len(labels) == 6:
-            x, z_t, z_s, ids, logp, tail = (v.to(dev) for v in labels)
-            pos = z_s == self.mask_id
-            target = TopKTargets(ids[pos].to(torch.int32), logp[pos], tail[pos], pos, self.vocab_size)
+            x, z_t, z_s, ids, logp, tail = labels
+            target = DenseTopK(ids, logp, tail, self.vocab_size)  # rows outside z_s's masks are ignored
         else:
             raise ValueError(f"MCD labels must be (x, z_t, z_s, logp) or (x, z_t, z_s, ids, logp, tail); got "
                              f"{len(labels)} tensors.")
         return mcd_loss(logits, x, z_t, z_s, target, self.vocab_size, self.divergence,
-                        topk_tail=self.cfg.distill.topk_tail)
+                        topk_tail=self.cfg.distill.topk_tail, validate=self.validate)
 
     def loss(self, logits_shard: torch.Tensor, labels: tuple) -> torch.Tensor:
         return self.loss_and_stats(logits_shard, labels)[0]
@@ -252,13 +258,13 @@ class SdttObjective(_TeacherMixin):
         target = sdtt_targets(self.teacher_log_probs_fn(), z_t, t.double(), self.dt, schedule=self.schedule,
                               vocab_size=self.vocab_size, generators=gens, n_steps=self.n_steps,
                               temperature=self.temperature)
-        return (z_t, _time_input(self.cfg, t)), (z_t, target.to(x.device))
+        return (z_t, _time_input(self.cfg, t)), (z_t, target)
 
     def loss_and_stats(self, logits_shard: torch.Tensor, labels: tuple) -> tuple[torch.Tensor, dict]:
         from mcd_scale.distill.sdtt import sdtt_loss
 
         logits = _gather(logits_shard, self.dims)
-        z_t, target = (v.to(logits.device) for v in labels)
+        z_t, target = labels  # on the device already (TrainEngine moved them)
         return sdtt_loss(logits, z_t, target, self.vocab_size)
 
     def loss(self, logits_shard: torch.Tensor, labels: tuple) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
-import torch.distributed as dist
+from mcd_scale import collectives
 from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                            copy_to_tensor_model_parallel_region)
 
@@ -120,9 +120,7 @@ class _GatherLastDim(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
         ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(group.size())]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
+        return torch.cat(collectives.all_gather(x, group=group), dim=-1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]

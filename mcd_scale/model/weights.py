@@ -11,9 +11,9 @@ import os
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from mcd_scale import collectives
 from mcd_scale.model.logical import local_slice, logical_parameters
 
 
@@ -36,9 +36,7 @@ def _gather_tp(local: torch.Tensor, split_dim: Optional[int], dims) -> torch.Ten
     tp_rank, tp_size, group = _tp(dims)
     if split_dim is None or tp_size == 1:
         return local
-    parts = [torch.empty_like(local) for _ in range(tp_size)]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts, dim=split_dim)
+    return torch.cat(collectives.all_gather(local, group=group), dim=split_dim)
 
 
 def _local_weight(param: nn.Parameter) -> torch.Tensor:
@@ -79,32 +77,20 @@ def full_state_dict(module: nn.Module, dims=None,
     for stage in range(1, dims.pp):
         src = dims.rank_of(stage, 0, 0)
         if rank == src:
-            meta = [[(n, tuple(t.shape), t.dtype) for n, t in state.items()]]
-            dist.send_object_list(meta, dst=0)
-            device = _comm_device()
+            collectives.send_object([(n, tuple(t.shape), t.dtype) for n, t in state.items()], dst=0)
             for tensor in state.values():
-                dist.send(tensor.contiguous().to(device), dst=0)
+                collectives.send(tensor, dst=0)
         elif rank == 0:
-            meta = [None]
-            dist.recv_object_list(meta, src=src)
-            device = _comm_device()
-            for name, shape, dtype in meta[0]:
-                buf = torch.empty(shape, dtype=dtype, device=device)
-                dist.recv(buf, src=src)
-                state.setdefault(name, buf.cpu())  # the tied embedding copy on the last stage is a duplicate
+            for name, shape, dtype in collectives.recv_object(src):
+                buf = collectives.recv(shape, dtype, src)  # on the host: a full state dict is a host object
+                state.setdefault(name, buf)  # the tied embedding copy on the last stage is a duplicate
     return state if rank == 0 else {}
-
-
-def _comm_device() -> torch.device:
-    # NCCL only moves CUDA tensors; gloo moves CPU tensors.
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _all_logical_names(module: nn.Module, dims) -> set[str]:
     names = {n for n, _ in logical_parameters(module)}
     if dims is not None and dims.pp > 1:
-        gathered: list = [None] * dims.pp
-        dist.all_gather_object(gathered, sorted(names), group=dims.pp_group)
+        gathered = collectives.all_gather_object(sorted(names), group=dims.pp_group)
         names = set().union(*map(set, gathered))
     return names
 
