@@ -125,5 +125,5 @@ def sdtt_loss(student_logits: torch.Tensor, z_t: torch.Tensor, target_logp: torc
     n_masked = masked.sum()
     loss = kl_sum / z_t.numel()
     stats = {"kl_per_token": kl_sum.detach() / n_masked.clamp(min=1), "n_masked": n_masked,
-             "n_tokens": torch.tensor(z_t.numel())}
+             "n_tokens": torch.tensor(z_t.numel(), device=z_t.device)}
     return loss, stats

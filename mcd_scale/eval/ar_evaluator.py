@@ -117,12 +117,13 @@ class AREvaluator:
         """Per-sequence NLL per token (nats), float64 [N]; every token is scored (BOS-conditioned)."""
         ids = self._check(ids)
         out = []
+        device = next(self.model.parameters()).device  # the evaluator runs where its weights live
         for i in range(0, ids.shape[0], batch_size):
-            chunk = ids[i:i + batch_size]
+            chunk = ids[i:i + batch_size].to(device)
             logits = self.model(chunk).double()
             nll = F.cross_entropy(logits.transpose(1, 2), chunk, reduction="none")
             out.append(nll.mean(1))
-        return torch.cat(out).numpy() if out else np.zeros(0)
+        return torch.cat(out).cpu().numpy() if out else np.zeros(0)
 
     def gen_ppl(self, ids: torch.Tensor) -> float:
         """exp of the token-weighted mean NLL (all sequences have the same length here)."""
@@ -153,11 +154,13 @@ class AREvaluator:
 
 def train_ar_evaluator(ids: torch.Tensor, vocab_size: int, steps: int, seed: int, *, hidden: int = 128,
                        layers: int = 2, heads: int = 4, ffn: int | None = None, batch_size: int = 16,
-                       lr: float = 3e-3, warmup: int = 20, log_every: int = 0) -> AREvaluator:
+                       lr: float = 3e-3, warmup: int = 20, log_every: int = 0,
+                       device: torch.device | str = "cpu") -> AREvaluator:
     """Train a causal LM on ``ids`` [N, L] (the held-out split) for ``steps`` AdamW steps.
 
     Batches are drawn with replacement from ``keyed_generator("ar-evaluator.batch", seed, step)``;
-    learning rate: linear warmup then cosine to 10%. Returns the evaluator in eval mode.
+    learning rate: linear warmup then cosine to 10%. Returns the evaluator in eval mode, on ``device``
+    (the batch rows are drawn on the host, so the draws are the same on any device).
     """
     ids = torch.as_tensor(ids, dtype=torch.long)
     if ids.dim() != 2 or ids.shape[0] == 0:
@@ -167,6 +170,7 @@ def train_ar_evaluator(ids: torch.Tensor, vocab_size: int, steps: int, seed: int
     cfg = ARConfig(vocab_size, ids.shape[1], hidden, layers, heads, ffn or 4 * hidden)
     model = CausalLM(cfg)
     _init_weights(model, seed)
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     model.train()
     for step in range(steps):
@@ -175,7 +179,7 @@ def train_ar_evaluator(ids: torch.Tensor, vocab_size: int, steps: int, seed: int
         for group in opt.param_groups:
             group["lr"] = lr * scale
         rows = torch.randint(0, ids.shape[0], (batch_size,), generator=keyed_generator("ar-evaluator.batch", seed, step))
-        batch = ids[rows]
+        batch = ids[rows].to(device, non_blocking=True)
         loss = F.cross_entropy(model(batch).transpose(1, 2), batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
