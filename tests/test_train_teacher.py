@@ -187,11 +187,18 @@ def test_kill_inside_a_checkpoint_save_leaves_the_previous_one_and_resumes_exact
 
 
 def _checkpoint_copy(src_run, tag, dst_run, drop=()):
-    """A new run directory holding only ``tag`` of ``src_run`` (optionally without some files)."""
+    """A new run directory holding only ``tag`` of ``src_run``; ``drop`` names files the copied tag
+    behaves as if never written (gone from disk and from its integrity record, as a run with that
+    option off would have saved it)."""
     import shutil
 
     dst = dst_run / "checkpoints"
     shutil.copytree(src_run / "checkpoints" / tag, dst / tag, ignore=shutil.ignore_patterns(*drop))
+    if drop:
+        marker = dst / tag / "COMPLETE"
+        record = json.loads(marker.read_text())
+        record["files"] = {k: v for k, v in record["files"].items() if os.path.basename(k) not in drop}
+        marker.write_text(json.dumps(record))
     (dst / "latest").write_text(tag)
     return dst_run
 
