@@ -75,6 +75,10 @@ def memory_plan(cfg: Config, world_size: int, grad_bytes: int | None = None) -> 
 
     ``grad_bytes`` overrides the gradient convention (DeepSpeed's estimator uses 4)."""
     p, bf16 = cfg.parallel, cfg.train.precision == "bf16"
+    if world_size < 1 or world_size % (p.tp * p.pp):
+        # A plan for a layout that cannot launch would divide by a zero or fractional DP size.
+        raise ValueError(f"world size {world_size} is not a positive multiple of parallel.tp * parallel.pp "
+                         f"= {p.tp * p.pp}")
     dp = world_size // (p.tp * p.pp)
     shard = tp_shard_parameters(cfg)
     n = shard["total"] / p.pp  # pipeline stages split the blocks (approximately evenly)

@@ -81,3 +81,13 @@ def test_dry_run_report_carries_the_plan_and_the_device_kind():
     assert out["memory_plan"] == json.loads(json.dumps(memory_plan(cfg, 16)))
     assert out["optimizer"]["fused"] is True and "fused" not in dry_run_report(cfg, 16, "cpu")["optimizer"]
     assert out["deepspeed"]["zero_optimization"]["stage3_param_persistence_threshold"] == 4096
+
+
+@pytest.mark.parametrize("world", [0, 1, 3])
+def test_a_world_size_the_layout_cannot_launch_is_refused_by_name(world):
+    """TP=2 on 1 or 3 ranks has no integral DP size: a clear error, not a ZeroDivisionError or a plan
+    for 1.5 replicas."""
+    cfg = load_config(ONE_B[:1])
+    assert cfg.parallel.tp * cfg.parallel.pp == 2
+    with pytest.raises(ValueError, match="not a positive multiple of parallel.tp"):
+        memory_plan(cfg, world)
