@@ -249,6 +249,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistributedConfig:
+    timeout_s: float = 600.0
+    """Seconds a collective (or the start-up rendezvous) waits for a missing rank before this rank fails
+    with an error (exit non-zero), so one dead or hung rank cannot hold the others forever. Passed to
+    torch.distributed's process group and to megatron-core's groups. Must exceed the longest legitimate
+    wait between ranks: rank 0 writing a consolidated checkpoint, a slow validation or data read. Measured
+    exit times after a dead rank: docs/reliability.md."""
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard events under <run.dir>/tb."""
@@ -268,6 +278,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -443,6 +454,9 @@ def validate_fields(cfg: Config) -> None:
              f"'distill.temperature.floor' ({d.temperature.floor}) must be in (0, start={d.temperature.start}].")
     _require(cfg.checkpoint.keep_last >= 0, "'checkpoint.keep_last' must be >= 0.")
     _require(cfg.checkpoint.every >= 0, "'checkpoint.every' must be >= 0.")
+    timeout = cfg.distributed.timeout_s
+    _require(math.isfinite(timeout) and 1.0 <= timeout <= 86400.0,
+             f"'distributed.timeout_s' must be a number of seconds in [1, 86400], got {timeout}.")
     if t.objective in ("mcd", "sdtt"):
         _require(p.pp == 1 or (t.objective == "mcd" and d.teacher_mode == "offline"),
                  "distillation with a teacher inside the job ('distill.teacher_mode: online' or "

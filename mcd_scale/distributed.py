@@ -203,8 +203,11 @@ class ParallelDims:
 
     # --- groups ---
     @classmethod
-    def build(cls, tp: int, pp: int) -> "ParallelDims":
-        """Create megatron-core's groups (tp-dp-pp order) on an initialised torch.distributed."""
+    def build(cls, tp: int, pp: int, timeout_s: float = 600.0) -> "ParallelDims":
+        """Create megatron-core's groups (tp-dp-pp order) on an initialised torch.distributed.
+
+        ``timeout_s`` bounds every collective on those groups (ZeRO's and TP's traffic runs on them, not on
+        the world group): megatron-core's own default is 30 minutes."""
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
@@ -213,7 +216,7 @@ class ParallelDims:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                     order="tp-cp-ep-dp-pp")
+                                     order="tp-cp-ep-dp-pp", distributed_timeout_minutes=timeout_s / 60.0)
         dims.groups = {"tp": ps.get_tensor_model_parallel_group(), "dp": ps.get_data_parallel_group(),
                        "pp": ps.get_pipeline_model_parallel_group()}
         # The groups we rely on must hold exactly the ranks our mapping says.
@@ -308,7 +311,11 @@ def disable_deepspeed_shm_allreduce() -> None:
 
 
 def init_distributed(tp: int = 1, pp: int = 1, timeout_s: float = 600.0) -> ParallelDims:
-    """Start torch.distributed (via DeepSpeed's comm) under any launcher and build the layout."""
+    """Start torch.distributed (via DeepSpeed's comm) under any launcher and build the layout.
+
+    ``timeout_s`` (config ``distributed.timeout_s``) bounds the rendezvous and every collective, on the
+    world group and on megatron-core's groups: a rank whose peer died or hangs fails after it instead of
+    waiting forever (docs/reliability.md)."""
     import torch
 
     import datetime
@@ -321,7 +328,7 @@ def init_distributed(tp: int = 1, pp: int = 1, timeout_s: float = 600.0) -> Para
         torch.cuda.set_device(le.local_rank % max(torch.cuda.device_count(), 1))
     deepspeed.init_distributed(dist_backend=backend_for_device(), auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
-    return ParallelDims.build(tp=tp, pp=pp)
+    return ParallelDims.build(tp=tp, pp=pp, timeout_s=timeout_s)
 
 
 # see shutdown(): time for gloo worker threads to take the GIL and free finished work before exit

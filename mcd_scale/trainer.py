@@ -75,7 +75,7 @@ def run_training(cfg: Config, dims: Optional[ParallelDims] = None) -> int:
     """Entry used by mcd_scale/train.py. Returns an exit code (see mcd_scale.EXIT_*)."""
     own_dist = dims is None
     if dims is None:
-        dims = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
+        dims = init_distributed(cfg.parallel.tp, cfg.parallel.pp, timeout_s=cfg.distributed.timeout_s)
     finished = False
     try:
         code = Trainer(cfg, dims).fit()
