@@ -80,13 +80,13 @@ class Plan:
     # fewer text than synthetic samples keep the sampling stage near 7 minutes (409 s measured).
     text_num_samples: int = 32
     ar_steps: int = 300
-    # Synthetic distillation: dt doubles from dt0, so the last round's dt is 1/16 = the few-step student.
+    # Synthetic distillation: dt doubles each round, and dt0 is derived per objective
+    # (mcd_scale.distill.rounds.dt0_for_sampler_steps) so that the last round of every objective learns
+    # the jump 1/few_steps it is sampled with: MCD dt0 = 1/32, SDTT (2 teacher steps per jump) 1/64.
     rounds: int = 2
-    dt0: float = 1.0 / 32
     distill_steps: int = 150
     # Text distillation (same objectives and temperature schedule; its own rounds and steps).
     text_rounds: int = 2
-    text_dt0: float = 1.0 / 32
     # 75 (synthetic: 150): at 150 the two text objectives took 513 s of the demo, and text shows no
     # many-vs-few-step gap to close (docs/results.md).
     text_distill_steps: int = 75
@@ -107,11 +107,21 @@ class Plan:
     def few_steps(self) -> int:
         return max(self.many_steps // 16, 1)
 
-    def distill_schedule(self, bench: str) -> tuple[int, float, int]:
-        """(rounds, dt0, steps per round) of one benchmark's distillation."""
-        if bench == "synthetic":
-            return self.rounds, self.dt0, self.distill_steps
-        return self.text_rounds, self.text_dt0, self.text_distill_steps
+    def distill_schedule(self, bench: str, objective: str) -> tuple[int, float, int]:
+        """(rounds, dt0, steps per round) of one benchmark's distillation by ``objective``: dt0 is the one
+        whose last round learns the few-step jump (fair SDTT, MCD.md section 5)."""
+        from mcd_scale.distill.rounds import dt0_for_sampler_steps
+
+        rounds, steps = ((self.rounds, self.distill_steps) if bench == "synthetic"
+                         else (self.text_rounds, self.text_distill_steps))
+        return rounds, dt0_for_sampler_steps(self.distill_config(bench), objective, self.few_steps, rounds), steps
+
+    def distill_config(self, bench: str):
+        """The demo's distillation config (configs/demo/distill.yaml on the benchmark's teacher config)."""
+        from mcd_scale.config import load_config
+
+        return load_config([os.path.join(ROOT, f"configs/demo/{bench}_teacher.yaml"),
+                            os.path.join(ROOT, "configs/demo/distill.yaml")], list(self.distill_overrides)).distill
 
 
 def make_plan(quick: bool) -> Plan:
@@ -123,7 +133,7 @@ def make_plan(quick: bool) -> Plan:
     # reported as skipped in report.md); sizes chosen so CI finishes in a few minutes on 2 loaded cores.
     return Plan(syn_seq_len=32, syn_train=1024, syn_eval=64, text_seq_len=32, syn_steps=16, text_steps=10,
                 model_overrides=small, many_steps=32, temperatures=(0.9, 1.0), text_temperatures=(0.9, 1.0), student_temperatures=(0.9, 1.0), num_samples=8, text_num_samples=8, ar_steps=10,
-                rounds=1, dt0=1.0 / 2, distill_steps=4, distill_limit=32, distill_benchmarks=("synthetic",),
+                rounds=1, distill_steps=4, distill_limit=32, distill_benchmarks=("synthetic",),
                 distill_overrides=small)
 
 
@@ -255,7 +265,7 @@ class Demo:
         if bench not in self.plan.distill_benchmarks:
             raise _Skip("not distilled in --quick (only the synthetic benchmark is)")
         p = self.plan
-        rounds, dt0, steps = p.distill_schedule(bench)
+        rounds, dt0, steps = p.distill_schedule(bench, objective)
         launcher = " ".join(self.launch_train()[:-2 if self.launcher == "torchrun" else -1])
         cmd = [sys.executable, tool, "--objective", objective, "--mode", "offline", "--rounds", str(rounds),
                "--teacher", self.teacher_dir(bench), "--config", f"configs/demo/{bench}_teacher.yaml",
@@ -291,9 +301,17 @@ class Demo:
                 rounds = self.student_checkpoints(bench, objective)
                 for rnd, run in rounds:
                     last = rnd == rounds[-1][0]  # the last round has its own frontier, also in the strided order
+                    trained = trained_steps_of(run)
+                    if last and trained != p.few_steps:
+                        raise DemoInputError(
+                            f"{run}: the last {objective} round was distilled for {trained} sampler steps (its "
+                            f"config.resolved.yaml: distill.dt0/round/sdtt_teacher_steps) but the demo samples it "
+                            f"at {p.few_steps}; remove {self.distill_dir(bench, objective)} and rerun")
+                    # Earlier rounds are sampled at few_steps too (the rounds' progression); their rows
+                    # carry trained_steps and tools/evaluate.py flags them in the report.
                     for t in (p.student_temperatures if last else (1.0,)):
                         add(last, benchmark=bench, model=objective, round=rnd, steps=p.few_steps, temperature=t,
-                            checkpoint=run)
+                            checkpoint=run, trained_steps=trained)
         return jobs + strided
 
     def sample_all(self) -> None:
@@ -322,7 +340,8 @@ class Demo:
                 tok = (os.path.join(self.text_data, "tokenizer.model") if job["benchmark"] == "text" else None)
                 texts = sample_cli.decode_rows(res.tokens, tok)
                 extra = {} if job["sampler"] == DEFAULT_SAMPLER else {"sampler": job["sampler"]}
-                rows = [{k: job[k] for k in ("benchmark", "model", "round", "steps", "temperature")}
+                rows = [{k: job[k] for k in ("benchmark", "model", "round", "steps", "temperature", "trained_steps")
+                         if k in job}
                         | {"text": text, "ids": ids.tolist(), "nfe": res.nfe,
                            "seconds_per_sample": res.seconds / n} | extra
                         for text, ids in zip(texts, res.tokens)]
@@ -446,6 +465,26 @@ class _Skip(Exception):
     """A stage that could not run; reported in report.md, the rest of the demo continues."""
 
 
+class DemoInputError(Exception):
+    """Bad input the demo cannot run with (exit 2, one line naming the file and the fix)."""
+
+
+def trained_steps_of(run: str) -> Optional[int]:
+    """The sampler step count the student under ``run`` was distilled for, from the resolved config saved
+    with its latest checkpoint (mcd_scale.distill.rounds.checkpoint_trained_steps; None for a teacher)."""
+    import yaml
+
+    from mcd_scale.config import from_dict
+    from mcd_scale.distill.rounds import checkpoint_trained_steps
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from sample import resolve_weights  # tools/sample.py
+
+    path = os.path.join(os.path.dirname(resolve_weights(run)), "config.resolved.yaml")
+    with open(path, encoding="utf-8") as fh:
+        return checkpoint_trained_steps(from_dict(yaml.safe_load(fh), source=path))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -459,6 +498,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo = Demo(args.run_dir, make_plan(args.quick), args.launcher, args.nproc, smollm2=args.smollm2)
     try:
         return demo.main()
+    except DemoInputError as exc:
+        demo.log(f"FAILED: {exc}")
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 2
     except RuntimeError as exc:
         demo.log(f"FAILED: {exc}")
         return 1

@@ -58,11 +58,26 @@ def read_samples(path: str) -> list[dict]:
                 raise EvaluateError(f"{path}:{n}: missing field(s) {missing or ['text or ids']}")
             if sampler_of(row) not in SAMPLERS:
                 raise EvaluateError(f"{path}:{n}: sampler {row['sampler']!r} is not one of {list(SAMPLERS)}")
+            trained = row.get("trained_steps")
+            if trained is not None and (isinstance(trained, bool) or not isinstance(trained, int) or trained < 1):
+                raise EvaluateError(f"{path}:{n}: trained_steps must be a positive integer or null, got {trained!r}")
             row["_where"] = f"{path}:{n}"
             rows.append(row)
     if not rows:
         raise EvaluateError(f"{path} holds no samples")
     return rows
+
+
+def off_schedule(rows: list[dict]) -> list[str]:
+    """One line per configuration whose student was sampled at a step count it was not distilled for
+    (its rows' ``trained_steps``, written by tools/demo.py from the checkpoint's config, differ from
+    ``steps``): such a row measures the student off its schedule and is flagged in the report."""
+    seen: dict[tuple, set] = defaultdict(set)
+    for r in rows:
+        if r["model"] != "teacher" and r.get("trained_steps") is not None and int(r["trained_steps"]) != int(r["steps"]):
+            seen[(r["benchmark"], r["model"], int(r["round"]), int(r["steps"]), sampler_of(r))].add(int(r["trained_steps"]))
+    return [f"{b} {m} round {rnd} sampled at {steps} steps ({smp}) was distilled for {sorted(tr)} steps"
+            for (b, m, rnd, steps, smp), tr in sorted(seen.items())]
 
 
 def symbol_ids(row: dict) -> list[int]:
@@ -235,6 +250,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      "entropy": mean_unigram_entropy(ids.numpy()), "evaluator": scorer.name,
                                      "note": f"{ids.shape[0]} real sequences of the 'val' split"}
         out = write_report(report_rows, args.run_dir, reference=reference, per_sample=per_sample)
+        flagged = off_schedule(rows)
+        if flagged:  # not comparable like-for-like with a student sampled at its own step count
+            with open(out["report_md"], "a", encoding="utf-8") as fh:
+                fh.write("\n## Off-schedule students\n\nSampled at a step count they were not distilled for "
+                         "(a student sampled with N steps should have learned jumps of 1/N):\n\n"
+                         + "".join(f"- {line}\n" for line in flagged))
+            for line in flagged:
+                print(f"evaluate: warning: off-schedule: {line}", file=sys.stderr)
     except (EvaluateError, ValueError, FileNotFoundError, ImportError) as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ dt0 * (n + 1)), and at each round boundary the teacher becomes the current stude
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -92,3 +93,65 @@ def plan_rounds(cfg: DistillConfig, t_min: float = 1e-3) -> list[RoundPlan]:
                              f"{n} rounds fit (lower 'distill.rounds' or 'distill.dt0').")
         plans.append(RoundPlan(n, dt, round_temperature(cfg, n), cfg.steps_per_round))
     return plans
+
+
+# ------------------------------------------------------------------------------------------------------
+# What a student learns, per objective: the one place the round schedule meets the sampler.
+#
+# A student sampled with N steps must have been trained for jumps of 1/N (MCD.md section 5). MCD's
+# teacher looks at z_s, s = t - dt_n, so round n's student learns a jump of dt_n; SDTT's teacher takes
+# ``sdtt_teacher_steps`` ancestral steps of dt_n, so its student learns a jump of k * dt_n. Giving both
+# objectives the same dt0 (as the demo once did) trains the SDTT student for k-times longer jumps than
+# the step count it is then sampled at.
+DISTILL_OBJECTIVES = ("mcd", "sdtt")
+
+
+def teacher_steps_per_jump(cfg: DistillConfig, objective: str) -> int:
+    """How many teacher steps of size dt_n one student step replaces: 1 (MCD), sdtt_teacher_steps (SDTT)."""
+    if objective == "mcd":
+        return 1
+    if objective == "sdtt":
+        if cfg.sdtt_teacher_steps < 1:
+            raise ValueError(f"'distill.sdtt_teacher_steps' must be >= 1, got {cfg.sdtt_teacher_steps}.")
+        return cfg.sdtt_teacher_steps
+    raise ValueError(f"objective {objective!r} is not one of {DISTILL_OBJECTIVES}.")
+
+
+def student_jump(cfg: DistillConfig, n: int, objective: str) -> float:
+    """The time span round n's student learns to cover in one step: dt_n times the teacher steps it replaces."""
+    return round_dt(cfg, n) * teacher_steps_per_jump(cfg, objective)
+
+
+def trained_sampler_steps(cfg: DistillConfig, objective: str, n: Optional[int] = None) -> Optional[int]:
+    """The sampler step count round n's student (default: ``cfg.round``) was trained for: 1 / jump, when
+    that is an integer (within 1e-6); None when the jump does not divide [0, 1] into whole steps."""
+    jump = student_jump(cfg, cfg.round if n is None else n, objective)
+    steps = round(1.0 / jump)
+    return steps if steps >= 1 and abs(steps * jump - 1.0) < 1e-6 else None
+
+
+def dt0_for_sampler_steps(cfg: DistillConfig, objective: str, sampler_steps: int, rounds: int) -> float:
+    """The dt0 that makes round ``rounds - 1`` of ``objective`` learn the jump 1 / ``sampler_steps``.
+
+    ``double``: dt0 = 1 / (N * 2^(R-1) * k); ``linear``: dt0 = 1 / (N * R * k), k = teacher steps per jump.
+    """
+    if sampler_steps < 1 or rounds < 1:
+        raise ValueError(f"need sampler_steps >= 1 and rounds >= 1, got {sampler_steps} and {rounds}.")
+    k = teacher_steps_per_jump(cfg, objective)
+    if cfg.dt_growth == "double":
+        growth = 2.0 ** (rounds - 1)
+    elif cfg.dt_growth == "linear":
+        growth = float(rounds)
+    else:
+        raise ValueError(f"'distill.dt_growth' = {cfg.dt_growth!r} is not one of 'double', 'linear'.")
+    return 1.0 / (sampler_steps * growth * k)
+
+
+def checkpoint_trained_steps(model_cfg) -> Optional[int]:
+    """The sampler step count a loaded checkpoint was distilled for, read from the resolved config saved
+    with it (``train.objective``, ``distill.round``, ``dt0``, ``dt_growth``, ``sdtt_teacher_steps``);
+    None for a model that is not a distilled student (a teacher: any step count is its own)."""
+    objective = model_cfg.train.objective
+    if objective not in DISTILL_OBJECTIVES:
+        return None
+    return trained_sampler_steps(model_cfg.distill, objective)
