@@ -420,12 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from mcd_scale.cli import debug, input_error_types, rank_prefix
     from mcd_scale.distributed import shutdown
 
     try:
         res = precompute(args)
-    except PrecomputeError as exc:
-        print(f"precompute_trajectories: error: {exc}", file=sys.stderr, flush=True)
+    except (PrecomputeError, *input_error_types()) as exc:  # a truncated/altered teacher file is one too
+        if debug():  # MCD_DEBUG=1: the traceback too
+            raise
+        print(f"{rank_prefix()}precompute_trajectories: error: {' '.join(str(exc).split())}", file=sys.stderr,
+              flush=True)
         shutdown(drain=False)
         return 2
     if res["rank"] == 0:
