@@ -90,6 +90,12 @@ class TrainEngine:
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
             mpu=None if self.pipeline else dims.mpu(), dist_init_required=False)
         self.module = module
+        from mcd_scale import fault_hooks
+        from mcd_scale.grad_guard import GradFiniteGuard
+
+        # Fault injection first (tests/faults): a hook registered earlier runs earlier, so the guard sees it.
+        fault_hooks.install(module, dims.rank, lambda: int(self.engine.global_steps) + 1)
+        self.grad_guard = None if self.pipeline else GradFiniteGuard(trainable, dims.device)
         self.guard = None
         if self.pipeline:
             from mcd_scale.pipeline_guard import PipelineNonFiniteGuard
@@ -153,6 +159,7 @@ class TrainEngine:
                 skipped, loss_v, stop = self.guard.end()
             return (float("nan") if skipped else loss_v), skipped, stop
         dev = self.dims.device
+        self.grad_guard.reset()
         n_bad = torch.zeros((), dtype=torch.float64, device=dev)
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         for i, (inputs, labels) in enumerate(micro_batches):
@@ -167,6 +174,7 @@ class TrainEngine:
             self.engine.backward(loss)
             old = None
             if i == len(micro_batches) - 1:  # the optimizer step follows: the one collective + host read
+                n_bad = n_bad + self.grad_guard.bad.double()  # a non-finite gradient from a finite loss
                 summary = torch.stack([n_bad, loss_sum, torch.full_like(loss_sum, float(stop_requested))])
                 bad_total, loss_total, stop_total = collectives.all_reduce(summary, "sum").tolist()
                 skipped = bad_total > 0

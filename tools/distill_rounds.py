@@ -36,12 +36,12 @@ if REPO not in sys.path:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mcd_scale.cli import ArgumentParser, add_config_args, add_out_arg
+
+    p = ArgumentParser(prog="tools/distill_rounds.py", description=__doc__)
     p.add_argument("--teacher", required=True, help="round-0 teacher: run dir, checkpoint dir or model.safetensors")
-    p.add_argument("--config", nargs="+", required=True, metavar="FILE", help="config YAML file(s), layered")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override passed to every child (repeatable)")
-    p.add_argument("--run-dir", required=True, help="output: DIR/round_n/..., DIR/rounds.json")
+    add_config_args(p, required=True, set_help="config override passed to every child (repeatable)")
+    add_out_arg(p, required=True, help="output: DIR/round_n/..., DIR/rounds.json")
     p.add_argument("--rounds", type=int, default=None, help="number of rounds (default: distill.rounds)")
     p.add_argument("--mode", choices=("offline", "online"), default=None,
                    help="MCD teacher mode (default: distill.teacher_mode); SDTT is always online")
@@ -102,28 +102,24 @@ def main(argv=None) -> int:
     from mcd_scale.distill.checkpoints import resolve_teacher_file
     from mcd_scale.distill.rounds import plan_rounds
 
+    from mcd_scale.cli import input_errors_exit
+    from mcd_scale.integrity import verify_file
+
     args = parse_args(argv)
-    try:
+    with input_errors_exit("distill_rounds", ValueError, FileNotFoundError):  # one line, exit 2
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    d = cfg.distill
-    mode = "online" if args.objective == "sdtt" else (args.mode or d.teacher_mode)
-    n_rounds = args.rounds if args.rounds is not None else d.rounds
-    if n_rounds < 1:
-        print(f"--rounds must be >= 1, got {n_rounds}", file=sys.stderr)
-        return 2
-    try:
+        d = cfg.distill
+        mode = "online" if args.objective == "sdtt" else (args.mode or d.teacher_mode)
+        n_rounds = args.rounds if args.rounds is not None else d.rounds
+        if n_rounds < 1:
+            raise ConfigError(f"--rounds must be >= 1, got {n_rounds}")
         import dataclasses
 
         plans = plan_rounds(dataclasses.replace(d, rounds=n_rounds), cfg.diffusion.t_min)
         teacher = os.path.abspath(resolve_teacher_file(args.teacher))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        verify_file(teacher)  # a truncated/altered teacher now, not after the first child started (streamed sha256)
     launch = launcher_argv(args.launcher)
-    run_dir = os.path.abspath(args.run_dir)
+    run_dir = os.path.abspath(args.out)
     os.makedirs(run_dir, exist_ok=True)
     summary_path = os.path.join(run_dir, "rounds.json")
     previous = {}

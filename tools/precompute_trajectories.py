@@ -83,7 +83,7 @@ def load_inputs(args) -> tuple:
     except (FileNotFoundError, ValueError) as exc:
         raise PrecomputeError(f"--teacher: {exc}") from None
     files = list(args.config) if args.config else [find_teacher_config(teacher_file)]
-    overrides = list(args.set)
+    overrides = list(args.overrides)
     if args.round is not None:
         overrides.append(f"distill.round={args.round}")
     try:
@@ -401,19 +401,20 @@ def precompute(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from mcd_scale.cli import ArgumentParser, add_config_args, add_out_arg, add_quiet_arg
+
+    ap = ArgumentParser(prog="tools/precompute_trajectories.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", required=True, help="teacher run dir, checkpoint dir or model.safetensors")
-    ap.add_argument("--data", required=True, help="prepared token directory (tools/prepare_data.py --out)")
-    ap.add_argument("--out", required=True, help="output directory (resumable)")
+    ap.add_argument("--data", required=True, metavar="DIR",
+                    help="prepared token directory (tools/prepare_data.py --out)")
+    add_out_arg(ap, required=True, help="output directory (resumable)", aliases=())
     ap.add_argument("--round", type=int, default=None, help="distillation round (default: distill.round)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N train samples")
-    ap.add_argument("--config", action="append", default=[],
-                    help="config YAML (repeatable; default: config.resolved.yaml next to the teacher)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    add_config_args(ap, config_help="config YAML files, later override earlier (repeatable; default: "
+                                    "config.resolved.yaml next to the teacher)")
     ap.add_argument("--samples-per-shard", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=32, help="teacher forward batch per rank")
-    ap.add_argument("--no-progress", action="store_true")
+    add_quiet_arg(ap, dest="no_progress")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     return ap
 

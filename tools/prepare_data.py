@@ -262,24 +262,22 @@ def prepare(inputs: Sequence[str], out: str, vocab_size: int, seq_len: int, seed
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from mcd_scale.cli import ArgumentParser, add_out_arg, add_quiet_arg, input_errors_exit
+
+    ap = ArgumentParser(prog="tools/prepare_data.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="*", default=[DEFAULT_INPUT], help=".txt/.txt.gz files or directories")
-    ap.add_argument("--out", default=DEFAULT_OUT, help="output directory")
+    add_out_arg(ap, default=DEFAULT_OUT, help="output directory", aliases=())
     ap.add_argument("--vocab-size", type=int, default=4096, help="SentencePiece pieces (the mask id is this)")
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (= model.seq_len)")
     ap.add_argument("--seed", type=int, default=1234, help="keys the split assignment")
     ap.add_argument("--val-frac", type=float, default=0.05)
     ap.add_argument("--heldout-frac", type=float, default=0.05)
     ap.add_argument("--samples-per-shard", type=int, default=1024)
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_quiet_arg(ap, help="no progress bars")
     args = ap.parse_args(argv)
-    try:
+    with input_errors_exit("prepare_data", PrepareError):  # one line, exit 2 (MCD_DEBUG=1: the traceback)
         m = prepare(args.inputs, args.out, args.vocab_size, args.seq_len, args.seed, args.val_frac,
-                    args.heldout_frac, args.samples_per_shard, progress=not args.no_progress)
-    except PrepareError as exc:
-        print(f"prepare_data: error: {exc}", file=sys.stderr)
-        return 2
+                    args.heldout_frac, args.samples_per_shard, progress=not args.quiet)
     counts = ", ".join(f"{k} {m['splits'][k]['num_samples']}" for k in SPLITS)
     print(f"prepare_data: {m['num_tokens']} tokens, vocab {m['vocab_size']} (mask id {m['mask_id']}), "
           f"seq_len {m['seq_len']}: {counts} sequences -> {args.out}")
