@@ -169,3 +169,26 @@ def test_austen_cli_and_webdataset(tmp_path):
     with pytest.raises(ManifestError) as err:
         open_prepared(out, "train", vocab_size=4096, seq_len=64)
     assert "seq_len" in str(err.value) and "--seq-len 64" in str(err.value) and "manifest.json" in str(err.value)
+
+
+def test_index_sidecars_and_legacy_refusal(tmp_path):
+    """Every shard gets its index sidecar (in the manifest, with its digest); a re-run with fewer
+    shards leaves no stale sidecar behind; a manifest written before indexes is refused, naming the fix."""
+    out = _run(tmp_path, "a", samples_per_shard=4)
+    m = load_manifest(out)
+    for split in ("train", "val", "heldout"):
+        for rec in m["splits"][split]["shards"]:
+            assert rec["index_sha256"] == sha256_file(os.path.join(out, split, rec["index"]))
+    many = set(os.listdir(os.path.join(out, "train")))
+    _run(tmp_path, "a", samples_per_shard=64)
+    m = load_manifest(out)
+    left = set(os.listdir(os.path.join(out, "train")))
+    assert left == {n for r in m["splits"]["train"]["shards"] for n in (r["name"], r["index"])} and left < many
+
+    for rec in m["splits"]["train"]["shards"]:  # what a manifest of the previous tool version held
+        del rec["index"], rec["index_sha256"]
+    with open(os.path.join(out, "manifest.json"), "w") as fh:
+        json.dump(m, fh)
+    with pytest.raises(ManifestError) as err:
+        open_prepared(out, "train", vocab_size=320, seq_len=32)
+    assert "manifest.json" in str(err.value) and f"tools/prepare_data.py --out {out}" in str(err.value)

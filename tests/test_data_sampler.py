@@ -23,10 +23,16 @@ def _rank_union(sampler: GlobalBatchSampler, step: int, dp: int) -> list[tuple[i
     return out
 
 
+# (block, stripe): the default (one stripe holds all of N here), several stripes with a short last
+# block (103 = 25 x 4 + 3), single-sample blocks, and stripes that do not divide the block count.
+ORDERS = [{}, {"block": 4, "stripe": 3}, {"block": 1, "stripe": 5}, {"block": 7, "stripe": 2}]
+
+
+@pytest.mark.parametrize("order", ORDERS, ids=lambda o: "-".join(map(str, o.values())) or "default")
 @pytest.mark.parametrize("dp", [1, 2, 4])
-def test_exactly_once_per_epoch_and_layout_independent(dp):
-    sampler = GlobalBatchSampler(N, G, seed=7)
-    reference = GlobalBatchSampler(N, G, seed=7)  # a fresh instance: no hidden state matters
+def test_exactly_once_per_epoch_and_layout_independent(dp, order):
+    sampler = GlobalBatchSampler(N, G, seed=7, **order)
+    reference = GlobalBatchSampler(N, G, seed=7, **order)  # a fresh instance: no hidden state matters
     stream: list[int] = []
     steps = 3 * N // G + 2
     for step in range(steps):
@@ -39,7 +45,58 @@ def test_exactly_once_per_epoch_and_layout_independent(dp):
         assert sorted(stream[epoch * N:(epoch + 1) * N]) == list(range(N))
     # Epochs are reshuffled, and the seed matters.
     assert stream[:N] != stream[N:2 * N]
-    assert GlobalBatchSampler(N, G, seed=8).global_batch(0) != reference.global_batch(0)
+    assert GlobalBatchSampler(N, G, seed=8, **order).global_batch(0) != reference.global_batch(0)
+
+
+@pytest.mark.parametrize("block,stripe", [(4, 3), (7, 2), (1, 5)])
+def test_shuffle_buffer_is_bounded_to_a_stripe_of_blocks(block, stripe):
+    """The epoch order is a sequence of stripes; each stripe is a permutation of ``stripe`` whole
+    blocks of consecutive ids (what a bounded buffer of block x stripe samples can produce)."""
+    sampler = GlobalBatchSampler(N, G, seed=5, block=block, stripe=stripe)
+    for epoch in range(2):
+        order = sampler.epoch_permutation(epoch).tolist()
+        pos, blocks_seen = 0, set()
+        while pos < N:
+            # The stripe starting here spans the whole blocks its first ids belong to.
+            ids, blocks = [], set()
+            while pos < N and (len(blocks) < stripe or order[pos] // block in blocks):
+                blocks.add(order[pos] // block)
+                ids.append(order[pos])
+                pos += 1
+            want = sorted(g for b in blocks for g in range(b * block, min((b + 1) * block, N)))
+            assert sorted(ids) == want, f"stripe at epoch {epoch} mixes partial blocks"
+            assert not blocks & blocks_seen
+            blocks_seen |= blocks
+        # ... and the stripes still shuffle: not id order within every stripe.
+        assert order != sorted(order)
+
+
+def test_sampler_holds_nothing_of_size_n():
+    """A corpus-sized sampler: the cached state is O(N / block + block x stripe), not O(N)."""
+    n = 10**8
+    sampler = GlobalBatchSampler(n, 64, seed=1)
+    batch = sampler.global_batch(12_345_678)  # deep into epoch 7
+    assert len(set(batch)) == 64 and all(0 <= g < n for g in batch)
+    held = sum(a.nbytes for pair in sampler._epochs.values() for a in pair)
+    held += sum(a.nbytes for a in sampler._stripes.values())
+    assert held < 3 * 8 * n // sampler.block + 8 * 8 * sampler.block * sampler.stripe
+
+
+def test_cursor_of_another_order_is_refused():
+    s = GlobalBatchSampler(N, G, seed=1, block=4, stripe=3)
+    s.advance(3)
+    state = s.state_dict()
+    old = {k: v for k, v in state.items() if k not in ("order", "block", "stripe")}  # the global-shuffle era
+    with pytest.raises(SamplerError, match="order"):
+        GlobalBatchSampler(N, G, seed=1, block=4, stripe=3).load_state_dict(old)
+    with pytest.raises(SamplerError, match="stripe"):
+        GlobalBatchSampler(N, G, seed=1, block=4, stripe=4).load_state_dict(state)
+    fresh = GlobalBatchSampler(N, G, seed=1, block=4, stripe=3)
+    fresh.load_state_dict(state)
+    assert fresh.next_step == 3
+    in_order = GlobalBatchSampler(N, G, seed=1, shuffle=False)  # id order has no shuffle to differ in
+    in_order.load_state_dict({"consumed_samples": G, "seed": 1, "num_samples": N, "global_batch": G,
+                              "shuffle": False})
 
 
 def test_bad_layout_and_cursor_errors():
@@ -73,12 +130,13 @@ def _take(loader, n):
     return out
 
 
-def test_loader_batches_resume_and_workers(shard_dir):
+@pytest.mark.parametrize("order", [{}, {"block": 4, "stripe": 3}], ids=["default", "4-3"])
+def test_loader_batches_resume_and_workers(shard_dir, order):
     path, manifest, rows = shard_dir
     ds = ShardedDataset(path, manifest=manifest)
     dp, rank = 2, 1
     accum = G // (dp * MB)
-    sampler = GlobalBatchSampler(N, G, seed=3)
+    sampler = GlobalBatchSampler(N, G, seed=3, **order)
     full = _take(MicroBatchLoader(ds, sampler, rank, dp, MB), 6 * accum)
     for step, micro, batch in full:
         want = sampler.rank_slice(step, rank, dp, MB)[micro]
@@ -90,19 +148,19 @@ def test_loader_batches_resume_and_workers(shard_dir):
     assert sampler.consumed_samples == 6 * G
 
     # Interrupted run: 3 steps, checkpoint the cursor, new objects, 3 more steps == uninterrupted.
-    first = GlobalBatchSampler(N, G, seed=3)
+    first = GlobalBatchSampler(N, G, seed=3, **order)
     _take(MicroBatchLoader(ds, first, rank, dp, MB), 3 * accum)
     state = first.state_dict()
-    resumed = GlobalBatchSampler(N, G, seed=3)
+    resumed = GlobalBatchSampler(N, G, seed=3, **order)
     resumed.load_state_dict(state)
     rest = _take(MicroBatchLoader(ds, resumed, rank, dp, MB), 3 * accum)
     assert [b["sample_id"].tolist() for _, _, b in rest] == [b["sample_id"].tolist() for _, _, b in full[3 * accum:]]
 
     # Two reader workers give the same batches in the same order.
-    two = _take(MicroBatchLoader(ds, GlobalBatchSampler(N, G, seed=3), rank, dp, MB, num_workers=2), 6 * accum)
+    two = _take(MicroBatchLoader(ds, GlobalBatchSampler(N, G, seed=3, **order), rank, dp, MB, num_workers=2), 6 * accum)
     for (_, _, a), (_, _, b) in zip(full, two):
         assert torch.equal(a["ids"], b["ids"]) and torch.equal(a["sample_id"], b["sample_id"])
-    loader = MicroBatchLoader(ds, GlobalBatchSampler(N, G, seed=3), rank, dp, MB, start_step=4)
+    loader = MicroBatchLoader(ds, GlobalBatchSampler(N, G, seed=3, **order), rank, dp, MB, start_step=4)
     _take(loader, 1)
     assert loader.step == 4 and loader.last_wait_s > 0 and loader.total_wait_s >= loader.last_wait_s
 

@@ -139,3 +139,54 @@ def test_missing_shard_and_dir(tmp_path):
         ShardedDataset(str(tmp_path), manifest=_manifest(records))
     with pytest.raises(ShardError, match="does not exist"):
         ShardedDataset(str(tmp_path / "nope"))
+
+
+# -- the per-shard index (sidecar written with the shard, covered by the manifest, read lazily) --
+
+
+def test_index_written_with_the_shard_and_read_lazily(tmp_path, monkeypatch):
+    import mcd_scale.data.shards as shards_mod
+
+    records = write_shards(str(tmp_path), _samples(10), samples_per_shard=2)
+    for r in records:  # one sidecar per shard, named in its record with the digest the manifest keeps
+        side = tmp_path / r["index"]
+        assert side.is_file() and r["index"] == r["name"].replace(".tar", ".idx.npy")
+        table = np.load(side)
+        data = open(tmp_path / r["name"], "rb").read()
+        # Row i is (id, offset of the sample's first header): the header there names that sample.
+        for gid, off in table[:-1]:
+            assert data[off:off + 10] == b"%010d" % gid
+    ds = ShardedDataset(str(tmp_path), manifest=_manifest(records))
+    assert ds._indexes == {}  # opening reads no index: start-up does not grow with the samples
+    np.testing.assert_array_equal(ds[7]["ids"], np.arange(7, 13))
+    assert list(ds._indexes) == [3]  # only the shard that was read
+    # The cache is bounded: a long read touches every shard but keeps at most _CACHED_INDEXES.
+    monkeypatch.setattr(shards_mod, "_CACHED_INDEXES", 2)
+    for gid in range(10):
+        assert ds[gid]["meta"]["gid"] == gid
+        assert len(ds._indexes) <= 2
+    # A worker gets the dataset without the parent's cached indexes (nothing big crosses the fork).
+    assert pickle.loads(pickle.dumps(ds))._indexes == {}
+
+
+def test_index_replaced_or_missing_is_named(tmp_path):
+    records = write_shards(str(tmp_path), _samples(6), samples_per_shard=3)
+    side = tmp_path / records[1]["index"]
+    table = np.load(side)
+    table[1, 1] += 512  # sample 4 now "starts" one header later: the digest must catch it
+    np.save(side, table)
+    ds = ShardedDataset(str(tmp_path), manifest=_manifest(records))
+    np.testing.assert_array_equal(ds[0]["ids"], np.arange(0, 6))  # other shards unaffected
+    with pytest.raises(ShardError, match=r"shard-000001\.tar.*shard-000001\.idx\.npy.*index_sha256"):
+        ds[4]
+    os.remove(side)
+    with pytest.raises(ShardError, match=r"shard-000001\.tar.*shard-000001\.idx\.npy"):
+        ShardedDataset(str(tmp_path), manifest=_manifest(records))[3]
+
+
+def test_batch_read_returns_the_order_asked(tmp_path):
+    records = write_shards(str(tmp_path), _samples(12), samples_per_shard=5)
+    ds = ShardedDataset(str(tmp_path), manifest=_manifest(records))
+    ask = [11, 0, 7, 3, 10, 1]
+    got = ds.__getitems__(ask)
+    assert [s["meta"]["gid"] for s in got] == ask

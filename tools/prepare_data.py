@@ -23,7 +23,6 @@ The mask id is V = the tokenizer's piece count (one past the last piece), record
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import os
 import re
@@ -50,7 +49,7 @@ from mcd_scale.rng import keyed_generator  # noqa: E402
 TOOL_VERSION = "1"
 DEFAULT_INPUT = os.path.join(REPO, "data", "austen.txt.gz")
 DEFAULT_OUT = os.path.join(REPO, "data", "prepared")
-_SHARD_NAME = re.compile(r"^shard-\d{6}\.tar(\.tmp)?$")
+_SHARD_NAME = re.compile(r"^shard-\d{6}\.(tar|idx\.npy)(\.tmp)?$")  # a shard and its index sidecar
 
 
 class PrepareError(Exception):

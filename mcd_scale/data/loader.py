@@ -54,7 +54,28 @@ def open_prepared(path: str, split: str, *, vocab_size: Optional[int] = None, se
     if split not in splits:
         raise ManifestError(f"{source} has no split '{split}' (it has: {', '.join(sorted(splits))})")
     record = splits[split]
-    return ShardedDataset(os.path.join(path, record["dir"]), manifest=record, skip_corrupt=skip_corrupt)
+    if record.get("shards") and "index" not in record["shards"][0]:
+        raise ManifestError(f"{source} was written before shard indexes (no 'index' in its shard records); "
+                            f"re-run tools/prepare_data.py --out {path}")
+    return ShardedDataset(os.path.join(path, record["dir"]), manifest=record, skip_corrupt=skip_corrupt,
+                          validate=TokenCheck(int(manifest["vocab_size"]), int(manifest["seq_len"])))
+
+
+class TokenCheck:
+    """Rejects a token sample whose ``ids`` is not an unsigned-int [seq_len] array below vocab_size
+    (picklable: DataLoader workers run it)."""
+
+    def __init__(self, vocab_size: int, seq_len: int) -> None:
+        self.vocab_size, self.seq_len = vocab_size, seq_len
+
+    def __call__(self, sample: Sample) -> Optional[str]:
+        ids = sample.get("ids")
+        if not isinstance(ids, np.ndarray) or ids.dtype.kind != "u" or ids.shape != (self.seq_len,):
+            got = f"{ids.dtype} {ids.shape}" if isinstance(ids, np.ndarray) else type(ids).__name__
+            return f"ids is {got}, want an unsigned int array of shape ({self.seq_len},) (the manifest's seq_len)"
+        if ids.size and int(ids.max()) >= self.vocab_size:
+            return f"token id {int(ids.max())} >= vocab_size {self.vocab_size}"
+        return None
 
 
 def _to_tensor(name: str, arrays: Sequence[np.ndarray]) -> torch.Tensor:
@@ -96,6 +117,14 @@ class _Items(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Item:
         gid, pos = key
         return gid, pos, self.dataset[gid]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Item]:
+        # One micro-batch at a time, read in file order (forward within each shard's block).
+        many = getattr(self.dataset, "__getitems__", None)
+        if many is None:
+            return [self[key] for key in keys]
+        samples = many([gid for gid, _ in keys])
+        return [(gid, pos, sample) for (gid, pos), sample in zip(keys, samples)]
 
 
 class _StepStream(Sampler):

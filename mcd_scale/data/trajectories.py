@@ -94,7 +94,7 @@ def verify_batch(batch: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
 
 
 class TrajectoryDataset:
-    """Random access by global sample id over trajectory shards, items expanded to fixed shapes.
+    """Trajectory samples by global id (through the per-shard indexes), items expanded to fixed shapes.
 
     ``dataset[g]`` -> ``{"ids": int64 [L], "t": float64 [], "s": float64 [], "tk_mask": bool [L],
     "tk_ids": int64 [L, k] (0 where unused), "tk_logp": float32 [L, k] (0 where unused),
@@ -107,6 +107,9 @@ class TrajectoryDataset:
         self.directory = directory
         self.manifest = dict(manifest)
         record = manifest["splits"]["train"]
+        if record.get("shards") and "index" not in record["shards"][0]:
+            raise ManifestError(f"{manifest_path(directory)} was written before shard indexes (no 'index' in "
+                                f"its shard records); re-run {TOOL} into a new --out")
         self.split_dir = os.path.join(directory, record["dir"])
         self.shards = ShardedDataset(self.split_dir, manifest=record,
                                      skip_corrupt=skip_corrupt)
@@ -173,6 +176,9 @@ class TrajectoryDataset:
                              f"{top_logp.shape} (want (n, {k})), tail_logp {tail.shape}")
         if n and (pos.min() < 0 or pos.max() >= L or np.any(np.diff(pos) <= 0)):
             raise ValueError(f"topk_pos must be increasing positions in [0, {L})")
+        if ids.dtype.kind != "u" or (ids.size and int(ids.max()) >= V):
+            raise ValueError(f"ids must be unsigned token ids below vocab_size {V} (got {ids.dtype}, "
+                             f"max {int(ids.max()) if ids.size else None})")
         if top_ids.size and (int(top_ids.min()) < 0 or int(top_ids.max()) >= V):
             raise ValueError(f"topk_ids outside [0, {V})")
         tk_mask = np.zeros(L, dtype=bool)
