@@ -197,6 +197,9 @@ def shard_complete(split_dir: str, j: int, first: int, last: int) -> Optional[di
             or rec.get("num_samples") != last - first + 1 or os.path.getsize(tar) != rec.get("bytes") \
             or sha256_file(tar) != rec.get("sha256"):
         return None
+    index = os.path.join(split_dir, str(rec.get("index", "")))  # the shard's sample index (a sidecar)
+    if "index" not in rec or not os.path.isfile(index) or sha256_file(index) != rec.get("index_sha256"):
+        return None
     return rec
 
 
