@@ -162,7 +162,7 @@ class Trainer:
             raise ConfigError(f"{ckpt} was written by another layout ({diff}) and has no {FILE}: resume with the "
                               f"saved layout, or write checkpoints with 'checkpoint.universal: true' to resume "
                               f"at any layout")
-        reason = refuse_reason(self.cfg)
+        reason = refuse_reason(self.cfg, path)
         if reason:
             raise ConfigError(f"{ckpt}: resuming at another layout ({diff}): {reason}")
         if self.rank == 0:
@@ -174,11 +174,12 @@ class Trainer:
         if tag is None:
             return
         self.state = load_train_state(self.root, tag)  # layout-independent: step, data cursor, round
-        if self.universal is not None:  # another layout: no per-rank RNG or EMA files apply (universal.py)
+        if self.universal is not None:  # another layout: no per-rank RNG or EMA files apply; EMA from the file
             from mcd_scale.universal import load_universal
 
             load_universal(self.engine, self.universal, global_batch=self.cfg.parallel.global_batch,
-                           train_step=self.state.step)
+                           train_step=self.state.step, ema=self.ema,
+                           ema_updates=int(self.state.extra.get("ema_updates", 0)))
         else:
             self._load_native(tag)
         if self.rank == 0:
@@ -221,7 +222,7 @@ class Trainer:
         if self.cfg.checkpoint.universal:
             from mcd_scale.universal import FILE, gather_universal
 
-            tensors = gather_universal(self.engine)  # collective; the whole state on rank 0 only
+            tensors = gather_universal(self.engine, self.ema)  # collective; the whole state on rank 0 only
             if self.rank == 0:
                 extra_files[FILE] = tensors
         save_checkpoint(self.engine.engine, self.run_dir, self.state, to_yaml(self.cfg), self.rank,

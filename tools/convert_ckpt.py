@@ -1,8 +1,20 @@
 #!/usr/bin/env python
-"""Inspect and export mcd_scale checkpoints.
+"""Inspect, consolidate, reshard and export mcd_scale checkpoints (docs/checkpoints.md).
 
     python tools/convert_ckpt.py inspect RUN_OR_CKPT [--json]
     python tools/convert_ckpt.py export RUN_OR_CKPT --out DIR [--ema] [--force]
+    python tools/convert_ckpt.py consolidate RUN_OR_CKPT --out DIR [--weights raw|ema] [--dtype fp32|bf16|fp16] [--force]
+    python tools/convert_ckpt.py reshard RUN_OR_CKPT --out DIR --tp T --pp P [--zero Z] [--world-size N] [--force]
+    python tools/convert_ckpt.py export-hf RUN_OR_CKPT --out DIR [--weights raw|ema] [--tokenizer FILE] [--force]
+
+``consolidate`` builds the logical ``model.safetensors`` from the DeepSpeed shards of any layout (also when
+``checkpoint.consolidated`` was off): the tag's layout is rebuilt on local CPU ranks (gloo, one process
+per saved rank), DeepSpeed loads its own shards, and rank 0 streams one logical parameter at a time
+into the file (mcd_scale/consolidate.py). ``reshard`` writes a run directory whose checkpoint resumes
+training at ``--tp/--pp/--zero`` (any DP size) with the optimizer state: its tag holds
+``universal.safetensors`` (fp32 masters, Adam moments, EMA shadow; built from the shards when the run did
+not write it) and no DeepSpeed files, plus ``config.yaml`` for the new layout. ``export-hf`` writes a
+Hugging Face-style directory loadable with ``AutoModel.from_pretrained(dir, trust_remote_code=True)``.
 
 ``inspect`` lists the checkpoints of a run (tags, ``latest``), the TrainState, the parallel layout and
 precision that wrote them, whether it is universal (resumable at another layout: checkpoint.universal), and the logical tensors of the consolidated weights with the parameter count.
@@ -31,6 +43,7 @@ from mcd_scale.cli import InputError, input_errors_exit  # noqa: E402
 from mcd_scale.integrity import IntegrityError, sha256_file, verify  # noqa: E402
 
 EXPORT_FORMAT = "mcd_scale-export-v1"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _checkpoint_dir(path: str) -> str:
@@ -60,30 +73,94 @@ def _check_safetensors(path: str) -> None:
                              f"it from a copy of the run or use another checkpoint") from None
 
 
+def _param_count_from_config(cfg_dict: dict) -> tuple[int, int]:
+    """(tensors, parameters) of the model a config describes, built on the meta device (no memory)."""
+    import warnings
+
+    import torch
+
+    from mcd_scale.config import from_dict
+    from mcd_scale.model.logical import logical_parameters
+
+    with warnings.catch_warnings():  # megatron's import-time notes about optional fused kernels
+        warnings.simplefilter("ignore")
+        from mcd_scale.model.transformer import DiffusionTransformer
+
+    cfg = from_dict(cfg_dict)
+    with torch.device("meta"):
+        model = DiffusionTransformer(cfg.model)
+    shapes = [p.logical_shape for _, p in logical_parameters(model)]
+    total = 0
+    for shape in shapes:
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return len(shapes), total
+
+
+def _sizes(ckpt: str) -> dict:
+    """Bytes on disk of the tag by kind."""
+    kinds = {"deepspeed": 0, "consolidated": 0, "universal": 0, "ema_shards": 0, "other": 0}
+    for dirpath, _dirs, files in os.walk(ckpt):
+        for name in files:
+            size = os.path.getsize(os.path.join(dirpath, name))
+            if name.endswith(".pt"):
+                kinds["deepspeed"] += size
+            elif name in ("model.safetensors", "model_ema.safetensors"):
+                kinds["consolidated"] += size
+            elif name == "universal.safetensors":
+                kinds["universal"] += size
+            elif name.startswith("ema_rank"):
+                kinds["ema_shards"] += size
+            else:
+                kinds["other"] += size
+    kinds["total"] = sum(kinds.values())
+    return kinds
+
+
 def inspect(path: str) -> dict:
-    import yaml
+    """Summary of the latest (or given) tag. An integrity failure is recorded in ``info['integrity']`` as
+    ``{"status": "bad", "error": ...}`` and nothing of the bad file is read; main() reports it and exits 2."""
     from safetensors import safe_open
 
     from mcd_scale.checkpoint import list_tags
+    from mcd_scale.integrity import read_marker
 
     ckpt = _checkpoint_dir(path)
     root = os.path.dirname(ckpt)
-    info: dict = {"checkpoint": ckpt, "tags": list_tags(root), "integrity": verify(ckpt)}
+    info: dict = {"checkpoint": ckpt, "tags": list_tags(root)}
+    bad: set = set()
+    try:
+        info["integrity"] = verify(ckpt)
+    except IntegrityError as exc:
+        info["integrity"] = {"status": "bad", "error": " ".join(str(exc).split())}
+        bad = {name for name in os.listdir(ckpt) if os.path.join(ckpt, name) in str(exc)}
+    marker = read_marker(ckpt)
+    for name in ("train_state.json", "config.resolved.yaml"):
+        if name in bad:
+            return info
     with open(os.path.join(ckpt, "train_state.json"), encoding="utf-8") as fh:
         info["train_state"] = json.load(fh)
-    with open(os.path.join(ckpt, "config.resolved.yaml"), encoding="utf-8") as fh:
-        cfg = yaml.safe_load(fh)
-    with open(os.path.join(ckpt, "COMPLETE"), encoding="utf-8") as fh:
-        world = json.load(fh).get("world_size")
-    par = cfg.get("parallel", {})
-    info["layout"] = {"world_size": world, "tp": par.get("tp"), "pp": par.get("pp"),
-                      "zero_stage": par.get("zero_stage"), "precision": cfg.get("train", {}).get("precision"),
-                      "objective": cfg.get("train", {}).get("objective")}
-    # universal.safetensors (checkpoint.universal): the run can resume at any TP/PP/DP/ZeRO layout
+    cfg = _read_cfg(ckpt)
+    world = marker.get("world_size")
+    par, train = cfg.get("parallel", {}), cfg.get("train", {})
+    tp, pp = int(par.get("tp", 1)), int(par.get("pp", 1))
+    info["layout"] = {"world_size": world, "tp": tp, "pp": pp,
+                      "dp": (int(world) // (tp * pp)) if world else None, "zero_stage": par.get("zero_stage"),
+                      "precision": train.get("precision"), "objective": train.get("objective"),
+                      "deepspeed_files": not marker.get("universal_only", False)}
+    info["step"] = info["train_state"]["step"]
+    info["tokens_seen"] = int(info["train_state"]["consumed_samples"]) * int(cfg.get("model", {}).get("seq_len", 0))
+    info["dtype"] = train.get("precision")
+    # universal.safetensors (checkpoint.universal, or convert_ckpt reshard): resumes at any TP/PP/DP/ZeRO layout
     info["universal"] = os.path.exists(os.path.join(ckpt, "universal.safetensors"))
+    info["ema"] = float(train.get("ema_decay", 0) or 0) > 0
+    info["sizes_bytes"] = _sizes(ckpt)
+    info["tensors"], info["parameters"] = _param_count_from_config(cfg)
     for name in ("model.safetensors", "model_ema.safetensors"):
         f = os.path.join(ckpt, name)
-        if not os.path.exists(f):
+        if not os.path.exists(f) or name in bad:
             continue
         _check_safetensors(f)
         with safe_open(f, framework="pt") as st:
@@ -109,7 +186,83 @@ def _own_files(out: str) -> list[str]:
     if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT or not isinstance(data.get("files"), dict):
         raise InputError(f"--out {out} is not empty and was not written by convert_ckpt export (no {EXPORT_FORMAT} "
                          f"meta.json): nothing removed; choose an empty or new directory")
-    return [name for name in data["files"] if os.path.basename(name) == name] + ["meta.json"]
+    own = [name for name in data["files"] if not os.path.isabs(name) and ".." not in name.split(os.sep)]
+    return own + ["meta.json"]
+
+
+def _prepare_out(out: str, force: bool) -> list[str]:
+    """Refuse a non-empty ``--out`` (unless ``--force`` and it holds a previous output of this tool, whose
+    manifest-listed files are then the only ones replaced) or a file. Returns the files to replace."""
+    if os.path.isdir(out) and os.listdir(out):
+        if not force:
+            raise InputError(f"--out {out} is not empty: choose an empty or new directory, or pass --force to "
+                             f"replace the files of a previous export there (nothing else is ever removed)")
+        return _own_files(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out} is a file: choose a directory")
+    return []
+
+
+class _Out:
+    """The output directory of one command: removes only the files a previous output of ours listed,
+    writes each new file under a temporary name then renames it, and writes ``meta.json`` (the manifest
+    that makes ``--force`` safe) last, so a half-written directory is never taken for a finished one."""
+
+    def __init__(self, out: str, replaced: list[str]):
+        self.out, self.files = out, {}
+        os.makedirs(out, exist_ok=True)
+        for old in sorted(replaced, key=lambda n: n != "meta.json"):  # meta.json first
+            target = os.path.join(out, old)
+            if os.path.isfile(target):
+                os.remove(target)
+
+    def path(self, rel: str) -> str:
+        full = os.path.join(self.out, rel)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        return full
+
+    def place(self, rel: str, write) -> str:
+        full = self.path(rel)
+        tmp = os.path.join(os.path.dirname(full), f".{os.path.basename(rel)}.tmp.{os.getpid()}")
+        write(tmp)
+        os.replace(tmp, full)
+        return self.adopt(rel)
+
+    def copy(self, rel: str, src: str) -> str:
+        import shutil
+
+        return self.place(rel, lambda tmp: shutil.copyfile(src, tmp))
+
+    def text(self, rel: str, text: str) -> str:
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        return self.place(rel, write)
+
+    def adopt(self, rel: str) -> str:
+        """Record a file already written under its final name (by a worker or place())."""
+        full = os.path.join(self.out, rel)
+        self.files[rel] = {"size": os.path.getsize(full), "sha256": sha256_file(full)}
+        return full
+
+    def finish(self, meta: dict) -> None:
+        meta = {"format": EXPORT_FORMAT, **meta, "files": self.files}
+        tmp = os.path.join(self.out, f".meta.json.tmp.{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=2)
+        os.replace(tmp, os.path.join(self.out, "meta.json"))
+
+
+def _read_cfg(ckpt: str) -> dict:
+    import yaml
+
+    with open(os.path.join(ckpt, "config.resolved.yaml"), encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def _step(ckpt: str) -> int:
+    with open(os.path.join(ckpt, "train_state.json"), encoding="utf-8") as fh:
+        return json.load(fh)["step"]
 
 
 def export(path: str, out: str, ema: bool, force: bool = False) -> str:
@@ -120,70 +273,202 @@ def export(path: str, out: str, ema: bool, force: bool = False) -> str:
     src = os.path.join(ckpt, name)
     if not os.path.exists(src):
         raise InputError(f"{src} is missing (saved with checkpoint.consolidated: false"
-                         f"{' or without EMA (train.ema_decay: 0)' if ema else ''}); re-save with consolidation on")
-    replaced: list[str] = []
-    if os.path.isdir(out) and os.listdir(out):
-        if not force:
-            raise InputError(f"--out {out} is not empty: choose an empty or new directory, or pass --force to "
-                             f"replace the files of a previous export there (nothing else is ever removed)")
-        replaced = _own_files(out)
-    elif os.path.exists(out) and not os.path.isdir(out):
-        raise InputError(f"--out {out} is a file: choose a directory")
+                         f"{' or without EMA (train.ema_decay: 0)' if ema else ''}); build it from the DeepSpeed "
+                         f"shards with 'tools/convert_ckpt.py consolidate'")
+    replaced = _prepare_out(out, force)
     verify(ckpt, [name, "config.resolved.yaml", "train_state.json"])  # before reading any of them
     _check_safetensors(src)
-    with open(os.path.join(ckpt, "config.resolved.yaml"), encoding="utf-8") as fh:
-        cfg = yaml.safe_load(fh)
-    with open(os.path.join(ckpt, "train_state.json"), encoding="utf-8") as fh:
-        step = json.load(fh)["step"]
-    os.makedirs(out, exist_ok=True)
-    for old in replaced:  # only what a previous export listed as its own; meta.json goes first so a
-        target = os.path.join(out, old)  # half-replaced directory is never taken for a finished export
-        if old == "meta.json" and os.path.isfile(target):
-            os.remove(target)
-    for old in replaced:
-        target = os.path.join(out, old)
-        if old != "meta.json" and os.path.isfile(target):
-            os.remove(target)
-    written: dict[str, dict] = {}
-
-    def place(rel: str, write) -> None:  # write to a temp name, then rename: no half-written final name
-        tmp = os.path.join(out, f".{rel}.tmp.{os.getpid()}")
-        write(tmp)
-        os.replace(tmp, os.path.join(out, rel))
-        written[rel] = {"size": os.path.getsize(os.path.join(out, rel)), "sha256": sha256_file(os.path.join(out, rel))}
-
-    import shutil
-
-    place("model.safetensors", lambda tmp: shutil.copyfile(src, tmp))
-
-    def write_yaml(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(cfg, fh, sort_keys=False)
-
-    place("config.yaml", write_yaml)
-    # sample.py and distill.teacher look for the resolved config beside the weights
-    place("config.resolved.yaml", write_yaml)
-    meta = {"format": EXPORT_FORMAT, "weights_format": "mcd_scale-logical-v1", "source": os.path.abspath(src),
-            "step": step, "ema": ema, "sha256": written["model.safetensors"]["sha256"], "files": written}
-    tmp = os.path.join(out, f".meta.json.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(meta, fh, indent=2)
-    os.replace(tmp, os.path.join(out, "meta.json"))  # last: its presence means the export is complete
+    cfg, step = _read_cfg(ckpt), _step(ckpt)
+    o = _Out(out, replaced)
+    o.copy("model.safetensors", src)
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    o.text("config.yaml", text)
+    o.text("config.resolved.yaml", text)  # sample.py and distill.teacher look for the resolved config beside the weights
+    o.finish({"weights_format": "mcd_scale-logical-v1", "source": os.path.abspath(src), "step": step, "ema": ema,
+              "sha256": o.files["model.safetensors"]["sha256"]})
     return out
 
 
+# ------------------------------------------------------------------ conversion ranks (mcd_scale/ckpt_worker.py)
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_workers(ckpt: str, jobs: list[dict]) -> dict:
+    """Rebuild the tag's layout on local CPU ranks (one process per saved rank, gloo) and run ``jobs`` there.
+    Returns rank 0's JSON report; an input error of any rank becomes this process's InputError."""
+    import subprocess
+    import tempfile
+    import time
+
+    from mcd_scale.integrity import read_marker
+
+    world = int(read_marker(ckpt).get("world_size", 1))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_"))}
+    env.update({"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
+                "PYTHONPATH": REPO + os.pathsep + env.get("PYTHONPATH", ""), "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world), "LOCAL_SIZE": str(world),
+                "MCD_QUIET": "1", "PYTHONUNBUFFERED": "1"})
+    arg = json.dumps({"ckpt": os.path.abspath(ckpt), "jobs": jobs})
+    with tempfile.TemporaryDirectory(prefix="convert_ckpt_") as tmp:
+        procs, logs = [], []
+        for rank in range(world):
+            e = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
+            log = open(os.path.join(tmp, f"rank{rank}.log"), "w+")
+            logs.append(log)
+            procs.append(subprocess.Popen([sys.executable, "-m", "mcd_scale.ckpt_worker", arg], cwd=REPO, env=e,
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        try:
+            while any(p.poll() is None for p in procs):
+                if any(p.poll() not in (None, 0) for p in procs):
+                    time.sleep(3)  # let the peers report their own error, then stop the ones still waiting
+                    break
+                time.sleep(0.05)
+        finally:
+            for p in procs:  # only the processes started here
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        texts = []
+        for log in logs:
+            log.seek(0)
+            texts.append(log.read())
+            log.close()
+    codes = [p.returncode for p in procs]
+    if all(c == 0 for c in codes):
+        lines = [ln for ln in texts[0].splitlines() if ln.startswith("{")]
+        return json.loads(lines[-1]) if lines else {}
+    for text in texts:
+        for line in text.splitlines():
+            if "convert_ckpt: error: " in line:
+                raise InputError(line.split("convert_ckpt: error: ", 1)[1])
+    bad = next(r for r, c in enumerate(codes) if c != 0)
+    raise RuntimeError(f"conversion rank {bad} failed (exit {codes[bad]}):\n{texts[bad][-6000:]}")
+
+
+def _check_weights_choice(cfg: dict, weights: str, ckpt: str) -> None:
+    if weights == "ema" and not float(cfg.get("train", {}).get("ema_decay", 0) or 0) > 0:
+        raise InputError(f"--weights ema: {ckpt} was trained without EMA (train.ema_decay: 0); use --weights raw")
+
+
+def consolidate(path: str, out: str, weights: str = "raw", dtype: str | None = None, force: bool = False) -> dict:
+    """``model.safetensors`` (+ configs) in ``out``, built from the tag's DeepSpeed shards."""
+    import yaml
+
+    ckpt = _checkpoint_dir(path)
+    replaced = _prepare_out(out, force)
+    verify(ckpt)  # every file: DeepSpeed unpickles its shards
+    cfg = _read_cfg(ckpt)
+    _check_weights_choice(cfg, weights, ckpt)
+    o = _Out(out, replaced)
+    report = run_workers(ckpt, [{"what": "weights", "weights": weights, "dtype": dtype,
+                                 "out": os.path.abspath(o.path("model.safetensors"))}])
+    o.adopt("model.safetensors")
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    o.text("config.yaml", text)
+    o.text("config.resolved.yaml", text)
+    o.finish({"weights_format": "mcd_scale-logical-v1", "source": os.path.abspath(ckpt), "step": _step(ckpt),
+              "ema": weights == "ema", "dtype": dtype or cfg.get("train", {}).get("precision"),
+              "built_from": "deepspeed shards", "sha256": o.files["model.safetensors"]["sha256"]})
+    return {"out": out, **report}
+
+
+def reshard(path: str, out: str, tp: int, pp: int, zero: int | None = None, world_size: int | None = None,
+            force: bool = False) -> dict:
+    """A run directory in ``out`` whose latest tag resumes training at tp/pp/zero (any DP size): a
+    universal-only tag (universal.safetensors + consolidated weights + TrainState) and config.yaml."""
+    from mcd_scale.config import ConfigError, load_config, to_yaml, validate_layout
+    from mcd_scale.integrity import read_marker, record_files
+    from mcd_scale.universal import FILE, UNIVERSAL_ONLY, has_ema
+
+    ckpt = _checkpoint_dir(path)
+    src_cfg_file = os.path.join(ckpt, "config.resolved.yaml")
+    sets = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"run.dir={os.path.abspath(out)}", "checkpoint.load=latest"]
+    if zero is not None:
+        sets.append(f"parallel.zero_stage={zero}")
+    try:
+        new_cfg = load_config([src_cfg_file], sets)
+        validate_layout(new_cfg, world_size or tp * pp)
+    except ConfigError as exc:
+        raise InputError(f"the target layout (--tp {tp} --pp {pp}"
+                         f"{'' if zero is None else f' --zero {zero}'}) is not valid for {src_cfg_file}: {exc}") from None
+    replaced = _prepare_out(out, force)
+    verify(ckpt)
+    cfg, tag = _read_cfg(ckpt), os.path.basename(ckpt)
+    ema = float(cfg.get("train", {}).get("ema_decay", 0) or 0) > 0
+    o = _Out(out, replaced)
+    rel = lambda name: os.path.join("checkpoints", tag, name)  # noqa: E731
+    have_universal = os.path.exists(os.path.join(ckpt, FILE)) and (not ema or has_ema(os.path.join(ckpt, FILE)))
+    jobs = [] if have_universal else [{"what": "universal", "out": os.path.abspath(o.path(rel(FILE)))}]
+    names = ["model.safetensors"] + (["model_ema.safetensors"] if ema else [])
+    for name in names:
+        if not os.path.exists(os.path.join(ckpt, name)):
+            jobs.append({"what": "weights", "weights": "ema" if "ema" in name else "raw", "dtype": None,
+                         "out": os.path.abspath(o.path(rel(name)))})
+    report = run_workers(ckpt, jobs) if jobs else {}
+    for name in [FILE] + names + ["train_state.json", "config.resolved.yaml"]:
+        if os.path.exists(os.path.join(out, rel(name))) and any(j["out"].endswith(rel(name)) for j in jobs):
+            continue
+        o.copy(rel(name), os.path.join(ckpt, name))
+    tagdir = os.path.join(out, "checkpoints", tag)
+    # The tag's config.resolved.yaml is the source's: it describes the run that was trained. Without DeepSpeed
+    # files no layout loads the tag natively, which COMPLETE says (mcd_scale/universal.py saved_layout).
+    marker = {"tag": tag, "world_size": read_marker(ckpt).get("world_size"), UNIVERSAL_ONLY: True,
+              "source": os.path.abspath(ckpt), "files": record_files(tagdir)}
+    o.text(rel("COMPLETE"), json.dumps(marker, indent=1))
+    for name in os.listdir(tagdir):
+        if not name.startswith("."):
+            o.adopt(rel(name))
+    o.text(os.path.join("checkpoints", "latest"), tag)
+    o.text("config.yaml", to_yaml(new_cfg))
+    o.finish({"source": os.path.abspath(ckpt), "step": _step(ckpt), "tp": tp, "pp": pp,
+              "zero_stage": new_cfg.parallel.zero_stage, "universal_built_from_shards": not have_universal})
+    return {"out": out, "tag": tag, "built": [j["what"] + ":" + os.path.basename(j["out"]) for j in jobs], **report}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (the input-error convention), not usage + message
+        self.exit(2, f"convert_ckpt: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    pi = sub.add_parser("inspect", help="summarise a run's checkpoints")
-    pi.add_argument("path")
+    p = _Parser(prog="convert_ckpt.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    pi = sub.add_parser("inspect", help="summarise a run's checkpoint (layout, step, sizes, integrity)")
+    pi.add_argument("path", help="run directory, checkpoints directory or checkpoint tag")
     pi.add_argument("--json", action="store_true", help="print the full JSON (with every tensor shape)")
-    pe = sub.add_parser("export", help="write layout-independent weights + config to a directory")
-    pe.add_argument("path")
-    pe.add_argument("--out", required=True)
+    pe = sub.add_parser("export", help="copy the consolidated weights + config to a directory")
+    pe.add_argument("path", help="run directory, checkpoints directory or checkpoint tag")
+    pe.add_argument("--out", required=True, help="output directory (new or empty)")
     pe.add_argument("--ema", action="store_true", help="export the EMA weights (distillation students)")
-    pe.add_argument("--force", action="store_true",
-                    help="replace the files of a previous export in --out (never anything else)")
+    pc = sub.add_parser("consolidate", help="build model.safetensors from the DeepSpeed shards of any layout")
+    pc.add_argument("path", help="run directory, checkpoints directory or checkpoint tag")
+    pc.add_argument("--out", required=True, help="output directory (new or empty)")
+    pc.add_argument("--weights", choices=("raw", "ema"), default="raw", help="trained or EMA weights")
+    pc.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                    help="dtype of the written weights (default: the parameters' own)")
+    pr = sub.add_parser("reshard", help="a run directory that resumes training at another TP/PP/ZeRO layout")
+    pr.add_argument("path", help="run directory, checkpoints directory or checkpoint tag")
+    pr.add_argument("--out", required=True, help="output run directory (new or empty)")
+    pr.add_argument("--tp", type=int, required=True, help="target tensor-parallel size")
+    pr.add_argument("--pp", type=int, required=True, help="target pipeline-parallel size")
+    pr.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None,
+                    help="target ZeRO stage (default: the run's)")
+    pr.add_argument("--world-size", type=int, default=None,
+                    help="ranks the target layout is checked for (default: tp x pp); any DP size resumes")
+    ph = sub.add_parser("export-hf", help="a Hugging Face-style directory (AutoModel, trust_remote_code)")
+    ph.add_argument("path", help="run directory, checkpoints directory or checkpoint tag")
+    ph.add_argument("--out", required=True, help="output directory (new or empty)")
+    ph.add_argument("--weights", choices=("raw", "ema"), default="raw", help="trained or EMA weights")
+    ph.add_argument("--tokenizer", default=None,
+                    help="SentencePiece tokenizer.model (default: <data.path>/tokenizer.model of the run)")
+    for sp in (pe, pc, pr, ph):
+        sp.add_argument("--force", action="store_true",
+                        help="replace the files a previous output of this tool wrote in --out (never anything else)")
     args = p.parse_args(argv)
     with input_errors_exit("convert_ckpt"):
         return _run(args)
@@ -195,17 +480,43 @@ def _run(args) -> int:
         if args.json:
             print(json.dumps(info, indent=2))
         else:
-            print(f"checkpoint  {info['checkpoint']}")
-            print(f"tags        {', '.join(info['tags'])}")
-            print(f"integrity   {info['integrity']}")
-            print(f"step        {info['train_state']['step']}  consumed samples {info['train_state']['consumed_samples']}")
-            print(f"layout      {info['layout']}")
-            for name in ("model.safetensors", "model_ema.safetensors"):
-                if name in info:
-                    print(f"{name:<22}{info[name]['tensors']} tensors, {info[name]['parameters']:,} parameters")
+            _print_summary(info)
+        if isinstance(info["integrity"], dict):
+            raise IntegrityError(info["integrity"]["error"])
         return 0
-    print(export(args.path, args.out, args.ema, args.force))
+    if args.cmd == "export":
+        print(export(args.path, args.out, args.ema, args.force))
+    elif args.cmd == "consolidate":
+        print(json.dumps(consolidate(args.path, args.out, args.weights, args.dtype, args.force)))
+    elif args.cmd == "reshard":
+        print(json.dumps(reshard(args.path, args.out, args.tp, args.pp, args.zero, args.world_size, args.force)))
+    elif args.cmd == "export-hf":
+        from mcd_scale.hf_export.export import export_hf
+
+        print(json.dumps(export_hf(args.path, args.out, args.weights, args.tokenizer, args.force)))
     return 0
+
+
+def _print_summary(info: dict) -> None:
+    print(f"checkpoint  {info['checkpoint']}")
+    print(f"tags        {', '.join(info['tags'])}")
+    integ = info["integrity"]
+    print(f"integrity   {integ if isinstance(integ, str) else 'BAD: ' + integ['error']}")
+    if "train_state" not in info:
+        return
+    print(f"step        {info['step']}  tokens seen {info['tokens_seen']:,}  "
+          f"consumed samples {info['train_state']['consumed_samples']}")
+    lay = info["layout"]
+    print(f"layout      world {lay['world_size']} = TP {lay['tp']} x PP {lay['pp']} x DP {lay['dp']}, "
+          f"ZeRO-{lay['zero_stage']}, {lay['precision']}, objective {lay['objective']}"
+          f"{'' if lay['deepspeed_files'] else ' (no DeepSpeed files: universal only)'}")
+    print(f"parameters  {info['parameters']:,} in {info['tensors']} tensors")
+    print(f"universal   {'yes' if info['universal'] else 'no'}   EMA {'yes' if info['ema'] else 'no'}")
+    sizes = info["sizes_bytes"]
+    print("on disk     " + ", ".join(f"{k} {v / 2 ** 20:.1f} MiB" for k, v in sizes.items() if v))
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        if name in info:
+            print(f"{name:<22}{info[name]['tensors']} tensors, {info[name]['parameters']:,} parameters")
 
 
 if __name__ == "__main__":
