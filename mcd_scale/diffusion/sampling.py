@@ -151,7 +151,7 @@ def _fill(z: torch.Tensor, reveal: torch.Tensor, logits: torch.Tensor, ids: list
 def _run(mode: str, denoiser: Denoiser, num_samples: int, seq_len: int, steps: int, vocab_size: int,
          schedule: Schedule, seed: int, temperature: float, batch_size: Optional[int], greedy_tail: bool,
          progress: bool, reveal_order: str = "random", stride: Optional[int] = None,
-         device: Optional[torch.device | str] = None) -> SampleResult:
+         device: Optional[torch.device | str] = None, greedy_last_step: bool = False) -> SampleResult:
     """The network runs on ``device`` (default: the host). Every random draw (thresholds, ancestral
     reveal draws, Gumbel noise) comes from keyed CPU generators / the counter stream on the host, and the
     [B, L] token state stays there; only the network's input rows go to the device and only the chosen
@@ -189,8 +189,10 @@ def _run(mode: str, denoiser: Denoiser, num_samples: int, seq_len: int, steps: i
                 # be unchanged (time-agnostic caching), so NFE is counted per sample, as MCD.md §7 asks.
                 sub = z[rows]
                 logits = net.logits(sub.to(device, non_blocking=True), float(times[k]))
+                # greedy_last_step: the final step t_{N-1} -> t_N argmaxes its reveals (MCD.md section 7);
+                # the Gumbel noise of those tokens is simply not used, so earlier steps are unchanged.
                 _fill(sub, reveal[rows], logits, [ids[int(r)] for r in rows], seed, vocab_size, temperature,
-                      mode + "-gumbel", greedy=False)
+                      mode + "-gumbel", greedy=greedy_last_step and k == steps - 1)
                 z[rows] = sub
             if progress and (k + 1) % max(1, steps // 10) == 0:
                 print(f"[{mode}] samples {ids[0]}-{ids[-1]}: step {k + 1}/{steps}, nfe {net.calls}",
@@ -211,26 +213,28 @@ def _run(mode: str, denoiser: Denoiser, num_samples: int, seq_len: int, steps: i
 def ancestral_sample(denoiser: Denoiser, num_samples: int, seq_len: int, steps: int, vocab_size: int,
                      schedule: Schedule, seed: int, temperature: float = 1.0, batch_size: Optional[int] = None,
                      time_conditioned: bool = False, greedy_tail: bool = True, progress: bool = False,
-                     device: Optional[torch.device | str] = None) -> SampleResult:
+                     device: Optional[torch.device | str] = None, greedy_last_step: bool = False) -> SampleResult:
     """MDLM ancestral sampler: at t -> s each masked token is revealed with probability
     (alpha_s - alpha_t) / (1 - alpha_t), its value drawn from p_theta(. | z_t) / T (Gumbel-max, float64);
     revealed tokens are kept. Masks left after the last step are filled greedily (``greedy_tail``)
-    or sampled. ``time_conditioned`` is kept for interface compatibility: lazy evaluation (module
-    docstring) gives the same calls and results for both kinds of model."""
+    or sampled. ``greedy_last_step``: the tokens the final step t_{N-1} -> t_N reveals (~1/N of them) take
+    argmax p_theta instead of a draw (MCD.md section 7's "final step: greedy"; off by default, see
+    docs/results.md "Greedy last step" for why). ``time_conditioned`` is kept for interface compatibility:
+    lazy evaluation (module docstring) gives the same calls and results for both kinds of model."""
     return _run("ancestral", denoiser, num_samples, seq_len, steps, vocab_size, schedule, seed, temperature,
-                batch_size, greedy_tail, progress, device=device)
+                batch_size, greedy_tail, progress, device=device, greedy_last_step=greedy_last_step)
 
 
 def coupled_sample(denoiser: Denoiser, num_samples: int, seq_len: int, steps: int, vocab_size: int,
                    schedule: Schedule, seed: int, temperature: float = 1.0, batch_size: Optional[int] = None,
                    time_conditioned: bool = False, greedy_tail: bool = True, progress: bool = False,
                    reveal_order: str = "random", stride: Optional[int] = None,
-                   device: Optional[torch.device | str] = None) -> SampleResult:
+                   device: Optional[torch.device | str] = None, greedy_last_step: bool = False) -> SampleResult:
     """Deterministic coupled sampler: per-token u and Gumbel noise drawn once (keyed); at t -> s exactly
     the tokens with alpha_t <= u < alpha_s are revealed, each to argmax(log p_theta / T + g).
     Same seed -> same tokens, whatever the batch size. ``time_conditioned``: as in ancestral_sample.
     ``reveal_order``/``stride``: how the thresholds u are drawn (:func:`reveal_thresholds`); the stride
     defaults to ``min(steps, seq_len)``, one residue class per step. ``device``: where the network runs
-    (the model's device; see :func:`_run` for what crosses)."""
+    (the model's device; see :func:`_run` for what crosses). ``greedy_last_step``: as in ancestral_sample."""
     return _run("coupled", denoiser, num_samples, seq_len, steps, vocab_size, schedule, seed, temperature,
-                batch_size, greedy_tail, progress, reveal_order, stride, device)
+                batch_size, greedy_tail, progress, reveal_order, stride, device, greedy_last_step)
