@@ -1,6 +1,12 @@
 #!/usr/bin/env python
 """Write the exact synthetic benchmark: a seeded sparse order-2 Markov chain and its token shards.
 
+``--source switching`` writes the second benchmark instead: a regime-switching order-1 chain whose hidden
+regime persists ~1/``--switch-prob`` tokens, so dependencies span the sampler's stride
+(:mod:`mcd_scale.eval.synthetic_switching`); chain.json then holds that source (read it with
+:func:`mcd_scale.eval.synthetic.load_source`), and its expected NLL / entropy rate in the manifest are
+Monte Carlo estimates of the exact NLL (no closed form).
+
 Output (``--out``, default data/synthetic), in the layout of tools/prepare_data.py so the same loader
 (:func:`mcd_scale.data.loader.open_prepared`) and trainer read it:
   chain.json                      the chain (spec + full tables; :meth:`MarkovChain2.load`)
@@ -29,7 +35,8 @@ from mcd_scale.data.loader import TOKENS_FORMAT, TOKENS_FORMAT_VERSION  # noqa: 
 from mcd_scale.data.manifest import manifest_path, sha256_file, write_manifest  # noqa: E402
 from mcd_scale.data.shards import write_shards  # noqa: E402
 from mcd_scale.eval.metrics import mean_unigram_entropy  # noqa: E402
-from mcd_scale.eval.synthetic import MarkovChain2, oracle_ancestral_sample  # noqa: E402
+from mcd_scale.eval.synthetic import MarkovChain2, load_source, oracle_ancestral_sample  # noqa: E402
+from mcd_scale.eval.synthetic_switching import SwitchingChain  # noqa: E402
 from mcd_scale.rng import key_to_seed  # noqa: E402
 
 TOOL_VERSION = 1
@@ -47,18 +54,31 @@ def split_samples(chain: MarkovChain2, split: str, count: int, seq_len: int, see
 
 
 def prepare(out: str, num_symbols: int, branching: int, fanout: int, concentration: float, floor: float,
-            seq_len: int, counts: dict[str, int], seed: int, samples_per_shard: int) -> dict:
-    """Write chain.json, the shards of every split and manifest.json (last); returns the manifest."""
+            seq_len: int, counts: dict[str, int], seed: int, samples_per_shard: int, source: str = "chain2",
+            regimes: int = 4, switch_prob: float = 1.0 / 64) -> dict:
+    """Write chain.json, the shards of every split and manifest.json (last); returns the manifest.
+
+    ``source``: 'chain2' (the sparse order-2 chain; branching, fanout) or 'switching' (regimes, switch_prob,
+    fanout; branching unused)."""
     if num_symbols > np.iinfo(np.uint16).max:
         raise ValueError(f"--num-symbols {num_symbols} does not fit the uint16 shards")
     if seq_len < 2 or samples_per_shard < 1 or min(counts.values()) < 0:
         raise ValueError("need --seq-len >= 2, --samples-per-shard >= 1 and non-negative split sizes")
+    if source == "chain2":
+        chain = MarkovChain2(num_symbols, branching, seed=seed, fanout=fanout, concentration=concentration,
+                             floor=floor)
+        spec = {"branching": branching}
+    elif source == "switching":
+        chain = SwitchingChain(num_symbols, regimes, seed=seed, fanout=fanout, concentration=concentration,
+                               switch_prob=switch_prob, floor=floor)
+        spec = {"regimes": regimes, "switch_prob": switch_prob,
+                "expected_nll_se": chain.expected_nll_se(seq_len), "estimates": "monte_carlo"}
+    else:
+        raise ValueError(f"--source {source!r} is not one of 'chain2', 'switching'")
     os.makedirs(out, exist_ok=True)
     for path in (manifest_path(out), manifest_path(out) + ".tmp"):  # a crash must not leave a stale one
         if os.path.exists(path):
             os.remove(path)
-    chain = MarkovChain2(num_symbols, branching, seed=seed, fanout=fanout, concentration=concentration,
-                         floor=floor)
     chain_path = os.path.join(out, "chain.json")
     chain.save(chain_path)
     splits = {}
@@ -81,8 +101,8 @@ def prepare(out: str, num_symbols: int, branching: int, fanout: int, concentrati
         "seq_len": seq_len,
         "dtype": "uint16",
         "seed": seed,
-        "chain": {"path": "chain.json", "sha256": sha256_file(chain_path),
-                  "num_symbols": num_symbols, "branching": branching, "fanout": fanout,
+        "chain": {"path": "chain.json", "sha256": sha256_file(chain_path), "source": source, **spec,
+                  "num_symbols": num_symbols, "fanout": fanout,
                   "concentration": concentration, "floor": floor,
                   "entropy_rate": chain.entropy_rate(), "expected_nll_per_token": chain.expected_nll(seq_len)},
         "splits": splits,
@@ -91,7 +111,7 @@ def prepare(out: str, num_symbols: int, branching: int, fanout: int, concentrati
     return manifest
 
 
-def oracle_check(chain: MarkovChain2, n: int, seq_len: int, seed: int,
+def oracle_check(chain, n: int, seq_len: int, seed: int,
                  runs: Sequence[tuple[int, float]]) -> list[dict]:
     """True NLL and entropy of the exact oracle sampled at (steps, temperature): the benchmark's ceiling.
 
@@ -112,11 +132,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", default="data/synthetic")
+    ap.add_argument("--source", choices=["chain2", "switching"], default="chain2",
+                    help="chain2: sparse order-2 chain; switching: regime-switching chain (long-range dependencies)")
     ap.add_argument("--num-symbols", type=int, default=64, help="S; the mask id is S")
     ap.add_argument("--branching", type=int, default=4, help="allowed successors per context (a, b)")
     ap.add_argument("--fanout", type=int, default=4, help="candidate successors per symbol b")
     ap.add_argument("--concentration", type=float, default=1.0, help="Dirichlet concentration of P(c|a,b)")
     ap.add_argument("--floor", type=float, default=1e-6, help="leak probability of every symbol")
+    ap.add_argument("--regimes", type=int, default=4, help="switching: hidden regimes H (>= 2)")
+    ap.add_argument("--switch-prob", type=float, default=1.0 / 64,
+                    help="switching: probability the regime changes at each token (persists ~1/p tokens)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--train", type=int, default=20000, help="training sequences")
     ap.add_argument("--validation", type=int, default=512, help="sequences of the 'val' split")
@@ -130,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         m = prepare(args.out, args.num_symbols, args.branching, args.fanout, args.concentration, args.floor,
                     args.seq_len, {"train": args.train, "val": args.validation, "heldout": args.heldout},
-                    args.seed, args.samples_per_shard)
+                    args.seed, args.samples_per_shard, args.source, args.regimes, args.switch_prob)
     except ValueError as exc:
         print(f"prepare_synthetic: error: {exc}", file=sys.stderr)
         return 2
@@ -140,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           + f"; entropy rate {c['entropy_rate']:.4f} nats, expected NLL {c['expected_nll_per_token']:.4f} "
           f"nats/token -> {args.out}")
     if args.oracle_check > 0:
-        chain = MarkovChain2.load(os.path.join(args.out, "chain.json"))
+        chain = load_source(os.path.join(args.out, "chain.json"))
         few = max(args.seq_len // 16, 1)
         runs = [(args.seq_len, 1.0)] + [(few, t) for t in (1.0, 0.9, 0.8, 0.7)]
         doc = {"expected_nll_per_token": c["expected_nll_per_token"], "entropy_rate": c["entropy_rate"],

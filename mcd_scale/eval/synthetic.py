@@ -404,7 +404,7 @@ def refresh_marginals(chain: MarkovChain2, z: torch.Tensor, logp: torch.Tensor, 
             logp[row, lo:hi] = out[j, :hi - lo]
 
 
-def oracle_ancestral_sample(chain: MarkovChain2, n: int, length: int, steps: int, seed: int,
+def oracle_ancestral_sample(chain, n: int, length: int, steps: int, seed: int,
                             temperature: float = 1.0, chunk: int = 16) -> tuple[np.ndarray, float]:
     """Ancestral sampling (MCD.md §7) with the exact oracle as the denoiser; returns (samples, NFE).
 
@@ -435,6 +435,29 @@ def oracle_ancestral_sample(chain: MarkovChain2, n: int, length: int, steps: int
         where = reveal.nonzero(as_tuple=True)
         gumbel = torch.from_numpy(-np.log(-np.log(gen.random((len(where[0]), S)))))
         z[where] = torch.argmax(logp[where] / temperature + gumbel, dim=-1)
-        if s > 0.0:
+        if s > 0.0 and isinstance(chain, MarkovChain2):
             refresh_marginals(chain, z, logp, reveal, chunk=chunk)
+        elif s > 0.0:  # no locality to exploit (a long-range source): recompute the rows that changed
+            rows = reveal.any(1).nonzero().flatten()
+            logp[rows] = chain.oracle_log_marginals(z[rows], S, chunk=chunk)
     return z.numpy(), evaluations / max(n, 1)
+
+
+def load_source(path: str):
+    """The exact source saved at ``path``: a :class:`MarkovChain2` or a
+    :class:`~mcd_scale.eval.synthetic_switching.SwitchingChain`, by the document's ``format``. Both offer
+    ``nll``, ``sample``, ``expected_nll``, ``entropy_rate``, ``oracle_log_marginals``, ``num_symbols``."""
+    from mcd_scale.eval import synthetic_switching
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        fmt = json.loads(text).get("format")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a synthetic source document ({exc})") from None
+    if fmt == FORMAT:
+        return MarkovChain2.from_json(text)
+    if fmt == synthetic_switching.FORMAT:
+        return synthetic_switching.SwitchingChain.from_json(text)
+    raise ValueError(f"{path}: format {fmt!r} is not one of {[FORMAT, synthetic_switching.FORMAT]} "
+                     f"(write it with tools/prepare_synthetic.py)")
