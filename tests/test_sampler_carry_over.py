@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from mcd_scale.diffusion.sampling import ancestral_sample, coupled_sample
-from mcd_scale.diffusion.schedules import get_schedule
+from mcd_scale.diffusion.schedules import Schedule, get_schedule
 
 V, L, N = 7, 12, 3  # 7 real tokens (mask id 7), 12 positions, 3 samples
 VP = 9  # one padding column beyond the mask: SUBS must ignore both
@@ -92,6 +92,15 @@ def _assert_carry_over(states: list[torch.Tensor], label: str) -> None:
             f"{changed.nonzero().flatten().tolist()}: {before[changed].tolist()} -> {after[changed].tolist()}")
 
 
+class PartialReveal(Schedule):
+    """alpha_t = 0.6 (1 - t): 40% of the tokens are still masked after the last step, so the final fill
+    (greedy or sampled) does real work; with the built-in schedules it fills ~L * 1e-5 tokens."""
+    name = "partial"
+
+    def alpha(self, t):
+        return 0.6 * (1.0 - t)
+
+
 SAMPLERS = {
     "ancestral": lambda den, steps, greedy, bs: ancestral_sample(
         den, N, L, steps, V, get_schedule("loglinear"), seed=5, greedy_tail=greedy, batch_size=bs),
@@ -105,6 +114,10 @@ SAMPLERS = {
     "coupled-strided-4": lambda den, steps, greedy, bs: coupled_sample(
         den, N, L, steps, V, get_schedule("loglinear"), seed=7, temperature=1.3, greedy_tail=greedy,
         batch_size=bs, reveal_order="strided", stride=4),
+    "ancestral-final-fill": lambda den, steps, greedy, bs: ancestral_sample(
+        den, N, L, steps, V, PartialReveal(), seed=8, greedy_tail=greedy, batch_size=bs),
+    "coupled-final-fill": lambda den, steps, greedy, bs: coupled_sample(
+        den, N, L, steps, V, PartialReveal(), seed=8, greedy_tail=greedy, batch_size=bs),
 }
 
 

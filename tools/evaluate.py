@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mcd_scale.eval.bootstrap import SampleScores  # noqa: E402
 from mcd_scale.eval.metrics import gen_ppl, mean_unigram_entropy, per_sample_unigram_entropy  # noqa: E402
 from mcd_scale.eval.report import DEFAULT_SAMPLER, SAMPLERS, config_key, sampler_of, write_report  # noqa: E402
-from mcd_scale.eval.synthetic import MarkovChain2  # noqa: E402
+from mcd_scale.eval.synthetic import load_source  # noqa: E402
 
 GROUP_KEYS = ("benchmark", "model", "round", "steps", "temperature")
 
@@ -223,7 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if synth:
             if not args.synthetic_chain:
                 raise EvaluateError("synthetic samples need --synthetic-chain chain.json")
-            chain = MarkovChain2.load(args.synthetic_chain)
+            chain = load_source(args.synthetic_chain)  # the order-2 chain or the switching source
 
             def exact(members: list[dict]):
                 ids = [symbol_ids(m) for m in members]
