@@ -19,6 +19,9 @@ summary (final training loss, last validation NELBO, seconds) is printed and DIR
 after every round; a round already recorded as done there (same teacher file) is skipped on a re-run,
 and an unfinished one resumes from its own checkpoints (the trainer's checkpoint.load: latest).
 A failing child stops the driver, which exits with the child's exit code.
+
+Preemption (SIGUSR1/SIGTERM, e.g. from slurm/distill_1b.sh): passed on to the running child, which saves at
+its next step / shard boundary and exits 4; the driver starts no further child and exits 4.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--launcher", default="python",
                    help='how to start a child: "python", "torchrun --nproc_per_node 2", "deepspeed --num_gpus 2"')
     p.add_argument("--limit", type=int, default=None, help="precompute only the first N train samples")
+    p.add_argument("--samples-per-shard", type=int, default=None,
+                   help="trajectory shard size passed to the precompute (default: the tool's); a resumed or "
+                        "separately precomputed round must use the same value")
     return p.parse_args(argv)
 
 
@@ -68,10 +75,45 @@ def _sets(items) -> list[str]:
     return out
 
 
-def run_child(cmd: list[str], label: str) -> float:
+class _Preemption:
+    """SIGUSR1/SIGTERM to the driver: passed on to the running child (which saves at its next boundary and
+    exits 4); no further child is started, and the driver exits 4 so the SLURM script requeues."""
+
+    def __init__(self):
+        self.requested = False
+        self.child: "subprocess.Popen | None" = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum)
+
+    def check(self) -> None:
+        if self.requested:
+            print("[distill_rounds] preemption signal: not starting the next child; exiting 4 (rerun to resume)",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(4)
+
+
+def run_child(cmd: list[str], label: str, preemption: "_Preemption | None" = None) -> float:
+    if preemption is not None:
+        preemption.check()
     print(f"[distill_rounds] {label}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     t0 = time.time()
-    rc = subprocess.call(cmd, cwd=REPO)
+    child = subprocess.Popen(cmd, cwd=REPO)
+    if preemption is not None:
+        preemption.child = child
+    rc = child.wait()
+    if preemption is not None:
+        preemption.child = None  # a signal after a clean exit stops the driver before the next child
+        if preemption.requested and (rc < 0 or rc > 128):
+            # Killed by the preemption signal itself (still starting, before its handler was installed):
+            # checkpoints and shards are only published complete, so a rerun resumes as after an exit 4.
+            print(f"[distill_rounds] {label} ended by signal ({rc}) after a preemption signal: exiting 4",
+                  file=sys.stderr, flush=True)
+            rc = 4
     if rc != 0:
         print(f"[distill_rounds] {label} failed with exit code {rc}; stopping (rerun to resume)", file=sys.stderr,
               flush=True)
@@ -119,6 +161,7 @@ def main(argv=None) -> int:
         teacher = os.path.abspath(resolve_teacher_file(args.teacher))
         verify_file(teacher)  # a truncated/altered teacher now, not after the first child started (streamed sha256)
     launch = launcher_argv(args.launcher)
+    preemption = _Preemption()
     run_dir = os.path.abspath(args.out)
     os.makedirs(run_dir, exist_ok=True)
     summary_path = os.path.join(run_dir, "rounds.json")
@@ -152,14 +195,16 @@ def main(argv=None) -> int:
             cmd += _sets(args.overrides + [f"distill.round={n}"])
             if args.limit is not None:
                 cmd += ["--limit", str(args.limit)]
-            precompute_s = run_child(cmd, f"round {n} precompute")
+            if args.samples_per_shard is not None:
+                cmd += ["--samples-per-shard", str(args.samples_per_shard)]
+            precompute_s = run_child(cmd, f"round {n} precompute", preemption)
         sets = list(args.overrides) + [f"train.objective={args.objective}", f"distill.teacher_mode={mode}",
                                        f"distill.round={n}", f"distill.teacher={teacher}", f"run.dir={rdir}",
                                        f"train.steps={plan.steps}"]
         if traj:
             sets.append(f"data.trajectories={traj}")
         cmd = launch + [os.path.join(REPO, "mcd_scale", "train.py"), "--config", *args.config] + _sets(sets)
-        train_s = run_child(cmd, f"round {n} train")
+        train_s = run_child(cmd, f"round {n} train", preemption)
         student = os.path.abspath(resolve_teacher_file(rdir))
         entry.update(round_metrics(rdir), student=student, precompute_s=round(precompute_s, 2),
                      train_s=round(train_s, 2), seconds=round(precompute_s + train_s, 2), status="done")

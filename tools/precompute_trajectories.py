@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from typing import Optional, Sequence
@@ -287,6 +288,10 @@ def collect_shards(split_dir: str, num_shards: int, N: int, S: int) -> list[dict
     return records
 
 
+class Preempted(Exception):
+    """SIGUSR1/SIGTERM seen by some rank; all ranks stop at the same shard boundary (exit 4, requeue)."""
+
+
 def _agree(ok: bool) -> bool:
     """True on every rank iff every rank is ok."""
     from mcd_scale import collectives
@@ -366,8 +371,22 @@ def precompute(args) -> dict:
     t0 = time.perf_counter()
     done = 0
     written = 0
+    # Preemption (SIGUSR1/SIGTERM, e.g. SLURM's --signal): finish the current shard, agree at the shard
+    # boundary, exit 4. DP ranks may own different numbers of shards: every rank takes part in the same
+    # number of boundary agreements (the longest work list), idle ranks just vote.
+    preempted = []
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: preempted.append(signum))
+    rounds = int(collectives.all_reduce(torch.tensor([float(len(todo))], dtype=torch.float64, device=dims.device),
+                                         op="max").item())
+    pause_after = int(os.environ.get("MCD_FAULT_PAUSE_AFTER_SHARDS", "0") or 0)
     with torch.no_grad():
-        for j, first, last in todo:
+        for i in range(rounds):
+            if collectives.any_rank(bool(preempted)):
+                raise Preempted(f"preemption signal: stopped after {written} shard(s) of this rank; rerun to resume")
+            if i >= len(todo):
+                continue
+            j, first, last = todo[i]
             if writer:
                 compute_shard(model, cfg, params, train, dims, split_dir, j, first, last, args.batch_size, progress)
                 written += 1
@@ -381,6 +400,12 @@ def precompute(args) -> dict:
                     x = torch.from_numpy(np.stack([train[g]["ids"] for g in range(lo, hi)]).astype(np.int64))
                     trajectory_batch(model, cfg, params, x, torch.arange(lo, hi), dims)
             done += last - first + 1
+            if pause_after and rank == 0 and i + 1 == pause_after:
+                from mcd_scale.faults import pause_for_preemption
+
+                pause_for_preemption(f"precompute-shard{pause_after}")
+        if collectives.any_rank(bool(preempted)):
+            raise Preempted(f"preemption signal: stopped after {written} shard(s) of this rank; rerun to resume")
     elapsed = time.perf_counter() - t0
     if progress is not None:
         progress.close()
@@ -429,6 +454,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         res = precompute(args)
+    except Preempted as exc:  # every rank agreed at a shard boundary: finished shards are kept
+        print(f"precompute_trajectories: {exc}", file=sys.stderr, flush=True)
+        shutdown()
+        return 4
     except (PrecomputeError, *input_error_types()) as exc:  # a truncated/altered teacher file is one too
         if debug():  # MCD_DEBUG=1: the traceback too
             raise
