@@ -21,7 +21,14 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A configuration problem. The message names the field (or file) and the fix."""
+    """A configuration problem. The message names the field (or file) and the fix.
+
+    Always one line: a key, value or file name quoted in the message may hold a newline or another control
+    character (found by config fuzzing, tests/faults/test_config_fuzz.py); those are shown escaped."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__("".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                                 for ch in str(message)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +348,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str):
             try:
                 return float(eval_fraction(value))
-            except ValueError:
+            except (ValueError, ZeroDivisionError):
                 pass
         raise ConfigError(f"{where}: expected a number, got {value!r}.")
     if tp is str:
@@ -385,7 +392,11 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected section.key=value (e.g. --set parallel.tp=2).")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({' '.join(str(exc).split())}); "
+                          f"quote it, e.g. --set 'run.name=\"my run\"'.") from None
     return key.strip().split("."), value
 
 
@@ -404,7 +415,8 @@ def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | 
             try:
                 data = yaml.safe_load(fh) or {}
             except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+                # PyYAML's message spans lines (mark, snippet): the contract is one line.
+                raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
         _apply(cfg, data, "", path)
     for text in overrides:
         keys, value = _parse_override(text)

@@ -2,10 +2,10 @@
 """Run the rounds of a distillation (MCD, or the SDTT baseline): round n's student is round n+1's teacher.
 
     python tools/distill_rounds.py --teacher runs/tiny_teacher --config configs/tiny/distill.yaml \\
-        --run-dir runs/tiny_distill [--rounds 3] [--mode offline|online] [--objective mcd|sdtt] \\
+        --out runs/tiny_distill [--rounds 3] [--mode offline|online] [--objective mcd|sdtt] \\
         [--launcher "deepspeed --num_gpus 2" | "torchrun --nproc_per_node 2" | "python"] [--set k=v ...]
 
-For each round n = 0 .. rounds-1 (DIR = --run-dir):
+For each round n = 0 .. rounds-1 (DIR = --out; the old spelling --run-dir still works):
 1. offline MCD only: ``tools/precompute_trajectories.py --teacher T_n --data <data.path>
    --out DIR/round_n/trajectories --round n`` (same configs and --set), under the same launcher;
 2. ``mcd_scale/train.py`` with ``train.objective``, ``distill.teacher_mode``, ``distill.round=n``,
