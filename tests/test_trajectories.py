@@ -289,3 +289,43 @@ def test_truncated_and_bad_shards(env, tmp_path):
     ds[12]
     with pytest.raises(ShardError, match=r"shard-000002.tar.*sample key 0000000013.*topk_logp"):
         ds[13]
+
+
+def test_records_match_the_teacher_recomputed_on_z_s(env):
+    """Every stored record recomputed here from the teacher's weights: z_s = the clean ids with the stored
+    positions (masked at s; checked against the thresholds above) set to the mask id, the teacher run on
+    (z_s, s), log-softmax at the round's temperature. The stored top-k must be those log-probs: a tool
+    that fed the teacher z_t (or another time) stores other values."""
+    from mcd_scale.model.build import build_model
+    from mcd_scale.model.weights import load_full_state_dict, load_safetensors
+
+    m = load_manifest(env["ref"])
+    items = read_all(env["ref"])
+    teacher = build_model(_cfg(["train.seed=7"]), None, init=False)
+    load_full_state_dict(teacher, load_safetensors(os.path.join(env["teacher"], "model.safetensors")))
+    teacher.eval()
+    x = torch.from_numpy(np.stack([items[g]["ids"] for g in range(N)]).astype(np.int64))
+    s = torch.tensor([items[g]["times"][1] for g in range(N)], dtype=torch.float64)
+    z_s = x.clone()
+    for g in range(N):
+        z_s[g, torch.from_numpy(items[g]["topk_pos"].astype(np.int64))] = V
+    with torch.no_grad():
+        logits = teacher(z_s, s.float())
+    logp = torch.log_softmax(logits[..., :V].double() / m["temperature"], dim=-1)
+    k = m["top_k"]
+    checked = 0
+    for g in range(N):
+        pos = torch.from_numpy(items[g]["topk_pos"].astype(np.int64))
+        want = logp[g, pos]  # [n, V]
+        stored_ids = torch.from_numpy(items[g]["topk_ids"].astype(np.int64))
+        stored = items[g]["topk_logp"].astype(np.float64)
+        # float16 storage: relative rounding <= 2^-11; 1e-5 absorbs fp32 GEMM order (batch size differs).
+        tol = dict(rtol=2.0 ** -11, atol=1e-5)
+        np.testing.assert_allclose(stored, want.gather(1, stored_ids).numpy(), **tol, err_msg=f"sample {g}")
+        # ... and they are the k largest (compared by value: near-ties may swap ids harmlessly).
+        np.testing.assert_allclose(stored, torch.topk(want, k, dim=-1).values.numpy(), **tol, err_msg=f"sample {g}")
+        rest = want.scatter(1, stored_ids, float("-inf"))
+        # tail stored in float32 (relative 6e-8) from an fp32 softmax: 1e-5 is the fp32 log-softmax noise.
+        np.testing.assert_allclose(items[g]["tail_logp"], torch.logsumexp(rest, -1).numpy(), rtol=1e-5, atol=1e-5)
+        checked += len(pos)
+    assert checked > N, "too few masked positions to check"
