@@ -18,28 +18,38 @@ TS = torch.tensor([0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95], dtype=torch.float64)
 
 def test_calibration_reference_values():
     r = F_inv(np.array([0.05, 0.5, 0.95]), K_GPT2)
+    # tolerance: MCD.md quotes the reference r values to 3 decimals (half-unit 5e-4)
     np.testing.assert_allclose(r, [2.529, 4.229, 5.945], atol=5e-4)
+    # tolerance: F(F_inv(a)) round trip through the PCHIP table; the interpolation error is ~1e-9 (float64 quadrature
+    # at spacing 0.005 is spectrally accurate), 1e-8 is the table's documented accuracy
     np.testing.assert_allclose(F(r, K_GPT2), [0.05, 0.5, 0.95], atol=1e-8)
 
 
 def test_calibration_against_independent_computations():
     # K = 2: Y = eps_1 - eps_0 ~ N(0, 2), so F(r) = Phi(r / sqrt 2) in closed form.
     r = np.linspace(-5, 5, 21)
+    # tolerance: table interpolation accuracy (1e-8, as above) against a closed form computed in float64
     np.testing.assert_allclose(F(r, 2), ndtr(r / math.sqrt(2)), atol=1e-8)
     # F(0) = 1/K by symmetry (x is the max of K iid normals with probability 1/K).
     for K in (2, 5, 50, K_GPT2):
+        # tolerance: relative 1e-8 (table accuracy) of the value 1/K, plus float64 rounding
         assert abs(F(0.0, K) - 1 / K) < 1e-8 / K + 1e-12
     # Adaptive scipy quadrature (a different integrator) at a few points for the large K.
     for r0 in (2.0, 4.229, 7.0):
         val, _ = integrate.quad(lambda z: stats.norm.pdf(z - r0) * ndtr(z) ** (K_GPT2 - 1), r0 - 12, r0 + 12,
                                 points=[4.0, 4.5, 5.0], limit=400, epsabs=1e-13)
+        # tolerance: table accuracy 1e-8; scipy's quad is asked for 1e-13 absolute
         assert abs(F(r0, K_GPT2) - val) < 1e-8
     # The interpolated table agrees with the exact quadrature, both tails included.
     rr = np.linspace(-1, 11, 301)
     exact, upper = calibration_cdf_exact(rr, K_GPT2)
+    # tolerance: two float64 trapezoid sums of ~2400 terms each (error ~ n * 1e-16 = 2.4e-13), 1e-10 leaves margin
+    # for the quadrature's truncation at +-10 sigma
     np.testing.assert_allclose(exact + upper, 1.0, atol=1e-10)
+    # tolerance: the interpolated table against the exact quadrature: table accuracy 1e-8
     np.testing.assert_allclose(F(rr, K_GPT2), exact, atol=1e-8)
     ok = (exact > 1e-6) & (exact < 1 - 1e-6)
+    # tolerance: inverting a 1e-8-accurate F amplifies by 1/F'(r) (<= ~1e2 inside (1e-6, 1 - 1e-6)): 1e-6
     np.testing.assert_allclose(F_inv(exact[ok], K_GPT2), rr[ok], atol=1e-6)
     # Clipping: alpha outside [1e-6, 1 - 1e-6] maps to the clipped ends, finite.
     assert np.isfinite(F_inv(np.array([0.0, 1.0]), K_GPT2)).all()
@@ -123,6 +133,7 @@ def test_gaussian_and_uniform_forms_agree_in_law():
     # A deliberately wrong calibration (K off by 10x) must be detected by the same test.
     y = gap_cheap((16000,), K_GPT2, torch.Generator().manual_seed(8))
     wrong = gap_to_threshold(y, K_GPT2 // 10)
+    # statistical, not numeric: a 10x wrong K is rejected at p < 1e-6 on 16000 draws (seeded, deterministic)
     assert stats.kstest(wrong.numpy(), "uniform").pvalue < 1e-6
 
 
@@ -164,6 +175,7 @@ def test_masking_times_and_pair_order():
     sched = get_schedule("loglinear", 1e-3)
     u = torch.rand(1000, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     tau = masking_times(u, sched)
+    # tolerance: 60 float64 bisection halvings of [0, 1] leave 2^-60 ~ 1e-18; 1e-12 covers the rounding of alpha
     torch.testing.assert_close(tau, ((1 - u) / (1 - 1e-3)).clamp(0, 1), atol=1e-12, rtol=0)
     for t in TS:
         assert torch.equal(u < sched.alpha(t), t < tau)

@@ -20,6 +20,7 @@ def test_antithetic_times_are_one_stratified_grid():
     # Independent recomputation of the offset: u_j - j/G must be one constant (mod 1).
     offset = torch.rand((), generator=keyed_generator("time", 3, 7), dtype=torch.float64)
     shifted = torch.remainder(u - torch.arange(G, dtype=torch.float64) / G - offset + 0.5, 1.0) - 0.5
+    # tolerance: t is float32 (u recovered from it has relative error ~6e-8, x 1/(1 - t_min)); 1e-6 = ~16 ulp
     assert shifted.abs().max() < 1e-6
     # Stratified: exactly one u in each [k/G, (k+1)/G).
     counts = torch.bincount((u * G).floor().long().clamp(max=G - 1), minlength=G)

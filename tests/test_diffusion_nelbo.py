@@ -31,10 +31,12 @@ def test_weights_are_minus_dalpha_over_one_minus_alpha():
         z[:, 1] = 4  # mask id 7; column 1 is revealed
         w = nelbo_token_weights(z, t, s, mask_id=7)
         assert w.dtype == torch.float32
+        # tolerance: w is one float32 rounding of a float64 value (relative 2^-24 = 6e-8); 1e-6 = 16x that
         torch.testing.assert_close(w[:, 0].double(), expected, rtol=1e-6, atol=0)
         assert (w[:, 1] == 0).all()
     # log-linear: the weight is 1/t (exactly, since 1 - alpha_t = (1 - eps) t).
     w = nelbo_token_weights(torch.full((50, 1), 7), t, get_schedule("loglinear"), 7)[:, 0].double()
+    # tolerance: one float32 rounding (6e-8 relative), as above
     torch.testing.assert_close(w, 1 / t, rtol=1e-6, atol=0)
 
 
@@ -50,6 +52,7 @@ def test_reference_matches_manual_formula():
                 lse = math.log(sum(math.exp(v) for v in row))
                 total += (1 / float(t[b])) * (lse - row[int(x[b, l])])
     ref = nelbo_loss_reference(logits, x, z, t, s, V)
+    # tolerance: float64 both sides, sums of B*L terms in different orders: ~n * 1e-16 relative, far below 1e-9
     assert abs(float(ref) - total / x.numel()) < 1e-9
 
 
@@ -72,7 +75,12 @@ def test_vocab_parallel_tp1_equals_reference_without_distributed():
         ref, ref_grad, part, keep, x, w = _tp_case(V, Vp, 1, 0, seed=V)
         loss = MdlmLoss(V, Vp)(part, (x, w))
         loss.backward()
+        # tolerance: two float32 paths (sharded log-sum-exp vs log_softmax): each within ~(log2(B*L) + log2(V)) * 6e-8 ~
+        # 1e-6
+        # relative of the true mean; 1e-5 = 10x the worst case of both, the same on any CPU
         torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+        # tolerance: softmax - onehot in float32 (relative ~1e-6 per entry, as above); atol 1e-7 for entries ~0 (p ~
+        # 1e-7 * w)
         torch.testing.assert_close(part.grad, ref_grad, rtol=1e-5, atol=1e-7)
         assert torch.equal(part.detach(), keep)  # the caller's logits are not modified
         assert (part.grad[..., V:] == 0).all()
@@ -87,6 +95,8 @@ def test_bf16_logits_give_bf16_grads():
     loss.backward()
     assert lb.grad.dtype == torch.bfloat16
     ref = nelbo_loss_reference(logits.bfloat16().double(), x, z, t, get_schedule("loglinear"), V)
+    # tolerance: the reference uses the same bf16-rounded logits in float64, so only the float32 accumulation of the
+    # bf16 path differs (~1e-6); 1e-4 also covers a bf16-precision intermediate if a backend keeps one
     assert abs(loss.item() - ref.item()) < 1e-4 * max(1.0, abs(float(ref)))
 
 
@@ -112,8 +122,13 @@ def test_vocab_parallel_tp2_equals_reference():
     results = run_ranks("tests.test_diffusion_nelbo:_tp2_worker", 2, {"cases": cases}, timeout=240)
     for rank, rank_res in enumerate(results):
         for (V, Vp), (loss, ref, loss_default, grad_err, grad_scale) in zip(cases, rank_res):
+            # tolerance: float32 sharded vs float32 reference (the TP=1 bound above, plus one float32 all-reduce of 2
+            # terms)
             assert abs(loss - ref) < 1e-5 * max(1.0, abs(ref))
             assert loss_default == loss
+            # tolerance: gradient entries are w * (p - onehot) / (B*L) <= ~1e-2 here; float32 relative ~1e-6 -> < 1e-8
+            # absolute;
+            # 1e-6 is loose on purpose (a wrong shard offset gives O(1e-2))
             assert grad_err < 1e-6
             # A shard holding real columns has a non-trivial gradient; an all-padding one has none.
             assert (grad_scale > 0) == (rank * Vp // 2 < V)
@@ -147,12 +162,17 @@ def test_uniform_model_nelbo_is_one_minus_eps_log_v():
         nll = vocab_parallel_subs_nll(logits, labels[0], V, Vp, 0, 1)
         meter.update(nll, labels[1])
         per_step.append(float(loss_fn(logits, labels)))
+        # tolerance: assert_close's float32 defaults (rtol 1.3e-6, atol 1e-5): zero logits make every term log V
+        # exactly,
+        # so both paths sum identical float32 terms; only the summation order differs
         torch.testing.assert_close(loss_fn(logits, labels), nelbo_loss_reference(logits, x, z, t, s, V))
     expected = (1 - eps) * math.log(V)
     # The steps are independent estimates: 4 standard errors of their own spread.
     per_step = torch.tensor(per_step, dtype=torch.float64)
+    # tolerance: the meter accumulates float32 per-token sums in float64; per-step losses are float32 means (6e-8 rel)
     assert abs(meter.per_token - per_step.mean().item()) < 1e-6
     assert abs(meter.per_token - expected) < 4 * per_step.std().item() / math.sqrt(steps)
     assert meter.tokens == steps * G * L
+    # tolerance: one float64 exp of the same number: equal up to rounding (1e-16); 1e-9 relative
     assert abs(meter.perplexity - math.exp(meter.per_token)) < 1e-9 * meter.perplexity
     assert perplexity_bound(1e4) == math.inf

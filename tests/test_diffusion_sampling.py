@@ -103,10 +103,12 @@ def test_nfe_is_per_sample_whatever_the_batch_size():
     for sampler in (ancestral_sample, coupled_sample):
         one = FixedDenoiser([0.0] * V)
         single = sampler(one, n, L, steps, V, _sched(), seed=9, batch_size=1)
+        # tolerance: approx's default (rel 1e-6): a ratio of two integers computed in float64 two ways
         assert single.nfe == pytest.approx(len(one.seen) / n)
         batched = FixedDenoiser([0.0] * V)
         res = sampler(batched, n, L, steps, V, _sched(), seed=9)
         assert torch.equal(res.tokens, single.tokens)
+        # tolerance: as above (float64 ratios of integers)
         assert res.nfe == pytest.approx(single.nfe)
         assert sum(z.shape[0] for z in batched.seen) == len(one.seen)
         assert res.nfe < steps / 2  # most of the 64 steps reveal nothing in a given sample of length 8

@@ -32,6 +32,8 @@ def test_matches_hand_computed_ema():
         expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, trainable)]
     assert len(ema.shadow) == 3 and ema.num_updates == 4
     for s, e in zip(ema.shadow, expected):
+        # tolerance: float32 EMA via lerp_ vs d*e + (1-d)*p: a few float32 roundings per step on values ~1 (6e-8 each),
+        # 4 steps
         assert torch.allclose(s, e, atol=1e-6)
         assert s.dtype == torch.float32
 
@@ -96,6 +98,7 @@ def test_zero3_partitions_are_averaged_not_the_placeholder():
     for p in params:
         p.ds_tensor.add_(4.0)
     ema.update()
+    # tolerance: allclose defaults (rtol 1e-5, atol 1e-8); lerp with weight 0.25 on small integers is exact in float32
     assert torch.allclose(ema.shadow[0], torch.full((3,), 0.75 * 0 + 0.25 * 4.0))
     assert torch.allclose(ema.shadow[1], torch.full((4,), 0.75 * 1 + 0.25 * 5.0))
     with ema.swap_in():

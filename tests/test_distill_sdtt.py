@@ -52,6 +52,7 @@ def test_each_token_targets_the_prediction_of_the_step_that_revealed_it():
                           generators=gens, n_steps=3, temperature=tau)
     assert len(teacher.calls) == 3
     for i, want_t in enumerate((0.5, 0.3, 0.1)):
+        # tolerance: the teacher gets float32 times: allclose defaults (rtol 1e-5) > one float32 rounding (6e-8)
         assert torch.allclose(teacher.calls[i][1].double(), torch.full((3,), want_t, dtype=torch.float64))
     preds = [torch.log_softmax(logits[..., :V] / tau, -1) for _, _, logits in teacher.calls]
     zs = [z for z, _, _ in teacher.calls]
@@ -96,6 +97,7 @@ def test_times_clamp_at_the_floor_and_randomness_is_keyed():
     kw = dict(schedule=get_schedule("loglinear"), vocab_size=V, n_steps=3)
     roll = sdtt_rollout(teacher, z_t, torch.tensor(0.003), 0.002,
                         generators=[keyed_generator("k", 0, i) for i in range(2)], **kw)
+    # tolerance: float64 differences of grid times: approx default rel 1e-6 (exact up to a few ulp)
     assert roll.times[:, 0].tolist() == pytest.approx([0.003, 0.001, 1e-5, 1e-5])
     z_t, t, _ = _setup(b=2, seed=3)
     a = sdtt_targets(SpyTeacher(), z_t, t, 0.2, generators=[keyed_generator("k", 0, i) for i in range(2)], **kw)

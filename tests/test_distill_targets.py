@@ -37,6 +37,9 @@ def test_full_from_logits_matches_direct_softmax_with_temperature():
             row = [math.exp(float(logits[b, l, v]) / tau) for v in range(V)]
             z = sum(row)
             want = torch.tensor([math.log(r / z) for r in row], dtype=torch.float64)
+            # tolerance: float64 log_softmax vs math.log of python floats: ~1e-15; atol 1e-6 is loose but still catches
+            # a
+            # missing temperature (O(0.1))
             assert torch.allclose(got[b, l].double(), want, atol=1e-6)
     assert got.shape == (2, 3, V) and got.dtype == torch.float64  # float64 in, float64 out
 
@@ -63,6 +66,7 @@ def test_topk_rows_ids_and_tail(k: int):
         probs = torch.softmax(logits[b, l, :V] / tau, dim=-1)
         order = torch.argsort(probs, descending=True)[:k]
         assert set(tgt.ids[i].tolist()) == set(order.tolist())
+        # tolerance: float64 log_softmax vs log(softmax): a few ulp of |logp| <= ~10
         assert torch.allclose(tgt.logp[i], probs[tgt.ids[i].long()].log(), atol=1e-12)
         leftover = 1.0 - float(probs[order].sum())
         if k == V:
@@ -100,6 +104,7 @@ def test_pack_unpack_round_trip_with_compact_dtypes():
     back = unpack_samples(packed, seq_len=7, vocab_size=V)
     assert torch.equal(back.positions, tgt.positions)
     assert torch.equal(back.ids, tgt.ids)
+    # tolerance: float16 keeps 11 bits: rounding <= 2^-11 = 4.9e-4 relative; rtol 1e-3 + atol 2e-3 (|logp| < ~4)
     assert torch.allclose(back.logp, tgt.logp.float(), atol=2e-3, rtol=1e-3)  # float16 storage
     assert torch.equal(back.tail_logp, tgt.tail_logp.float())
 

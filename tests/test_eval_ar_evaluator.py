@@ -32,7 +32,9 @@ def test_trained_evaluator_ranks_real_text_above_shuffled(tmp_path):
     assert shuf_nll.mean() - real_nll.mean() > 0.3
     ev.save(str(tmp_path))
     again = AREvaluator.load(str(tmp_path))
+    # tolerance: save/load round trip of float64 tables: the same numbers, the same float64 ops
     np.testing.assert_allclose(again.score(held), real_nll, rtol=1e-12)
+    # tolerance: float64 exp of a mean computed twice: approx default rel 1e-6
     assert again.gen_ppl(held) == pytest.approx(float(np.exp(real_nll.mean())))
 
 

@@ -14,6 +14,7 @@ from mcd_scale.eval.metrics import (SamplingCost, gen_ppl, mean_unigram_entropy,
 
 def test_interpolation_is_piecewise_linear_in_any_input_order():
     pts = [(3.0, 30.0), (1.0, 10.0), (2.0, 40.0)]
+    # tolerance (this block): float64 linear interpolation / ratios of a few exact inputs; approx default rel 1e-6
     assert interpolate_quality_at_entropy(pts, 1.5).quality == pytest.approx(25.0)
     assert interpolate_quality_at_entropy(pts, 2.75).quality == pytest.approx(32.5)
     assert interpolate_quality_at_entropy(pts, 3.0).quality == pytest.approx(30.0)
@@ -46,11 +47,13 @@ def test_unigram_entropy_and_gen_ppl_against_brute_force():
     samples = [[rng.randrange(7) for _ in range(rng.randrange(1, 40))] for _ in range(20)]
     for s in samples:
         brute = -sum((s.count(v) / len(s)) * math.log(s.count(v) / len(s)) for v in set(s))
+        # tolerance: float64 entropy of <= 8 counts, two summation orders: ~1e-16 * n
         assert unigram_entropy(s) == pytest.approx(brute, abs=1e-12)
     assert mean_unigram_entropy(samples) == pytest.approx(np.mean(per_sample_unigram_entropy(samples)))
     assert unigram_entropy([5] * 9) == 0.0
     assert unigram_entropy(list(range(8))) == pytest.approx(math.log(8))
     nll, n = [1.0, 3.0], [30, 10]
+    # tolerance: float64 exp of a weighted mean of exact numbers: approx default
     assert gen_ppl(nll, n) == pytest.approx(math.exp((30 * 1.0 + 10 * 3.0) / 40))
     with pytest.raises(ValueError):
         gen_ppl([1.0], [0])

@@ -47,9 +47,11 @@ def test_evaluate_synthetic_end_to_end(tmp_path):
     assert len(rows) == len(runs) and all(list(r) == list(ROW_KEYS) for r in rows)
     for r in rows:
         q, e = expected[(r["model"], r["steps"], r["temperature"])]
+        # tolerance: the report copies float64 numbers through JSON (repr round-trips exactly); 1e-12 for safety
         assert r["quality"] == pytest.approx(q, rel=1e-12) and r["entropy"] == pytest.approx(e, rel=1e-12)
     summary = json.loads((run_dir / "summary.json").read_text())
     (student,) = summary["summary"]
+    # tolerance: the same float64 computation redone here: approx default rel 1e-6
     assert summary["reference"]["synthetic"]["quality"] == pytest.approx(chain.nll(chain.sample(64, L, 1234)).mean())
     # Independent matched-entropy computation with np.interp on the teacher curves.
     def at(steps):
@@ -59,12 +61,14 @@ def test_evaluate_synthetic_end_to_end(tmp_path):
     many, few = at(32), at(2)
     assert many is not None and few is not None, "the fixed seeds put the student inside both teacher curves"
     q = expected[("mcd", 2, 0.6)][0]
+    # tolerance: float64 ratios of differences of O(1) numbers: rounding ~1e-15 / (few - many); 1e-9
     assert student["gap_closed"] == pytest.approx((few - q) / (few - many), rel=1e-9)
     assert 0.5 < student["gap_closed"] < 1.0   # the 8-step oracle sits between the 2- and 32-step ones
     assert student["gain_vs_few_nats"] == pytest.approx(few - q, rel=1e-9)
     # evaluate.py hands the per-sample scores to the report: the summary carries bootstrap intervals
     lo, hi = student["gain_vs_few_ci95"]
     assert lo < student["gain_vs_few_nats"] < hi and 0.0 <= student["p_gain_positive"] <= 1.0
+    # tolerance: ratios of exact inputs in float64: approx default
     assert student["speedup_nfe"] == pytest.approx(16.0) and student["speedup_seconds"] == pytest.approx(16.0)
     md = (run_dir / "report.md").read_text()
     assert "Matched-entropy summary" in md and "Reference (real held-out data" in md
@@ -86,6 +90,7 @@ def test_evaluate_text_path_with_ar_evaluator(tmp_path, capsys):
     (row,) = json.loads((tmp_path / "run" / "report.json").read_text())
     from mcd_scale.eval.ar_evaluator import AREvaluator
     want = math.exp(AREvaluator.load(str(tmp_path / "ar")).score(ids).mean())
+    # tolerance: float64 exp/mean of the same numbers: rounding only
     assert row["quality_metric"] == "gen_ppl" and row["quality"] == pytest.approx(want, rel=1e-9)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["reference"]["text"]["quality"] > 1
 
@@ -102,6 +107,7 @@ def test_gain_over_the_same_step_teacher_is_a_log_ratio_for_gen_ppl():
     (s,) = summarize(rows)
     # The 16-step teacher curve read at entropy 3.5 in nats (log Gen PPL), not on the convex PPL scale:
     few = math.exp(0.5 * (math.log(420.0) + math.log(3200.0)))
+    # tolerance (this block): float64 interpolation and logs of exact inputs: approx default or 1e-12 (rounding only)
     assert s["teacher_few_quality"] == pytest.approx(few) and few < 420.0 + 0.5 * (3200.0 - 420.0)
     many = math.exp(0.5 * (math.log(400.0) + math.log(3000.0)))
     assert s["gap_closed"] == pytest.approx((math.log(few) - math.log(1000.0)) / (math.log(few) - math.log(many)))
@@ -146,6 +152,7 @@ def test_a_second_sampler_is_measured_against_the_default_gap_and_its_own_teache
     assert len(summary) == 4  # both strided teacher rows (the sampler alone) and both students
     # At entropy 3.5: teacher@256 1.5, default teacher@16 2.5, strided teacher@16 1.4.
     st = summary[("mcd", "coupled-strided", 1.0)]
+    # tolerance (this block): float64 differences/ratios of decimal inputs (not exact in binary): approx default
     assert st["gap_closed"] == pytest.approx((2.5 - 1.6) / (2.5 - 1.5))
     assert st["gain_vs_few_nats"] == pytest.approx(2.5 - 1.6)
     assert st["gain_vs_same_sampler_nats"] == pytest.approx(1.4 - 1.6)  # below the teacher sampled the same way
@@ -190,6 +197,7 @@ def test_report_with_two_samplers_renders_both_and_evaluate_keeps_them_apart(tmp
     assert len(rows) == len(by) == 5
     # the strided rows hold the reversed sequences: scored on their own, not pooled with the default rows
     assert float(chain.nll(x[:, ::-1]).mean()) > float(chain.nll(x).mean()) + 1.0
+    # tolerance: the same float64 NLL computed twice: approx default
     assert by[("mcd", 2, "coupled-strided")]["quality"] == pytest.approx(float(chain.nll(x[:, ::-1]).mean()))
     assert by[("mcd", 2, "ancestral")]["quality"] == pytest.approx(float(chain.nll(x).mean()))
     (tmp_path / "bad.jsonl").write_text(lines[0][:-1] + ', "sampler": "strided"}\n')
@@ -208,6 +216,7 @@ def test_same_sampler_interval_reads_the_teacher_of_the_students_sampler():
            for r in rows}
     summary = {(s["model"], s["sampler"]): s for s in summarize(rows, per, bootstrap_draws=20)}
     st = summary[("mcd", "coupled-strided")]
+    # tolerance (this block): percentiles of constant float64 differences: approx default
     assert st["gain_vs_same_sampler_ci95"] == pytest.approx([-0.2, -0.2])
     assert st["gain_vs_few_ci95"] == pytest.approx([0.9, 0.9]) and st["gap_closed_ci95"] == pytest.approx([0.9, 0.9])
     assert summary[("mcd", "ancestral")]["gain_vs_same_sampler_ci95"] == pytest.approx([0.3, 0.3])

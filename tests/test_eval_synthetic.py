@@ -44,8 +44,10 @@ def test_stationary_pairs_are_stationary_and_normalised():
     chain = small_chain()
     P = dense_transition(chain)
     pi = chain.pair_stationary
+    # tolerance: float64 stationary vector of a small chain (eigen/power solve): ~1e-15; 1e-12
     assert abs(pi.sum() - 1) < 1e-12
     nxt = np.einsum("ab,abc->bc", pi, P)
+    # tolerance: one float64 contraction of probabilities <= 1 over S^2 terms: ~S^2 * 1e-16
     np.testing.assert_allclose(nxt, pi, atol=1e-13)
 
 
@@ -56,7 +58,9 @@ def test_nll_matches_brute_force_and_probabilities_sum_to_one():
     seqs = all_sequences(chain.num_symbols, L)
     nll = chain.nll(seqs)
     brute = np.array([-brute_logprob(chain, P, tuple(x)) / L for x in seqs])
+    # tolerance: float64 log-probabilities of 5-symbol sequences, two summation orders
     np.testing.assert_allclose(nll, brute, rtol=1e-12)
+    # tolerance: float64 sum of S^L probabilities (exp/log round trips): ~S^L * 1e-16
     assert abs(np.exp(-nll * L).sum() - 1.0) < 1e-10
 
 
@@ -71,6 +75,7 @@ def test_off_support_flags_exactly_the_leak_only_transitions():
     # exact samples of a chain with a tiny leak almost never leave the support
     big = MarkovChain2(16, branching=2, seed=1, fanout=4)
     assert chain.off_support(seqs[:, :2]).shape == (len(seqs), 0)
+    # statistical, not numeric: a seeded sample of a chain with a tiny leak
     assert big.off_support(big.sample(64, 64, seed=0)).mean() < 1e-3
 
 
@@ -80,8 +85,10 @@ def test_expected_nll_and_entropy_rate_match_enumeration():
         seqs = all_sequences(chain.num_symbols, L)
         nll = chain.nll(seqs)
         exact = float((np.exp(-nll * L) * nll).sum())
+        # tolerance: float64 expectation vs enumeration of S^L sequences: rounding ~S^L * 1e-16
         assert abs(chain.expected_nll(L) - exact) < 1e-10
     # h = E[-log P(x_3 | x_1, x_2)] under stationarity = L*E_L - (L-1)*E_{L-1} for any L >= 3.
+    # tolerance: float64 identity, differences of O(10) numbers: ~1e-14
     assert abs(6 * chain.expected_nll(6) - 5 * chain.expected_nll(5) - chain.entropy_rate()) < 1e-10
 
 
@@ -127,6 +134,7 @@ def test_oracle_marginals_match_enumeration_including_impossible_evidence():
         w = prob * keep
         for pos in range(L):
             want = np.bincount(seqs[:, pos], weights=w, minlength=S) / w.sum()
+            # tolerance: float64 forward-backward vs enumeration: rounding of products of <= L probabilities
             np.testing.assert_allclose(got[row, pos], want, atol=1e-10)
 
 
@@ -140,6 +148,7 @@ def test_incremental_refresh_equals_full_recomputation():
     z[new] = torch.from_numpy(gen.integers(0, 12, int(new.sum())))   # includes impossible reveals
     refresh_marginals(chain, z, logp, new, chunk=4)
     full = chain.oracle_log_marginals(z)
+    # tolerance: incremental vs full float64 recomputation of the same marginals: rounding only
     assert torch.allclose(logp.exp(), full.exp(), atol=1e-12)
 
 
@@ -181,6 +190,7 @@ def test_gap_anatomy_splits_the_true_nll(tmp_path):
     out = {r["model"]: r for r in json.loads((tmp_path / "a.json").read_text())}
     for name, seqs in (("clean", clean), ("broken", broken)):
         r = out[name]
+        # tolerance: a float64 split of one sum into two: rounding only
         assert r["nll_off_support"] + r["nll_rest"] == pytest.approx(chain.nll(seqs).mean(), rel=1e-12)
         assert r["off_support_rate"] == pytest.approx(chain.off_support(seqs).mean())
     assert out["clean"]["off_support_rate"] == 0.0 and out["clean"]["nll_off_support"] == 0.0

@@ -68,6 +68,7 @@ def test_coordinated_targets_greedy_first_then_conditional():
     assert torch.equal(target[0, 1], torch.nn.functional.one_hot(torch.tensor(g1), V).float())
     filled[0, 1] = g1
     third = torch.log_softmax(fake_denoiser(filled, None)[..., :V], -1).exp()
+    # tolerance: allclose defaults; the same float64 row selected two ways (exact)
     assert torch.allclose(target[0, 3], third[0, 3])
     assert len(calls) == 3 and torch.equal(calls[2], filled)
     assert torch.allclose(target[0, 2], torch.zeros(V))  # not revealed: no target

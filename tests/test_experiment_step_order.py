@@ -49,6 +49,7 @@ def test_pool_sampler_is_the_product_sampler_and_its_state_at_t_is_the_masked_sa
             k = int(m[b, j])
             z = torch.where(u[b] < alphas[k], x[b], torch.full_like(x[b], V)) if k else torch.full_like(x[b], V)
             want = torch.log_softmax(context_denoiser(z[None], None)[0, j, :V].double(), -1).float()
+            # tolerance: kept log-probs are float32 (want is float64 rounded to float32): |logp| < ~20 -> ~1e-6; 1e-5
             assert torch.allclose(lp[b, j], want, atol=1e-5), (b, j, k)
             assert bool(u[b, j] < alphas[k + 1]) and (k == 0 or bool(u[b, j] >= alphas[k]))
 
@@ -129,6 +130,7 @@ def test_reveal_order_experiment_runs_the_product_sampler(tmp_path, monkeypatch)
         # gap closed is read on the two teacher curves at the row's entropy: (few - q) / (few - many).
         few, many = 2.0 + 2.0 * (r["entropy"] - 0.5) / 2.5, 1.0 + (r["entropy"] - 0.5) / 2.5
         if 0.5 <= r["entropy"] <= 3.0:
+            # tolerance: float64 interpolation on piecewise-linear curves vs the closed form: rounding / (few - many)
             assert abs(r["gap_closed"] - (few - r["true_nll"]) / (few - many)) < 1e-6
     monkeypatch.setattr(sys, "argv", sys.argv[:-6] + ["--steps", "8"])   # no teacher rows at 8 steps
     with pytest.raises(SystemExit, match="no synthetic teacher rows"):
