@@ -80,10 +80,10 @@ def _param_count_from_config(cfg_dict: dict) -> tuple[int, int]:
     import torch
 
     from mcd_scale.config import from_dict
-    from mcd_scale.model.logical import logical_parameters
 
     with warnings.catch_warnings():  # megatron's import-time notes about optional fused kernels
         warnings.simplefilter("ignore")
+        from mcd_scale.model.logical import logical_parameters
         from mcd_scale.model.transformer import DiffusionTransformer
 
     cfg = from_dict(cfg_dict)
@@ -430,6 +430,94 @@ def reshard(path: str, out: str, tp: int, pp: int, zero: int | None = None, worl
     return {"out": out, "tag": tag, "built": [j["what"] + ":" + os.path.basename(j["out"]) for j in jobs], **report}
 
 
+HF_MODELING = os.path.join(REPO, "mcd_scale", "hf_export", "modeling_mcd.py")
+HF_README = """# {name}
+
+A masked diffusion language model trained with mcd_scale ({objective}, step {step}, {params:,} parameters).
+
+```python
+import torch
+from transformers import AutoModel
+
+model = AutoModel.from_pretrained("{out}", trust_remote_code=True).eval()
+ids = torch.full((1, {seq_len}), model.config.mask_id)      # all [MASK]: the start of sampling
+t = torch.ones(1)                                           # time-conditioned models read it
+logits = model(ids, timesteps=t).logits                     # [1, {seq_len}, {padded_vocab}]
+```
+
+Sampling (masked-diffusion samplers, settings in `sampling_config.json`), with the mcd_scale repository:
+
+```bash
+.venv/bin/python tools/sample.py --checkpoint {out} --steps {steps} --num-samples 4 --tokenizer {out}/tokenizer.model
+```
+
+`tokenizer.model` is the SentencePiece model the run was trained with; id `vocab_size` ({mask_id}) is [MASK],
+columns above it are padding. `config.resolved.yaml` is the full training config.
+"""
+
+
+def hf_config(model: dict, dtype: str) -> dict:
+    """config.json of an export-hf directory from the resolved ``model`` section."""
+    from mcd_scale.config import ModelConfig
+
+    m = ModelConfig(**model)
+    return {"architectures": ["MCDModel"], "model_type": "mcd_mdlm",
+            "auto_map": {"AutoConfig": "modeling_mcd.MCDConfig", "AutoModel": "modeling_mcd.MCDModel"},
+            "vocab_size": m.vocab_size, "padded_vocab": m.padded_vocab, "mask_id": m.mask_id, "seq_len": m.seq_len,
+            "hidden": m.hidden, "layers": m.layers, "heads": m.heads, "ffn_hidden": m.ffn_hidden,
+            "time_conditioning": m.time_conditioning, "cond_dim": m.cond_dim, "tie_embeddings": m.tie_embeddings,
+            "rope_base": m.rope_base, "norm_eps": m.norm_eps, "torch_dtype": dtype}
+
+
+def export_hf(path: str, out: str, weights: str = "raw", tokenizer: str | None = None, force: bool = False) -> dict:
+    """A Hugging Face-style directory: config.json, model.safetensors, modeling_mcd.py (trust_remote_code),
+    tokenizer.model, sampling_config.json, README.md, config.resolved.yaml (tools/sample.py reads it)."""
+    import yaml
+
+    ckpt = _checkpoint_dir(path)
+    cfg = _read_cfg(ckpt)
+    _check_weights_choice(cfg, weights, ckpt)
+    tok = tokenizer or os.path.join(cfg.get("data", {}).get("path", ""), "tokenizer.model")
+    if not os.path.isfile(tok):
+        raise InputError(f"--tokenizer {tok} does not exist (default: <data.path>/tokenizer.model of the run); "
+                         f"pass the run's SentencePiece tokenizer.model")
+    replaced = _prepare_out(out, force)
+    name = "model_ema.safetensors" if weights == "ema" else "model.safetensors"
+    have = os.path.exists(os.path.join(ckpt, name))
+    verify(ckpt, [name, "config.resolved.yaml", "train_state.json"] if have else None)
+    o = _Out(out, replaced)
+    if have:
+        _check_safetensors(os.path.join(ckpt, name))
+        o.copy("model.safetensors", os.path.join(ckpt, name))
+    else:  # consolidated off: build it from the DeepSpeed shards
+        run_workers(ckpt, [{"what": "weights", "weights": weights, "dtype": None,
+                            "out": os.path.abspath(o.path("model.safetensors"))}])
+        o.adopt("model.safetensors")
+    train = cfg.get("train", {})
+    dtype = "bfloat16" if train.get("precision") == "bf16" else "float32"
+    hf = hf_config(cfg["model"], dtype)
+    o.text("config.json", json.dumps(hf, indent=2))
+    o.copy("modeling_mcd.py", HF_MODELING)
+    o.copy("tokenizer.model", tok)
+    distill = cfg.get("distill", {})
+    student = train.get("objective", "mdlm") != "mdlm"
+    steps = int(round(1.0 / float(distill.get("dt0", 1 / 16)))) if student else 256
+    sampling = {"sampler": "ancestral", "steps": steps, "mask_id": hf["mask_id"], "vocab_size": hf["vocab_size"],
+                "seq_len": hf["seq_len"], "diffusion": cfg.get("diffusion", {}), "objective": train.get("objective"),
+                "weights": weights, "note": "steps: 256 for a teacher, 1/distill.dt0 for a distilled student; "
+                "tools/sample.py --sampler coupled --reveal-order strided is the stronger few-step sampler"}
+    o.text("sampling_config.json", json.dumps(sampling, indent=2))
+    o.text("config.resolved.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    _n, params = _param_count_from_config(cfg)
+    o.text("README.md", HF_README.format(name=cfg.get("run", {}).get("name", "mcd_scale model"),
+                                         objective=train.get("objective"), step=_step(ckpt), params=params,
+                                         out=os.path.abspath(out), seq_len=hf["seq_len"],
+                                         padded_vocab=hf["padded_vocab"], steps=steps, mask_id=hf["mask_id"]))
+    o.finish({"weights_format": "mcd_scale-logical-v1", "hf": True, "source": os.path.abspath(ckpt),
+              "step": _step(ckpt), "ema": weights == "ema", "sha256": o.files["model.safetensors"]["sha256"]})
+    return {"out": out, "files": sorted(o.files)}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (the input-error convention), not usage + message
         self.exit(2, f"convert_ckpt: error: {message} (see {self.prog} --help)\n")
@@ -491,8 +579,6 @@ def _run(args) -> int:
     elif args.cmd == "reshard":
         print(json.dumps(reshard(args.path, args.out, args.tp, args.pp, args.zero, args.world_size, args.force)))
     elif args.cmd == "export-hf":
-        from mcd_scale.hf_export.export import export_hf
-
         print(json.dumps(export_hf(args.path, args.out, args.weights, args.tokenizer, args.force)))
     return 0
 

@@ -144,11 +144,11 @@ def main(argv=None) -> int:
     from mcd_scale.distill.checkpoints import resolve_teacher_file
     from mcd_scale.distill.rounds import plan_rounds
 
-    from mcd_scale.cli import input_errors_exit
+    from mcd_scale.cli import fail, input_errors
     from mcd_scale.integrity import verify_file
 
     args = parse_args(argv)
-    with input_errors_exit("distill_rounds", ValueError, FileNotFoundError):  # one line, exit 2
+    try:  # the inputs before any child starts: one line, exit 2
         cfg = load_config(args.config, args.overrides)
         d = cfg.distill
         mode = "online" if args.objective == "sdtt" else (args.mode or d.teacher_mode)
@@ -160,6 +160,8 @@ def main(argv=None) -> int:
         plans = plan_rounds(dataclasses.replace(d, rounds=n_rounds), cfg.diffusion.t_min)
         teacher = os.path.abspath(resolve_teacher_file(args.teacher))
         verify_file(teacher)  # a truncated/altered teacher now, not after the first child started (streamed sha256)
+    except input_errors(ValueError, FileNotFoundError) as exc:
+        return fail("distill_rounds", exc)
     launch = launcher_argv(args.launcher)
     preemption = _Preemption()
     run_dir = os.path.abspath(args.out)

@@ -261,7 +261,7 @@ def prepare(inputs: Sequence[str], out: str, vocab_size: int, seq_len: int, seed
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from mcd_scale.cli import ArgumentParser, add_out_arg, add_quiet_arg, input_errors_exit
+    from mcd_scale.cli import ArgumentParser, add_out_arg, add_quiet_arg, fail, input_errors
 
     ap = ArgumentParser(prog="tools/prepare_data.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="*", default=[DEFAULT_INPUT], help=".txt/.txt.gz files or directories")
@@ -274,9 +274,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--samples-per-shard", type=int, default=1024)
     add_quiet_arg(ap, help="no progress bars")
     args = ap.parse_args(argv)
-    with input_errors_exit("prepare_data", PrepareError):  # one line, exit 2 (MCD_DEBUG=1: the traceback)
+    try:
         m = prepare(args.inputs, args.out, args.vocab_size, args.seq_len, args.seed, args.val_frac,
                     args.heldout_frac, args.samples_per_shard, progress=not args.quiet)
+    except input_errors(PrepareError) as exc:
+        return fail("prepare_data", exc)  # one line, exit 2 (MCD_DEBUG=1: the traceback)
     counts = ", ".join(f"{k} {m['splits'][k]['num_samples']}" for k in SPLITS)
     print(f"prepare_data: {m['num_tokens']} tokens, vocab {m['vocab_size']} (mask id {m['mask_id']}), "
           f"seq_len {m['seq_len']}: {counts} sequences -> {args.out}")
