@@ -51,14 +51,17 @@ def guard_nonfinite(loss: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Ten
     """(loss to back-propagate, finite flag as a device bool), with no host read.
 
     Where the loss is non-finite, the loss's own backward may produce NaN (0 x inf partials), so a hook on the
-    logits replaces their gradient by zeros (``torch.where``, not a product: 0 x NaN is NaN), and the returned
-    loss is a zero connected to the graph through finite values only. The micro-batch then adds exactly zero
-    to the gradients; the step-level decision (skip at lr 0) is taken once per step by the caller."""
+    logits replaces their gradient by zeros (``torch.where`` with a scalar zero, not a product: 0 x NaN is NaN),
+    and the returned loss is a finite zero whose backward still reaches every parameter (through the loss's
+    graph). The micro-batch then adds exactly zero to the gradients; the step-level decision (skip at lr 0) is
+    taken once per step by the caller."""
     ok = torch.isfinite(loss.detach()).all()
     if logits.requires_grad:
-        logits.register_hook(lambda g: torch.where(ok, g, torch.zeros_like(g)))
-    zero = logits.float().nan_to_num(0.0, 0.0, 0.0).sum() * 0.0
-    return torch.where(ok, loss, zero.to(loss.dtype)), ok
+        logits.register_hook(lambda g: torch.where(ok, g, 0.0))  # one pass; no zeros tensor of the logits' size
+    # The backward still runs through the loss's graph (where's gradient to it is zero), so a constant zero is
+    # enough; deriving it from the whole logits (nan_to_num + sum) cost two passes over them each way.
+    zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
+    return torch.where(ok, loss, zero), ok
 
 
 def params_dtype(cfg: Config) -> torch.dtype:
