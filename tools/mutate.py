@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -233,13 +234,26 @@ def run_pytest(python: str, copy: str, tests: Sequence[str], timeout: float, rep
     env["COLUMNS"] = "300"  # the summary line keeps the assertion message (pytest cuts it to the width)
     cmd = [python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore", *tests]
     t0 = time.perf_counter()
+    # Own process group: a timeout (or this tool being stopped) ends pytest and every rank it started.
+    proc = subprocess.Popen(cmd, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout,
-                              start_new_session=True)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        return None, out[-2000:], time.perf_counter() - t0
-    return proc.returncode, (proc.stdout + proc.stderr)[-2000:], time.perf_counter() - t0
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, _ = proc.communicate()
+        return None, (out or "")[-2000:], time.perf_counter() - t0
+    except BaseException:
+        _kill_group(proc)
+        raise
+    return proc.returncode, (out or "")[-2000:], time.perf_counter() - t0
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _first_failure(output: str) -> str:
@@ -330,8 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through run(): the pytest group is killed, the copy removed
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     args.python = args.python or default_python(args.repo)
     try:
         if args.list:
