@@ -141,8 +141,9 @@ def ema_getter(ema, dims) -> Callable:
 
 def meta_tensors(ds_engine) -> dict[str, torch.Tensor]:
     step, epoch = _step_and_epoch(ds_engine)
-    return {"meta/adam_step": torch.tensor(step, dtype=torch.int64),
-            "meta/lr_epoch": torch.tensor(epoch, dtype=torch.int64)}
+    # host tensors: they go into a file, never into a collective
+    return {"meta/adam_step": torch.tensor(step, dtype=torch.int64, device="cpu"),
+            "meta/lr_epoch": torch.tensor(epoch, dtype=torch.int64, device="cpu")}
 
 
 def gather_universal(train_engine, ema=None) -> dict[str, torch.Tensor]:

@@ -174,6 +174,9 @@ def test_reshard_teacher_from_shards_resumes_at_tp2_pp2_and_zero3(teacher, tmp_p
     info = json.loads(convert("inspect", out, "--json").stdout)
     assert info["universal"] and info["integrity"] == "ok" and not info["layout"]["deepspeed_files"]
     assert info["parameters"] == info["model.safetensors"]["parameters"] and info["step"] == 3
+    res = tiny_run.run(["tools/sample.py", "--checkpoint", out, "--steps", "2", "--num-samples", "1", "--quiet"],
+                       timeout=120)  # the resharded run samples as it is
+    assert res.returncode == 0, res.stderr
     ref = losses(teacher)
     tp2pp2 = str(tmp_path / "tp2pp2")
     shutil.copytree(out, tp2pp2)
