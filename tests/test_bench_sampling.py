@@ -30,16 +30,26 @@ def test_sampling_bench_prints_side_by_side_figures(capsys):
         assert v["speedup_wall_paired"] > 0 and v["speedup_wall_min"] > 0
     # One timed pair per chunk of batch-size samples per repeat: 4 samples in chunks of 2, then of 4.
     assert out["per_batch_size"]["2"]["pairs"] == 2 and out["per_batch_size"]["4"]["pairs"] == 1
+    # The strided few-step side and the AR reference ran in the same groups; tokens/s is L / (s per sample).
+    assert out["nfe_student_strided"] == 2.0
+    assert out["ar_model"]["nfe"] == 16 and out["ar_model"]["kv_cache"] is True
+    for v in out["per_batch_size"].values():
+        for side in ("teacher", "student", "student_strided", "ar"):
+            assert v[f"{side}_tokens_per_s"] == pytest.approx(16 / v[f"{side}_s_per_sample"], rel=1e-2)
+        assert v["student_vs_ar"] == pytest.approx(v["ar_s_per_sample"] / v["student_s_per_sample"], rel=1e-2)
+        assert v["speedup_wall_strided"] > 0
 
 
 def test_sampling_bench_few_steps_strided(capsys):
     rc = bench.main(["--config", "configs/tiny/teacher.yaml", "--set", "model.seq_len=16", "--set", "model.layers=1",
                      "--many-steps", "32", "--few-steps", "4", "--few-reveal-order", "strided", "--num-samples", "4",
-                     "--batch-sizes", "4", "--repeats", "1"])
+                     "--batch-sizes", "4", "--repeats", "1", "--no-ar"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["few_steps"], out["few_reveal_order"]) == (4, "strided")
+    assert "ar_model" not in out and "ar_s_per_sample" not in out["per_batch_size"]["4"]
     assert out["nfe_student"] == 4.0  # stride 4 at L = 16: each step reveals one residue class in every row
+    assert "nfe_student_strided" not in out  # the few-step side is strided already: no second strided side
     assert bench.main(["--config", "configs/tiny/teacher.yaml", "--set", "model.seq_len=16", "--many-steps", "8",
                        "--few-steps", "8"]) == 2
 

@@ -18,10 +18,18 @@ network calls per sample, which bounds what caching leaves to gain (~10.1x at N 
 ``--few-steps`` / ``--few-reveal-order strided``: the few-step side at another step count and/or with the
 coupled sampler's strided order (docs/diffusion.md), e.g. the strided teacher at 8 steps against itself
 at 256 (docs/results.md, "Reveal order").
+
+In the same timed groups (unless ``--no-strided`` / ``--no-ar``): the few-step side again with the strided
+order (``student_strided_*``, when the few-step side is not already strided), and an autoregressive model of
+the same width, depth, heads and FFN (``mcd_scale.eval.ar_evaluator.CausalLM``, random weights) sampling the
+same number of tokens left to right with a KV cache (``mcd_scale.eval.ar_sampling``), the speed reference:
+``ar_*``, ``student_vs_ar`` = AR s/sample / student s/sample. Every side also reports ``*_tokens_per_s``
+(sequence length / s per sample).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -45,6 +53,28 @@ def _load(a, device):
     return sample_cli.single_process_model(cfg, init=True, weights_path="random-init", device=device)
 
 
+def _ar_model(loaded, device):
+    """The speed reference: the project's causal LM at the diffusion model's width, depth, heads and FFN
+    (random weights: the cost of sampling does not depend on them)."""
+    from mcd_scale.eval.ar_evaluator import ARConfig, CausalLM, _init_weights
+
+    m = loaded.cfg.model
+    model = CausalLM(ARConfig(vocab_size=loaded.vocab_size, max_len=loaded.seq_len, hidden=m.hidden, layers=m.layers,
+                              heads=m.heads, ffn=m.ffn_hidden))
+    _init_weights(model, 0)
+    return model.to(device).eval()
+
+
+def _ar_seconds(model, n: int, length: int, seed: int, device) -> float:
+    import time
+
+    from mcd_scale.eval.ar_sampling import generate
+
+    t0 = time.perf_counter()
+    generate(model, n, length, seed)  # returns host ids: the device's work is included
+    return time.perf_counter() - t0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=None, help="run dir / checkpoint / model.safetensors (default: random)")
@@ -59,6 +89,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    ap.add_argument("--no-strided", dest="strided", action="store_false",
+                    help="skip the strided few-step side (measured by default)")
+    ap.add_argument("--no-ar", dest="ar", action="store_false",
+                    help="skip the autoregressive KV-cache reference (measured by default)")
     a = ap.parse_args(argv)
     from mcd_scale.cli_device import DeviceFlagError, resolve_device
 
@@ -78,40 +112,66 @@ def main(argv=None) -> int:
         return 2
     strided = a.few_reveal_order == "strided"
     few_kwargs = dict(sampler="coupled", reveal_order="strided") if strided else {}
+    sides = {"teacher": (a.many_steps, {}), "student": (few, few_kwargs)}
+    if a.strided and not strided:
+        sides["student_strided"] = (few, dict(sampler="coupled", reveal_order="strided"))
+    ar_model = _ar_model(loaded, device) if a.ar else None
+    L = loaded.seq_len
     sample_cli.sample(loaded, few, min(4, a.num_samples), seed=0, **few_kwargs)  # warm-up (allocator, kernels)
+    if ar_model is not None:
+        _ar_seconds(ar_model, min(4, a.num_samples), L, 0, device)
     per_batch, nfe = {}, {}
     for bs in a.batch_sizes:
-        # Teacher and student run back to back on each chunk of bs samples, so a burst of machine noise
-        # (another process, the host reclaiming memory) hits a pair rather than one side of the ratio.
+        # Every side runs back to back on each chunk of bs samples (a timed group), so a burst of machine noise
+        # (another process, the host reclaiming memory) hits a group rather than one side of a ratio.
         chunk = min(bs, a.num_samples)
-        times, pair_ratios = {a.many_steps: [], few: []}, []
+        times = {name: [] for name in list(sides) + (["ar"] if ar_model is not None else [])}
+        pair_ratios = []
         for rep in range(a.repeats):
             for first in range(0, a.num_samples, chunk):
                 n = min(chunk, a.num_samples - first)
-                pair = {}
-                for steps in (a.many_steps, few):
-                    res = sample_cli.sample(loaded, steps, n, seed=1000 * rep + first, batch_size=bs,
-                                            **(few_kwargs if steps == few else {}))
-                    pair[steps] = res.seconds / n
-                    times[steps].append(pair[steps])
-                    nfe.setdefault(steps, []).append(res.nfe)
-                pair_ratios.append(pair[a.many_steps] / pair[few])
-        teacher, student = statistics.median(times[a.many_steps]), statistics.median(times[few])
-        per_batch[str(bs)] = {"teacher_s_per_sample": round(teacher, 5), "student_s_per_sample": round(student, 5),
-                              "speedup_wall": round(teacher / student, 3),
-                              "speedup_wall_paired": round(statistics.median(pair_ratios), 3),
-                              "speedup_wall_min": round(min(times[a.many_steps]) / min(times[few]), 3),
-                              "pairs": len(pair_ratios)}
-    nfe = {steps: statistics.fmean(v) for steps, v in nfe.items()}
+                group = {}
+                for name, (steps, kwargs) in sides.items():
+                    res = sample_cli.sample(loaded, steps, n, seed=1000 * rep + first, batch_size=bs, **kwargs)
+                    group[name] = res.seconds / n
+                    nfe.setdefault(name, []).append(res.nfe)
+                if ar_model is not None:
+                    group["ar"] = _ar_seconds(ar_model, n, L, 1000 * rep + first, device) / n
+                for name, v in group.items():
+                    times[name].append(v)
+                pair_ratios.append(group["teacher"] / group["student"])
+        med = {name: statistics.median(v) for name, v in times.items()}
+        teacher, student = med["teacher"], med["student"]
+        row = {"teacher_s_per_sample": round(teacher, 5), "student_s_per_sample": round(student, 5),
+               "speedup_wall": round(teacher / student, 3),
+               "speedup_wall_paired": round(statistics.median(pair_ratios), 3),
+               "speedup_wall_min": round(min(times["teacher"]) / min(times["student"]), 3),
+               "pairs": len(pair_ratios)}
+        for name, v in med.items():
+            row[f"{name}_s_per_sample"] = round(v, 5)
+            row[f"{name}_tokens_per_s"] = round(L / v, 1)
+        if "student_strided" in med:
+            row["speedup_wall_strided"] = round(teacher / med["student_strided"], 3)
+        if "ar" in med:
+            row["student_vs_ar"] = round(med["ar"] / student, 3)
+            row["teacher_vs_ar"] = round(med["ar"] / teacher, 3)
+        per_batch[str(bs)] = row
+    nfe = {name: statistics.fmean(v) for name, v in nfe.items()}
     best_teacher = min(v["teacher_s_per_sample"] for v in per_batch.values())
     best_student = min(v["student_s_per_sample"] for v in per_batch.values())
     out = {"model": loaded.weights_path, "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "seq_len": loaded.seq_len, "vocab_size": loaded.vocab_size,
            "many_steps": a.many_steps, "few_steps": few, "few_reveal_order": a.few_reveal_order,
            "num_samples": a.num_samples, "repeats": a.repeats,
-           "threads": torch.get_num_threads(), "nfe_teacher": round(nfe[a.many_steps], 2), "nfe_student": nfe[few],
-           "speedup_nfe": round(nfe[a.many_steps] / nfe[few], 3), "per_batch_size": per_batch,
+           "threads": torch.get_num_threads(), "nfe_teacher": round(nfe["teacher"], 2), "nfe_student": nfe["student"],
+           "speedup_nfe": round(nfe["teacher"] / nfe["student"], 3), "per_batch_size": per_batch,
            "speedup_wall_best": round(best_teacher / best_student, 3)}
+    if "student_strided" in nfe:
+        out["nfe_student_strided"] = nfe["student_strided"]
+    if ar_model is not None:
+        out["ar_model"] = {**dataclasses.asdict(ar_model.cfg), "params": sum(p.numel() for p in ar_model.parameters()),
+                           "nfe": loaded.seq_len, "kv_cache": True}
+        out["diffusion_params"] = sum(p.numel() for p in loaded.model.parameters())
     print(json.dumps(out, indent=1))
     return 0
 
