@@ -65,3 +65,31 @@ def install(module: torch.nn.Module, rank: int, current_step: Callable[[], int])
         return grad
 
     param.register_hook(hook)
+
+
+ENV_SAMPLE_LOG = "MCD_FAULT_SAMPLE_LOG"
+
+
+class SampleLog:
+    """``MCD_FAULT_SAMPLE_LOG=DIR``: every rank appends the sample ids and batch positions it consumes at each
+    step to ``DIR/rank{r}.jsonl`` (append-only across restarts, so a re-executed step appears again; the last
+    record of a step is the one the final weights saw). The soak test (tests/faults/test_soak.py) checks from
+    these files that no sample is lost or duplicated per epoch over many forced restarts."""
+
+    def __init__(self, directory: str, rank: int):
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, f"rank{rank}.jsonl")
+        self.run = f"{os.getpid()}-{time.time():.6f}"
+
+    @classmethod
+    def from_env(cls, rank: int) -> Optional["SampleLog"]:
+        directory = os.environ.get(ENV_SAMPLE_LOG, "").strip()
+        return cls(directory, rank) if directory else None
+
+    def record(self, step: int, micro_batches: list) -> None:
+        import json
+
+        ids = [int(i) for mb in micro_batches for i in mb["sample_id"].tolist()]
+        pos = [int(p) for mb in micro_batches for p in mb["position"].tolist()]
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"run": self.run, "step": step, "ids": ids, "pos": pos}) + "\n")

@@ -259,6 +259,9 @@ class Trainer:
         loader = MicroBatchLoader(self.train_set, sampler, self.dims.dp_rank, self.dims.dp, cfg.parallel.micro_batch,
                                   start_step=state.step, num_workers=cfg.data.num_workers)
         it = step_batches(loader)
+        from mcd_scale.fault_hooks import SampleLog
+
+        sample_log = SampleLog.from_env(self.rank)  # MCD_FAULT_SAMPLE_LOG (soak tests): None otherwise
         tokens_per_step = cfg.parallel.global_batch * cfg.model.seq_len
         exit_code = EXIT_OK
         last_log_t, last_log_step, wait_acc = time.time(), state.step, 0.0
@@ -268,6 +271,13 @@ class Trainer:
                 t_wait = time.time()
                 micro = next(it)
                 wait_acc += time.time() - t_wait
+                if sample_log is not None:
+                    sample_log.record(state.step + 1, micro)
+                if cfg.data.skip_corrupt:  # opt-in skips are named, never silent (mcd_scale/skip_log.py)
+                    from mcd_scale import skip_log
+
+                    skip_log.report(self.rank, state.step + 1, micro, sampler, self.dims.dp_rank, self.dims.dp,
+                                    cfg.parallel.micro_batch, loader.skipped)
                 prepared = [self.objective.prepare(m, state.step) for m in micro]
                 loss, skipped, stop = self.engine.train_step(prepared, poison=faults.poison(state.step + 1),
                                                              stop_requested=preempt.requested)

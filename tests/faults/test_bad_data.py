@@ -1,0 +1,157 @@
+"""Bad data through the real CLI (docs/reliability.md, "Bad data"): a token id >= vocab, a wrong dtype, a wrong
+shape in a shard, and an empty shard list are named errors (shard, key, what is wrong) -- exit 2, one line, no
+traceback; with ``data.skip_corrupt=true`` the same bad sample is skipped, counted and its key logged.
+
+The shards are altered the way a buggy writer would leave them: same member size (so the shard index and the
+manifest's byte count still agree) and the manifest's digest updated, so only the sample check can catch it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+
+from tests.faults import common
+
+BAD_KEY = 5  # sample id altered in the first train shard
+
+
+def rewrite_member(data_dir: str, gid: int, payload: bytes) -> str:
+    """Replace sample ``gid``'s ids.npy in its train shard by ``payload`` (same size), keep the manifest true."""
+    manifest_path = os.path.join(data_dir, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    split = manifest["splits"]["train"]
+    rec = next(r for r in split["shards"] if r["first_id"] <= gid <= r["last_id"])
+    shard = os.path.join(data_dir, split["dir"], rec["name"])
+    blob = bytearray(open(shard, "rb").read())
+    with tarfile.open(shard) as tf:
+        member = tf.getmember(f"{gid:010d}.ids.npy")
+        assert member.size == len(payload), (member.size, len(payload))
+        blob[member.offset_data:member.offset_data + member.size] = payload
+    with open(shard, "wb") as fh:
+        fh.write(bytes(blob))
+    rec["sha256"] = hashlib.sha256(bytes(blob)).hexdigest()
+    json.dump(manifest, open(manifest_path, "w"), indent=1, sort_keys=True)
+    return shard
+
+
+def npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _copy(corpus, tmp_path) -> str:
+    dst = str(tmp_path / "data")
+    shutil.copytree(corpus, dst)
+    return dst
+
+
+def _one_line_exit_2(res, *must):
+    for r, code in enumerate(res.codes):
+        assert code == 2, (res.codes, res.log[-4000:])
+    assert "Traceback" not in res.log, res.log[-4000:]
+    for r in range(len(res.codes)):
+        part = res.log.split(f"----- rank {r} -----", 1)[1].split("----- rank ", 1)[0]
+        lines = [x for x in part.splitlines() if x.strip() and "warn" not in x.lower()
+                 and not x.startswith("  ") and "step " not in x]
+        assert len(lines) == 1, (r, lines)
+        for m in must:
+            assert m in lines[0], (m, lines[0])
+    return res
+
+
+SEQ_ZERO = np.zeros(common.SEQ, dtype=np.uint16)
+CASES = {
+    "token_id_ge_vocab": (np.where(np.arange(common.SEQ) == 3, common.VOCAB + 7, SEQ_ZERO).astype(np.uint16),
+                          f"token id {common.VOCAB + 7} >= vocab_size {common.VOCAB}"),
+    "wrong_dtype": (np.zeros(common.SEQ, dtype=np.float16), "float16"),
+    "wrong_shape": (np.zeros((2, common.SEQ // 2), dtype=np.uint16), f"({common.SEQ},)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_sample_read_is_a_named_error(corpus, tmp_path, case):
+    """In process (fast): the reader's error names the shard, the key and what is wrong."""
+    from mcd_scale.data.loader import open_prepared
+    from mcd_scale.data.shards import ShardError
+
+    array, words = CASES[case]
+    data = _copy(corpus, tmp_path)
+    shard = rewrite_member(data, BAD_KEY, npy(array))
+    ds = open_prepared(data, "train", vocab_size=common.VOCAB, seq_len=common.SEQ)
+    assert ds[BAD_KEY - 1] is not None
+    with pytest.raises(ShardError) as err:
+        ds[BAD_KEY]
+    msg = str(err.value)
+    assert "\n" not in msg and all(w in msg for w in (shard, f"{BAD_KEY:010d}", words)), msg
+
+
+CLI_CASES = [c if c == "token_id_ge_vocab" else pytest.param(c, marks=pytest.mark.skipif(
+    not common.long_variant(), reason="long variant (tools/faults.py): one launch each")) for c in sorted(CASES)]
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_bad_sample_is_a_named_error_exit_2(corpus, tmp_path, case):
+    array, words = CASES[case]
+    data = _copy(corpus, tmp_path)
+    shard = rewrite_member(data, BAD_KEY, npy(array))
+    # global batch 348 = the whole split: step 1 reads every sample, so the bad one surely
+    # One rank: a sample error found mid-run is raised on the rank that read it only; its peers then fail in the
+    # step's collective (exit 1, gloo's error) -- an open gap, docs/reliability.md.
+    res = common.launch(common.train_argv("teacher", str(tmp_path / "run"), data, None, [
+        "train.steps=1", "checkpoint.every=0", "parallel.micro_batch=58", "parallel.global_batch=348"]), 1)
+    _one_line_exit_2(res, os.path.basename(shard), f"{BAD_KEY:010d}", words)
+
+
+def _empty_train_split(corpus, tmp_path) -> str:
+    data = _copy(corpus, tmp_path)
+    manifest_path = os.path.join(data, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    manifest["splits"]["train"].update(shards=[], num_samples=0)
+    json.dump(manifest, open(manifest_path, "w"))
+    return data
+
+
+@pytest.mark.xfail(strict=True, reason="open gap, reported to the data engineer: an empty train split fails later in "
+                   "the sampler with 'num_samples must be >= 1, got 0 (empty split?)', naming neither the manifest nor "
+                   "the split; open_prepared should refuse it naming both (remove this mark then)")
+def test_empty_shard_list_open_is_a_named_error(corpus, tmp_path):
+    from mcd_scale.cli import input_error_types
+    from mcd_scale.data.loader import open_prepared
+
+    data = _empty_train_split(corpus, tmp_path)
+    with pytest.raises(input_error_types()) as err:
+        ds = open_prepared(data, "train", vocab_size=common.VOCAB, seq_len=common.SEQ)
+        from mcd_scale.data.sampler import GlobalBatchSampler
+
+        GlobalBatchSampler(len(ds), 4, 1)  # what the trainer does next with it
+    assert "manifest.json" in str(err.value) and "train" in str(err.value), err.value
+
+
+@pytest.mark.skipif(not common.long_variant(), reason="long variant (tools/faults.py): one launch")
+def test_empty_shard_list_is_a_named_error_exit_2(corpus, tmp_path):
+    data = _empty_train_split(corpus, tmp_path)
+    res = common.launch(common.train_argv("teacher", str(tmp_path / "run"), data, None, ["train.steps=1"]), 1)
+    _one_line_exit_2(res, "empty")  # exit 2, one line; the file is not named yet (see the in-process test)
+
+
+def test_opt_in_skip_counts_and_names_the_skipped_key(corpus, tmp_path):
+    data = _copy(corpus, tmp_path)
+    rewrite_member(data, BAD_KEY, npy(CASES["token_id_ge_vocab"][0]))
+    run = str(tmp_path / "run")
+    res = common.launch(common.train_argv("teacher", run, data, None, [
+        "train.steps=1", "checkpoint.every=0", "parallel.micro_batch=58", "parallel.global_batch=348",
+        "data.skip_corrupt=true"]), 2)  # 2 ranks: the skip is local, no rank waits for another
+    assert res.codes == [0, 0], res.log[-4000:]
+    lines = [x for x in res.log.splitlines() if "under data.skip_corrupt" in x]
+    assert len(lines) == 1 and f"keys {BAD_KEY:010d};" in lines[0] and "skipped 1 " in lines[0], lines
+    assert re.search(r"\[rank \d\] step 1:", lines[0])
+    common.record("bad data", cases=sorted(CASES) + ["empty_shard_list"], exit_code=2, skip_logged=lines[0])
