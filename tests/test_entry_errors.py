@@ -253,6 +253,7 @@ def test_bad_input_is_one_line_exit_2(env, case_id, entry, build, needle, capsys
     ranks = 2 if case_id.endswith("!!") else 1
     assert rc == 2, f"{case_id}: rc {rc}\n{text[-3000:]}"
     assert "Traceback" not in text, text[-3000:]
+    assert not any(ln.lstrip().startswith("usage:") for ln in text.splitlines()), text[-3000:]  # not argparse's block
     assert len(errors) == ranks and all(needle in ln for ln in errors), f"{case_id}: {errors}\n{text[-3000:]}"
     if ranks > 1:
         assert {ln.split("]")[0] for ln in errors} == {"[rank 0", "[rank 1"}, errors
