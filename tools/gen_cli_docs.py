@@ -43,9 +43,10 @@ Bad input (a missing or corrupt file, a checkpoint step that does not exist, a b
 or config field) is ONE line on stderr, `PROG: error: ...` naming the file or field and the fix, exit
 code 2, on every rank, no traceback; `MCD_DEBUG=1` in the environment shows the traceback instead.
 Exit codes: `0` done, `1` error (a bug: traceback), `2` bad input, `3` diverged, `4` preempted.
-Under `torchrun` a failed rank makes torchrun itself exit 1 whatever the rank's code; launch with
-`srun`, `mpirun` or the `deepspeed` launcher, or check first with `train.py --dry-run` (exit 2 on a
-bad config or input path), when a script must tell bad input from a crash (README, Entry points).
+Plain `torchrun` exits 1 whatever its ranks returned: launch with `.venv/bin/python -m mcd_scale.torchrun`
+(same options, exits with the first failed rank's code), `srun`, `mpirun` or the `deepspeed` launcher
+when a script must tell bad input from a crash; `train.py --dry-run` checks a config and its input
+paths without starting anything (README, Entry points).
 """
 
 
