@@ -12,6 +12,10 @@ AdamW step of ``build_model`` on z_t with a top-k cross-entropy to the teacher t
 ``student_samples_per_s``). ``headroom_w`` = reader / student rate: > 1 means data is not the
 bottleneck at that worker count.
 
+``distill_step``: a real offline MCD run on those shards (``run_training``, one rank, ZeRO-0,
+``--distill-steps`` steps, ``--distill-workers`` loader workers) and the trainer's own data-wait share of
+the step (``data_wait_pct_steady``: median over steps 2.., target <= 2%).
+
 ``--device`` (default: cuda when present) is where the student trains; the precompute runs where the
 tool puts its teacher, ``dims.device`` of its process group (cuda under NCCL, i.e. whenever CUDA is
 present; run with ``CUDA_VISIBLE_DEVICES=`` for an all-CPU measurement).
@@ -19,6 +23,7 @@ present; run with ``CUDA_VISIBLE_DEVICES=`` for an all-CPU measurement).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -56,10 +61,14 @@ def _make_inputs(root: str, a):
     rows = torch.randint(0, a.vocab, (a.samples, a.seq_len), generator=keyed_generator("bench-stream", 0))
     rows = rows.numpy().astype(np.uint16)
     shards = write_shards(os.path.join(tokens, "train"), ((g, {"ids": r}) for g, r in enumerate(rows)), 256)
+    # a small val split: the trainer opens one (validation is off in the timed distillation run)
+    val_rows = rows[:max(1, min(16, a.samples))]
+    val = write_shards(os.path.join(tokens, "val"), ((g, {"ids": r}) for g, r in enumerate(val_rows)), 256)
     write_manifest(tokens, {"format": TOKENS_FORMAT, "format_version": TOKENS_FORMAT_VERSION, "vocab_size": a.vocab,
                             "mask_id": a.vocab, "seq_len": a.seq_len, "dtype": "uint16",
                             "tokenizer": {"sha256": "bench"},
-                            "splits": {"train": {"dir": "train", "num_samples": a.samples, "shards": shards}}})
+                            "splits": {"train": {"dir": "train", "num_samples": a.samples, "shards": shards},
+                                       "val": {"dir": "val", "num_samples": len(val_rows), "shards": val}}})
     return cfg, teacher, tokens
 
 
@@ -125,7 +134,66 @@ def _student_rate(cfg, ds, a, device) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def _distill_wait(cfg, root: str, a) -> dict:
+    """A real offline MCD run (``run_training``, the entry of mcd_scale/train.py, one rank) on the trajectory
+    shards: the trainer's own data-wait share (time blocked in ``next(loader)`` / wall time), per logged step.
+    Step 1 also waits for the loader's workers to start, so the steady figure is the median of the later steps."""
+    import copy
+    import json as _json
+    import statistics
+
+    from mcd_scale.distributed import shutdown
+    from mcd_scale.trainer import run_training
+
+    c = copy.deepcopy(cfg)
+    c.run.dir = os.path.join(root, "distill")
+    c.train.objective, c.distill.teacher_mode = "mcd", "offline"
+    c.train.steps, c.train.log_every, c.train.eval_every, c.train.ema_decay = a.distill_steps, 1, 0, 0.0
+    c.parallel.tp = c.parallel.pp = 1
+    c.parallel.zero_stage, c.parallel.micro_batch, c.parallel.global_batch = 0, a.batch, a.batch
+    c.checkpoint.every, c.checkpoint.keep_last = 0, 1
+    c.data.num_workers = a.distill_workers
+    c.logging.tensorboard = False
+    saved = dict(os.environ)
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(_free_port()), MCD_QUIET="1")
+    try:
+        code = run_training(c)
+    finally:
+        shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+    with open(os.path.join(c.run.dir, "metrics.jsonl"), encoding="utf-8") as fh:
+        rows = [r for r in (_json.loads(line) for line in fh if line.strip()) if "data_wait_pct" in r]
+    later = [r["data_wait_pct"] for r in rows[1:]] or [rows[0]["data_wait_pct"]]
+    return {"exit_code": code, "steps": len(rows), "workers": a.distill_workers,
+            "data_wait_pct_steady": round(statistics.median(later), 3),
+            "data_wait_pct_max_steady": round(max(later), 3),
+            "data_wait_pct_step1": round(rows[0]["data_wait_pct"], 3),
+            "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rows[1:] or rows), 1),
+            "target_pct": 2.0}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def main(argv=None) -> int:
+    # stdout carries the one JSON object: the tools run here (trainer, precompute, DeepSpeed's logger) print to stderr
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    with contextlib.redirect_stdout(sys.stderr):
+        result = _main(argv)
+    if isinstance(result, dict):
+        print(json.dumps(result, indent=1))
+        return 0
+    return result
+
+
+def _main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--samples", type=int, default=128, help="token samples to precompute")
@@ -140,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--read-samples", type=int, default=512, help="samples read per worker setting")
     ap.add_argument("--student-steps", type=int, default=10)
     ap.add_argument("--workers", default="0,1,2")
+    ap.add_argument("--distill-steps", type=int, default=8, help="steps of the real distillation run (0: skip it)")
+    ap.add_argument("--distill-workers", type=int, default=1, help="data.num_workers of that run")
     ap.add_argument("--device", default=None, help="student device: cpu, cuda or cuda:N (default: cuda when present)")
     a = ap.parse_args(argv)
     from mcd_scale.cli_device import DeviceFlagError, resolve_device
@@ -162,6 +232,7 @@ def main(argv=None) -> int:
         reader = {str(w): round(_reader_rate(ds, int(w), a), 1) for w in a.workers.split(",")}
         student = _student_rate(cfg, ds, a, device)
         shard_bytes = sum(s["bytes"] for s in ds.manifest["splits"]["train"]["shards"])
+        distill = _distill_wait(cfg, root, a) if a.distill_steps > 0 else None
     result = {
         "config": {k: v for k, v in vars(a).items()},
         "torch_threads": torch.get_num_threads(),
@@ -170,9 +241,9 @@ def main(argv=None) -> int:
         "student_samples_per_s": round(student, 1),
         "headroom_w": {w: round(r / student, 2) for w, r in reader.items()},
         "shard_bytes_per_sample": round(shard_bytes / a.samples, 1),
+        "distill_step": distill,
     }
-    print(json.dumps(result, indent=2))
-    return 0
+    return result
 
 
 if __name__ == "__main__":
