@@ -24,7 +24,17 @@ if __package__ in (None, ""):
 
 
 def _rss_mb() -> float:
+    """Peak resident set size of this process so far (MiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
+
+
+def _current_rss_mb() -> float:
+    """Resident set size now (MiB; /proc on Linux, the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:
+        return _rss_mb()
 
 
 def _no_loss(*_args):  # the engine is never stepped here; the pipeline module still wants a loss
@@ -78,13 +88,14 @@ def _write(engine, dims, ema, order, job: dict) -> dict:
                for prefix, _ in getters for name, shape, pdtype, _stage in order]
     entries += [(k, v.dtype, tuple(v.shape)) for k, v in extra.items()]
     writer = StreamWriter(job["out"], entries, meta) if dims.rank == 0 else None
-    largest = 0
+    largest, start, grew = 0, _current_rss_mb(), 0.0
     try:
         for prefix, local_of in getters:
             for name, full in iter_full(engine.module, dims, local_of, order):
                 if writer is not None:
                     largest = max(largest, full.numel() * full.element_size())
                     writer.write(f"{prefix}/{name}" if prefix else name, full)
+                grew = max(grew, _current_rss_mb() - start)  # while this tensor is still alive
                 del full
         if writer is not None:
             for k, v in extra.items():
@@ -94,7 +105,10 @@ def _write(engine, dims, ema, order, job: dict) -> dict:
         if writer is not None:
             writer.abort()
         raise
-    return {"out": job["out"], "tensors": len(entries), "largest_tensor_mb": round(largest / 2 ** 20, 3)}
+    # grew: the most this rank's resident memory rose above its level before the stream (sampled after each
+    # tensor): the cost of streaming, to compare with the largest tensor and with the whole model
+    return {"out": job["out"], "tensors": len(entries), "largest_tensor_mb": round(largest / 2 ** 20, 3),
+            "stream_rss_growth_mb": round(grew, 2)}
 
 
 def convert(ckpt: str, jobs: list[dict]) -> dict:
@@ -109,7 +123,7 @@ def convert(ckpt: str, jobs: list[dict]) -> dict:
     # Peak RSS of rank 0 over the whole process (engine + its shards + the streaming); the growth after the
     # engine was loaded is what the streaming itself cost.
     return {"world_size": dims.world_size, "outputs": done, "rss_after_load_mb": round(rss_loaded, 1),
-            "peak_rss_mb": round(_rss_mb(), 1), "streaming_rss_growth_mb": round(_rss_mb() - rss_loaded, 1)}
+            "peak_rss_mb": round(_rss_mb(), 1)}
 
 
 def main(argv=None) -> int:

@@ -58,7 +58,7 @@ class StreamWriter:
         if name != want_name or tuple(tensor.shape) != shape:
             raise RuntimeError(f"stream order: got {name} {tuple(tensor.shape)}, expected {want_name} {shape}")
         t = tensor.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1)
-        self.fh.write(t.view(torch.uint8).numpy().tobytes())
+        self.fh.write(t.view(torch.uint8).numpy().data)  # the tensor's own bytes, no second copy
         self.index += 1
 
     def close(self) -> None:

@@ -182,6 +182,11 @@ def test_reshard_teacher_from_shards_resumes_at_tp2_pp2_and_zero3(teacher, tmp_p
     shutil.copytree(out, tp2pp2)
     _resume(tp2pp2, 4, f"run.dir={tp2pp2}", "parallel.zero_stage=1", "parallel.pp=2")
     assert_close(losses(tp2pp2), ref, [4, 5, 6], 1e-5, "reshard -> TP=2 x PP=2")
+    # consolidate from TP=2 x PP=2 shards (TP concatenation, the second stage sent to rank 0): the live run's file
+    res = convert("consolidate", tp2pp2, "--out", str(tmp_path / "from_tp2pp2"))
+    assert res.returncode == 0, res.stderr[-4000:]
+    _equal_files(str(tmp_path / "from_tp2pp2" / "model.safetensors"),
+                 os.path.join(tp2pp2, "checkpoints", "step_000006", "model.safetensors"))
     _resume(out, 2)  # config.yaml as written: TP=2 + ZeRO-3
     assert_close(losses(out), ref, [4, 5, 6], 1e-5, "reshard -> TP=2 + ZeRO-3")
 
@@ -270,7 +275,7 @@ def test_hf_modeling_matches_a_time_conditioned_tied_model(tmp_path):
     m = ModelConfig(vocab_size=60, seq_len=16, hidden=32, layers=2, heads=4, ffn_hidden=48, time_conditioning=True,
                     cond_dim=24, tie_embeddings=True, pad_vocab_multiple=8)
     ours = DiffusionTransformer(m).eval()
-    init_weights(ours, seed=3, std=0.02)
+    init_weights(ours, seed=3, std=0.2)  # large enough that GELU-tanh vs exact GELU moves logits by 5e-4
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if "modulation" in name:
