@@ -79,13 +79,18 @@ def sbatch(script, env, *args, timeout=300):
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, None)
 
 
-def rank_logs(log_dir) -> str:
-    out = []
+def rank_logs(log_dir) -> dict:
+    """{"restartN/stepS.rankT.log": text} of a job's per-task logs."""
+    out = {}
     for root, _, files in os.walk(log_dir):
-        for f in sorted(files):
+        for f in files:
             with open(os.path.join(root, f), errors="replace") as fh:
-                out.append(f"--- {os.path.join(root, f)}\n{fh.read()[-3000:]}")
-    return "\n".join(out)
+                out[os.path.relpath(os.path.join(root, f), log_dir)] = fh.read()
+    return out
+
+
+def _tails(logs: dict) -> str:
+    return "\n".join(f"--- {k}\n{v[-3000:]}" for k, v in sorted(logs.items()))
 
 
 # ------------------------------------------------------------------ static checks and the dry run
@@ -233,7 +238,7 @@ def pipeline(tmp_path_factory):
             res = sbatch(script, slurm_env(state, extra), *args)
             results[key] = {"rc": res.returncode, "out": res.stdout, "events": events(state),
                             "logs": rank_logs(d / "logs" / key)}
-            assert res.returncode == 0, res.stdout[-4000:] + results[key]["logs"]
+            assert res.returncode == 0, res.stdout[-4000:] + _tails(results[key]["logs"])
 
         stage("pretrain", "pretrain_teacher_1b.sh", "configs/tiny/teacher.yaml", teacher,
               {"MCD_FAULT_PAUSE_AT_STEP": 2}, *sets)
@@ -261,6 +266,15 @@ def test_each_stage_preempted_exits_4_and_is_requeued(pipeline, stage):
     ends = _kinds(ev, "step_end")
     assert [4, 4] in [e["codes"] for e in ends] and all(c in (0, 4) for e in ends for c in e["codes"])
     assert "preempted (checkpoint saved): requeueing" in r["out"]
+    if stage == "distill":  # round 0's shards came from the precompute job: not relaunched, also after requeue
+        assert r["out"].count("trajectories is complete, not relaunched") == 2
+        assert all("precompute_trajectories.py" not in " ".join(e["cmd"]) for e in _kinds(ev, "step_start"))
+    assert all(e["killed_step_tasks"] == 0 for e in _kinds(ev, "batch_end"))  # no step outlived its job
+    # the requeued run resumed from what the preempted one saved (not from scratch)
+    resumed = "".join(v for k, v in r["logs"].items() if k.startswith("restart1") and k.endswith("rank0.log"))
+    expect = {"pretrain": "step_000003 at step 3", "precompute": "1 shard(s) of rank 0 resumed",
+              "distill": "step_000003 at step 3"}[stage]
+    assert expect in resumed, _tails(r["logs"])
     ref = pipeline["ref"]["results"][stage if stage != "precompute" else "distill"]
     assert not _kinds(ref["events"], "requeue") and [e["rc"] for e in _kinds(ref["events"], "batch_end")] == [0]
 

@@ -7,7 +7,8 @@
 
 For each round n = 0 .. rounds-1 (DIR = --out; the old spelling --run-dir still works):
 1. offline MCD only: ``tools/precompute_trajectories.py --teacher T_n --data <data.path>
-   --out DIR/round_n/trajectories --round n`` (same configs and --set), under the same launcher;
+   --out DIR/round_n/trajectories --round n`` (same configs and --set), under the same launcher; not
+   relaunched when that directory holds a finished set (its manifest.json), which the trainer checks;
 2. ``mcd_scale/train.py`` with ``train.objective``, ``distill.teacher_mode``, ``distill.round=n``,
    ``distill.teacher=T_n``, ``run.dir=DIR/round_n``, ``data.trajectories`` and
    ``train.steps=distill.steps_per_round``;
@@ -190,6 +191,12 @@ def main(argv=None) -> int:
         precompute_s = 0.0
         if args.objective == "mcd" and mode == "offline":
             traj = os.path.join(rdir, "trajectories")
+        if traj and os.path.isfile(os.path.join(traj, "manifest.json")):
+            # A finished set (precompute writes the manifest last), e.g. a requeued job or the precompute job
+            # run ahead: not relaunched (it would load the teacher on every rank to skip every shard). The
+            # trainer's reader still checks it against the config, the teacher's sha256 and the tokenizer.
+            print(f"[distill_rounds] round {n} precompute: {traj} is complete, not relaunched", flush=True)
+        elif traj:
             cmd = launch + [os.path.join(REPO, "tools", "precompute_trajectories.py"), "--teacher", teacher,
                             "--data", cfg.data.path, "--out", traj, "--round", str(n), "--no-progress"]
             for f in args.config:

@@ -136,7 +136,10 @@ def sbatch(argv: list[str]) -> int:
                     event(job_id, kind="time_limit_signal", marker=name, signal=sig_name, batch_only=batch_only)
             time.sleep(0.05)
         rc = batch.returncode
-        event(job_id, kind="batch_end", restart=restart, rc=rc)
+        # The job ends with its batch script: SLURM kills the steps still running (e.g. orphaned by a driver
+        # that died), so a requeued run never overlaps the run it resumes.
+        leftover = signal_steps(job_id, signal.SIGKILL)
+        event(job_id, kind="batch_end", restart=restart, rc=rc, killed_step_tasks=leftover)
         flag = os.path.join(jd, "requeue")
         if os.path.exists(flag) and restart < int(os.environ.get("FAKE_SLURM_MAX_REQUEUES", "5")):
             os.remove(flag)
