@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _small() -> SwitchingChain:
-    return SwitchingChain(num_symbols=3, regimes=2, seed=4, fanout=2, concentration=1.0, switch_prob=0.2, floor=0.01)
+    return SwitchingChain(num_symbols=4, regimes=2, seed=4, fanout=2, concentration=1.0, switch_prob=0.2, floor=0.01)
 
 
 def _brute(src: SwitchingChain, L: int) -> dict[tuple, float]:
@@ -53,7 +53,7 @@ def test_nll_is_the_exact_likelihood_by_brute_force():
 
 
 def test_sampler_draws_the_brute_force_law():
-    src, L, n = _small(), 3, 40000
+    src, L, n = _small(), 3, 60000
     probs = _brute(src, L)
     x = src.sample(n, L, seed=0)
     counts = {}
@@ -138,3 +138,12 @@ def test_prepare_synthetic_writes_the_switching_source(tmp_path):
                           str(tmp_path / "bad"), "--source", "switching", "--regimes", "1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "regimes" in bad.stderr
+
+
+def test_each_regime_emits_from_its_own_block():
+    src = SwitchingChain(64, regimes=4, seed=1234, fanout=4)
+    blocks = np.array_split(np.arange(64), 4)
+    for h in range(4):
+        assert np.isin(src.successors[h], blocks[h]).all()
+    with pytest.raises(ValueError, match="fanout"):
+        SwitchingChain(8, regimes=4, fanout=3)

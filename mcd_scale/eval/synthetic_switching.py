@@ -13,7 +13,8 @@ The source over S symbols, H regimes (an autoregressive HMM):
 - h_0 uniform; h_l = h_{l-1} with probability 1 - rho, else uniform over the other H - 1 regimes;
 - x_0 uniform over S; x_l | (h_l, x_{l-1} = b) ~ P_h(. | b) = (1 - S floor) probs[h, b, slot] + floor on
   the ``fanout`` candidates ``successors[h, b]`` (floor elsewhere): every sequence has a finite probability,
-  so the exact posterior exists whatever a sampler revealed.
+  so the exact posterior exists whatever a sampler revealed. Regime h's candidates all lie in its own
+  block of the alphabet (S / H symbols), so a symbol reveals its regime.
 Exact NLL: the forward algorithm over h (O(L H^2) per sequence). Exact posterior marginals given revealed
 tokens: forward-backward over the joint state (h, x) (H S states, dense). No closed-form entropy rate:
 :meth:`entropy_rate` and :meth:`expected_nll` are Monte Carlo estimates of the exact NLL (keyed draws,
@@ -53,8 +54,9 @@ class SwitchingChain:
                  tables: tuple[np.ndarray, np.ndarray] | None = None):
         if num_symbols < 2 or regimes < 2:
             raise ValueError(f"need num_symbols >= 2 and regimes >= 2, got {num_symbols}, {regimes}")
-        if not 1 <= fanout <= num_symbols:
-            raise ValueError(f"need 1 <= fanout <= num_symbols, got fanout={fanout}, num_symbols={num_symbols}")
+        if not 1 <= fanout <= num_symbols // regimes:
+            raise ValueError(f"need 1 <= fanout <= num_symbols // regimes (each regime's own block of symbols), got "
+                             f"fanout={fanout}, num_symbols={num_symbols}, regimes={regimes}")
         if not (0.0 < floor and num_symbols * floor < 1.0):
             raise ValueError(f"floor must be in (0, 1/num_symbols), got {floor}")
         if not 0.0 < switch_prob <= 1.0:
@@ -84,9 +86,13 @@ class SwitchingChain:
 
     @staticmethod
     def _draw_tables(spec: SwitchingSpec) -> tuple[np.ndarray, np.ndarray]:
+        """Regime h emits only from its own block of the alphabet (np.array_split of 0..S-1 into H blocks):
+        one symbol identifies its regime, so two far-apart tokens drawn independently in one step can
+        disagree on it, and the sequence must then pay a regime switch (~log(rho / (H - 1))) between them."""
         H, S, F = spec.regimes, spec.num_symbols, spec.fanout
+        blocks = np.array_split(np.arange(S), H)
         gen = _rng("synthetic.switching", spec.seed, H, S, F)
-        successors = np.stack([np.stack([gen.permutation(S)[:F] for _ in range(S)]) for _ in range(H)])
+        successors = np.stack([np.stack([gen.permutation(blocks[h])[:F] for _ in range(S)]) for h in range(H)])
         probs = gen.dirichlet(np.full(F, spec.concentration), size=(H, S))
         return successors, probs
 

@@ -57,6 +57,7 @@ def main() -> int:
                 x = res.tokens.numpy()
                 rows.append({"steps": steps, "greedy_last_step": greedy, "temperature": temp,
                              "true_nll": float(chain.nll(x).mean()), "entropy": mean_unigram_entropy(x)})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         curve = [(r["entropy"], r["true_nll"]) for r in rows if r["steps"] == steps and not r["greedy_last_step"]]
         for r in rows:
             if r["steps"] == steps and r["greedy_last_step"]:
