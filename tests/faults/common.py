@@ -84,8 +84,8 @@ class RankRun:
     def peer_error(self, rank: int = 0) -> str:
         """The error line that ended ``rank`` (gloo's 'Timed out ...' / 'Connection closed ...'), '' if none."""
         part = self.log.split(f"----- rank {rank} -----", 1)[-1].split("----- rank ", 1)[0]
-        lines = [x for x in part.splitlines() if "Error" in x or "error" in x]
-        return lines[-1].split("]: ", 1)[-1][-160:] if lines else ""
+        lines = [x.split("]: ", 1)[-1] for x in part.splitlines() if "Error: " in x]
+        return lines[-1][:200] if lines else ""
 
     def fault_time(self, what: str) -> float:
         """Wall time printed by mcd_scale/fault_hooks.py when the injected fault struck ('dies'/'hangs')."""

@@ -12,7 +12,7 @@ import pytest
 from tests.faults import common
 
 TIMEOUT_S = 15  # distributed.timeout_s of these runs
-SLACK_S = 45  # teardown and interpreter exit on a loaded 2-core CI machine; the figure is recorded
+SLACK_S = 90  # error path + interpreter exit on a loaded 2-core machine took up to 24 s; the figure is recorded
 
 
 def _kill_then_resume(kind, corpus, teacher, tmp_path):
