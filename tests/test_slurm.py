@@ -153,6 +153,9 @@ json.dump({"rank": le.rank, "world": le.world_size, "local": le.local_rank, "add
            "port": le.master_port, "node": os.environ["SLURMD_NODENAME"]},
           open(os.path.join(os.environ["PROBE_OUT"], "rank%s.restart%s.json" % (le.rank,
                os.environ.get("SLURM_RESTART_COUNT"))), "w"))'
+# Rank 0 ends last (as when it writes the consolidated weights): srun --kill-on-bad-exit=1 would kill it
+# when the other ranks exit 4 and return 137, which is not requeued.
+if [ "$SLURM_PROCID" = 0 ]; then sleep 1; fi
 exit "$PROBE_RC"
 """
 

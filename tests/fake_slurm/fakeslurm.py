@@ -232,7 +232,7 @@ def srun(argv: list[str]) -> int:
     for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
     killed = False
-    while any(p.poll() is None for p in procs):
+    while [p.poll() for p in procs].count(None):  # poll every task (any() would stop at the first running one)
         if kill_on_bad_exit and not killed and any(p.returncode not in (None, 0) for p in procs):
             for p in procs:
                 if p.poll() is None:
