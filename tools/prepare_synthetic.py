@@ -55,7 +55,7 @@ def split_samples(chain: MarkovChain2, split: str, count: int, seq_len: int, see
 
 def prepare(out: str, num_symbols: int, branching: int, fanout: int, concentration: float, floor: float,
             seq_len: int, counts: dict[str, int], seed: int, samples_per_shard: int, source: str = "chain2",
-            regimes: int = 4, switch_prob: float = 1.0 / 64) -> dict:
+            regimes: int = 4, switch_prob: float = 1.0 / 1024) -> dict:
     """Write chain.json, the shards of every split and manifest.json (last); returns the manifest.
 
     ``source``: 'chain2' (the sparse order-2 chain; branching, fanout) or 'switching' (regimes, switch_prob,
@@ -140,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--concentration", type=float, default=1.0, help="Dirichlet concentration of P(c|a,b)")
     ap.add_argument("--floor", type=float, default=1e-6, help="leak probability of every symbol")
     ap.add_argument("--regimes", type=int, default=4, help="switching: hidden regimes H (>= 2)")
-    ap.add_argument("--switch-prob", type=float, default=1.0 / 64,
+    ap.add_argument("--switch-prob", type=float, default=1.0 / 1024,
                     help="switching: probability the regime changes at each token (persists ~1/p tokens)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--train", type=int, default=20000, help="training sequences")

@@ -3,9 +3,9 @@
 Why (issue 17 item 6): on the order-2 chain (:mod:`mcd_scale.eval.synthetic`) every dependency is local,
 so the strided reveal order (no two tokens closer than the stride revealed in one step) removes most of
 the few-step loss without any distillation. Here a hidden regime h_l in {0..H-1} persists for ~1/rho
-tokens (``switch_prob`` rho, default 1/64, far longer than the demo's stride of 16) and selects which sparse
+tokens (``switch_prob`` rho, default 1/1024, far longer than the demo's stride of 16) and selects which sparse
 order-1 transition table emits the next symbol. Tokens revealed together at distance 16 still share their
-regime with probability ~(1 - rho H/(H-1))^16 (0.71 at the defaults), and drawing them independently from
+regime with probability ~(1 - rho H/(H-1))^16 (0.98 at the defaults; 0.71 at rho = 1/64), and drawing them independently from
 their marginals mixes regimes: a loss that only conditioning (more steps, or a student that learned the
 joint) can remove, not the reveal order.
 
@@ -41,7 +41,7 @@ class SwitchingSpec:
     regimes: int = 4
     fanout: int = 4
     concentration: float = 1.0
-    switch_prob: float = 1.0 / 64
+    switch_prob: float = 1.0 / 1024
     floor: float = 1e-6
     seed: int = 0
 
@@ -50,7 +50,7 @@ class SwitchingChain:
     """Regime-switching sparse order-1 chain (module docstring): exact sampling, NLL and posteriors."""
 
     def __init__(self, num_symbols: int = 64, regimes: int = 4, seed: int = 0, fanout: int = 4,
-                 concentration: float = 1.0, switch_prob: float = 1.0 / 64, floor: float = 1e-6,
+                 concentration: float = 1.0, switch_prob: float = 1.0 / 1024, floor: float = 1e-6,
                  tables: tuple[np.ndarray, np.ndarray] | None = None):
         if num_symbols < 2 or regimes < 2:
             raise ValueError(f"need num_symbols >= 2 and regimes >= 2, got {num_symbols}, {regimes}")

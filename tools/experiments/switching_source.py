@@ -43,7 +43,7 @@ def main() -> int:
     ap.add_argument("--num-samples", type=int, default=32)
     ap.add_argument("--many", type=int, default=256)
     ap.add_argument("--few", type=int, default=16)
-    ap.add_argument("--switch-prob", type=float, default=1 / 64)
+    ap.add_argument("--switch-prob", type=float, default=1 / 1024)
     ap.add_argument("--sources", nargs="+", default=["switching", "chain2"])
     args = ap.parse_args()
     sources = {"chain2": MarkovChain2(64, branching=4, seed=1234, fanout=4, concentration=1.0, floor=1e-6),
