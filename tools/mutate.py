@@ -148,7 +148,7 @@ MUTATIONS: list[dict] = [
      "why": "checkpoint verification checks sizes but not the sha256",
      "old": "        if sha256_file(full) != entry[\"sha256\"]:",
      "new": "        if False:",
-     "tests": ["tests/test_checkpoint_integrity.py"]},
+     "tests": ["tests/test_checkpoint_integrity.py", "tests/test_integrity_same_size.py"]},
     {"name": "data-sampler-epoch-straddle", "file": "mcd_scale/data/sampler.py",
      "why": "a global batch that straddles an epoch boundary reads past the epoch's end",
      "old": "take = min(end - pos, self.num_samples - offset)",
