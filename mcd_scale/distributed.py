@@ -47,21 +47,36 @@ def _free_port() -> int:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First hostname of a SLURM node list such as 'gpu[003-005,009],login1' -> 'gpu003'."""
-    nodelist = nodelist.strip()
-    m = re.match(r"^([^,\[]+)(\[([^\]]+)\])?", nodelist)
-    if not m:
+    """First hostname of a SLURM node list: 'gpu[003-005,009],login1' -> 'gpu003',
+    'rack[1-2]-gpu[01-04]' -> 'rack1-gpu01' (every bracket of the first host takes its first value).
+
+    The SLURM scripts ask `scontrol show hostnames` instead (slurm/common.sh); this parser serves launches
+    without them (a bare `srun python -m mcd_scale.train`)."""
+    text = nodelist.strip()
+    out, i = [], 0
+    while i < len(text) and text[i] != ",":  # a comma outside brackets ends the first host
+        if text[i] == "[":
+            end = text.find("]", i)
+            if end < 0:
+                raise ValueError(f"cannot parse SLURM node list {nodelist!r}: unclosed '['")
+            first = text[i + 1:end].split(",")[0].split("-")[0]
+            if not first:
+                raise ValueError(f"cannot parse SLURM node list {nodelist!r}: empty range")
+            out.append(first)
+            i = end + 1
+        else:
+            out.append(text[i])
+            i += 1
+    if not out:
         raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
-    prefix, bracket = m.group(1), m.group(3)
-    if not bracket:
-        return prefix
-    first = bracket.split(",")[0].split("-")[0]
-    return prefix + first
+    return "".join(out)
 
 
 def _slurm_port(job_id: str) -> int:
     # Same on every task of the job without communication; avoids 29500 clashes between jobs on a node.
-    return 20000 + (int(job_id) % 20000) if job_id.isdigit() else 29500
+    # 15000-29999 stays below Linux's ephemeral range (32768-60999), where an outgoing connection of
+    # another process could already hold the port; slurm/common.sh derives MASTER_PORT the same way.
+    return 15000 + (int(job_id) % 15000) if job_id.isdigit() else 29500
 
 
 def detect_launch_env(env: Optional[dict] = None) -> LaunchEnv:

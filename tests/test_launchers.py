@@ -37,6 +37,8 @@ LAUNCH_TIMEOUT = 240  # hard cap per launch (the machine is shared); typical run
     ("localhost", "localhost"),
     ("a-b[10-12]", "a-b10"),
     (" gpu[0001-0004] ", "gpu0001"),          # zero padding kept
+    ("rack[1-2]-gpu[01-04]", "rack1-gpu01"),  # brackets after the first one belong to the same host
+    ("rack[2,1]-gpu[04-05],login1", "rack2-gpu04"),
 ])
 def test_first_slurm_host(nodelist, first):
     assert first_slurm_host(nodelist) == first
@@ -66,11 +68,11 @@ def test_srun_env():
     le = detect_launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
                             "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[003-005,009],login1"})
     assert (le.launcher, le.rank, le.world_size, le.local_rank, le.master_addr) == ("slurm", 5, 16, 1, "gpu003")
-    assert le.master_port == 20000 + 123456 % 20000  # derived from the job id: same on every task
+    assert le.master_port == 15000 + 123456 % 15000  # derived from the job id: same on every task
     # the step's node list wins over the job's; MASTER_* set by the user win over both
     le = detect_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7",
                             "SLURM_JOB_NODELIST": "gpu[001-009]", "SLURM_STEP_NODELIST": "gpu[004-005]"})
-    assert le.master_addr == "gpu004" and le.master_port == 20007 and le.local_rank == 0
+    assert le.master_addr == "gpu004" and le.master_port == 15007 and le.local_rank == 0
     le = detect_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "gpu[001-009]",
                             "MASTER_ADDR": "10.1.1.1", "MASTER_PORT": "12345"})
     assert (le.master_addr, le.master_port) == ("10.1.1.1", 12345)
