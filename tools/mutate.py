@@ -158,7 +158,7 @@ MUTATIONS: list[dict] = [
      "why": "keyed ids joined without a separator: (1, 23) and (12, 3) share a stream",
      "old": "text = purpose + \":\" + \",\".join(str(int(i)) for i in ids)",
      "new": "text = purpose + \":\" + \"\".join(str(int(i)) for i in ids)",
-     "tests": ["tests/test_diffusion_masking.py", "tests/test_data_sampler.py"]},
+     "tests": ["tests/test_diffusion_masking.py", "tests/test_data_sampler.py", "tests/test_rng_keys.py"]},
 ]
 
 FIELDS = ("name", "file", "old", "new", "tests")
