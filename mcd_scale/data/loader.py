@@ -54,6 +54,10 @@ def open_prepared(path: str, split: str, *, vocab_size: Optional[int] = None, se
     if split not in splits:
         raise ManifestError(f"{source} has no split '{split}' (it has: {', '.join(sorted(splits))})")
     record = splits[split]
+    if split == "train" and (not record.get("shards") or int(record.get("num_samples", 0)) < 1):
+        # Caught here, naming the file: later the sampler would only say "num_samples must be >= 1".
+        raise ManifestError(f"{source}: split 'train' is empty (no shards or 0 samples); re-run "
+                            f"tools/prepare_data.py --out {path} with some input text")
     if record.get("shards") and "index" not in record["shards"][0]:
         raise ManifestError(f"{source} was written before shard indexes (no 'index' in its shard records); "
                             f"re-run tools/prepare_data.py --out {path}")

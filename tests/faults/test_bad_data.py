@@ -120,9 +120,6 @@ def _empty_train_split(corpus, tmp_path) -> str:
     return data
 
 
-@pytest.mark.xfail(strict=True, reason="open gap, reported to the data engineer: an empty train split fails later in "
-                   "the sampler with 'num_samples must be >= 1, got 0 (empty split?)', naming neither the manifest nor "
-                   "the split; open_prepared should refuse it naming both (remove this mark then)")
 def test_empty_shard_list_open_is_a_named_error(corpus, tmp_path):
     from mcd_scale.cli import input_error_types
     from mcd_scale.data.loader import open_prepared
@@ -140,7 +137,7 @@ def test_empty_shard_list_open_is_a_named_error(corpus, tmp_path):
 def test_empty_shard_list_is_a_named_error_exit_2(corpus, tmp_path):
     data = _empty_train_split(corpus, tmp_path)
     res = common.launch(common.train_argv("teacher", str(tmp_path / "run"), data, None, ["train.steps=1"]), 1)
-    _one_line_exit_2(res, "empty")  # exit 2, one line; the file is not named yet (see the in-process test)
+    _one_line_exit_2(res, "manifest.json", "empty")
 
 
 def test_opt_in_skip_counts_and_names_the_skipped_key(corpus, tmp_path):
