@@ -32,7 +32,6 @@ Input errors are one line, exit 2 (mcd_scale/cli.py; MCD_DEBUG=1 shows the trace
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -518,14 +517,12 @@ def export_hf(path: str, out: str, weights: str = "raw", tokenizer: str | None =
     return {"out": out, "files": sorted(o.files)}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (the input-error convention), not usage + message
-        self.exit(2, f"convert_ckpt: error: {message} (see {self.prog} --help)\n")
-
-
 def main(argv=None) -> int:
-    p = _Parser(prog="convert_ckpt.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    # The tools' one convention (mcd_scale/cli.py): one-line usage errors (exit 2), defaults shown once.
+    from mcd_scale.cli import ArgumentParser
+
+    p = ArgumentParser(prog="convert_ckpt.py", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=ArgumentParser)
     pi = sub.add_parser("inspect", help="summarise a run's checkpoint (layout, step, sizes, integrity)")
     pi.add_argument("path", help="run directory, checkpoints directory or checkpoint tag")
     pi.add_argument("--json", action="store_true", help="print the full JSON (with every tensor shape)")
