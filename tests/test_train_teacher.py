@@ -109,8 +109,9 @@ def test_zero3_tp2_dp2_matches_zero0(prepared, tmp_path):
     exported = tmp_path / "export"
     res = run_cli([sys.executable, "tools/convert_ckpt.py", "export", str(tmp_path / "z3"), "--out", str(exported)])
     assert res.returncode == 0, res.stdout
-    info = run_cli([sys.executable, "tools/convert_ckpt.py", "inspect", str(tmp_path / "z3")])
-    assert "'tp': 2" in info.stdout and "'zero_stage': 3" in info.stdout, info.stdout
+    info = run_cli([sys.executable, "tools/convert_ckpt.py", "inspect", str(tmp_path / "z3"), "--json"])
+    layout = json.loads(info.stdout)["layout"]
+    assert (layout["tp"], layout["dp"], layout["zero_stage"]) == (2, 2, 3), info.stdout
     from mcd_scale.config import load_config
     from mcd_scale.model.build import build_model
     from mcd_scale.model.flops import count_parameters
