@@ -69,7 +69,7 @@ def data(tmp_path_factory) -> str:
 
 def _teacher_sets(run_dir, data, tie=False):
     return SHRINK + BATCH + RUN + ACT_CKPT + [f"model.tie_embeddings={str(tie).lower()}", f"run.dir={run_dir}",
-                                               f"data.path={data}", "train.steps=4", "checkpoint.every=2"]
+                                               f"data.path={data}", "train.steps=2", "checkpoint.every=1"]
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +83,15 @@ def teacher(tmp_path_factory, data) -> str:
 
 def test_teacher_1b_shrunk_resumes_bit_exact_after_kill(teacher, data, tmp_path):
     full = _train_losses(teacher)
-    assert sorted(full) == [1, 2, 3, 4] and all(math.isfinite(v) for v in full.values()), full
+    assert sorted(full) == [1, 2] and all(math.isfinite(v) for v in full.values()), full
     cut = str(tmp_path / "cut")
     sets = _teacher_sets(cut, data, tie=True)
-    killed = _launch(TEACHER, 4, sets, env={"MCD_FAULT_EXIT_AT_STEP": "3"})  # every rank dies (SIGKILL-like)
+    killed = _launch(TEACHER, 4, sets, env={"MCD_FAULT_EXIT_AT_STEP": "1"})  # every rank dies (SIGKILL-like)
     assert killed.returncode != 0, "the injected kill did not happen"
     resumed = _launch(TEACHER, 4, sets)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout[-6000:]
     again = _train_losses(cut)
-    for s in range(1, 5):
+    for s in (1, 2):  # step 2 ran after the resume from step 1's checkpoint
         assert again[s] == full[s], f"step {s}: uninterrupted {full[s]!r} vs resumed {again[s]!r}"
 
 
