@@ -53,7 +53,29 @@ class ChainSpec:
     seed: int = 0
 
 
-class MarkovChain2:
+class _SourceFile:
+    """File round trip and the symbol/mask ids shared by the synthetic sources (``self.spec.num_symbols``;
+    ``to_json``/``from_json`` are each source's own)."""
+
+    @classmethod
+    def load(cls, path: str):
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read())
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+
+    @property
+    def num_symbols(self) -> int:
+        return self.spec.num_symbols
+
+    @property
+    def mask_id(self) -> int:
+        return self.spec.num_symbols
+
+
+class MarkovChain2(_SourceFile):
     """A sparse order-2 Markov chain with a uniform leak; exact sampling, NLL, entropy and posteriors."""
 
     def __init__(self, num_symbols: int = 64, branching: int = 3, seed: int = 0, fanout: int = 8,
@@ -167,24 +189,7 @@ class MarkovChain2:
         except KeyError as exc:
             raise ValueError(f"chain JSON lacks field {exc}") from exc
 
-    @classmethod
-    def load(cls, path: str) -> "MarkovChain2":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_json(f.read())
-
-    def save(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-
     # ------------------------------------------------------------------ probabilities
-    @property
-    def num_symbols(self) -> int:
-        return self.spec.num_symbols
-
-    @property
-    def mask_id(self) -> int:
-        return self.spec.num_symbols
-
     def transition_probs(self, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
         """P(c | a, b) elementwise (leak included), without building the S^3 table."""
         match = self.successors[b] == np.asarray(c)[..., None]              # [..., F]

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mcd_scale.eval.synthetic import _inverse_cdf_rows, _rng
+from mcd_scale.eval.synthetic import _inverse_cdf_rows, _rng, _SourceFile
 
 FORMAT = "mcd_scale.synthetic.SwitchingChain"
 FORMAT_VERSION = 1
@@ -46,7 +46,7 @@ class SwitchingSpec:
     seed: int = 0
 
 
-class SwitchingChain:
+class SwitchingChain(_SourceFile):
     """Regime-switching sparse order-1 chain (module docstring): exact sampling, NLL and posteriors."""
 
     def __init__(self, num_symbols: int = 64, regimes: int = 4, seed: int = 0, fanout: int = 4,
@@ -115,23 +115,6 @@ class SwitchingChain:
                        floor=doc["floor"], tables=(np.array(doc["successors"]), np.array(doc["probs"])))
         except KeyError as exc:
             raise ValueError(f"source JSON lacks field {exc}") from exc
-
-    @classmethod
-    def load(cls, path: str) -> "SwitchingChain":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_json(f.read())
-
-    def save(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-
-    @property
-    def num_symbols(self) -> int:
-        return self.spec.num_symbols
-
-    @property
-    def mask_id(self) -> int:
-        return self.spec.num_symbols
 
     # ------------------------------------------------------------------ exact probabilities
     def _check_ids(self, seqs: np.ndarray) -> np.ndarray:
