@@ -38,6 +38,22 @@ def prepared(tmp_path_factory) -> str:
     return str(out)
 
 
+# One uninterrupted ZeRO-1 DP=2 run of 6 steps, shared (read-only) by the tests that need that reference: the exact
+# resume at ZeRO-1, the kill inside a save and the universal checkpoint. Saving never changes the numerics, so its
+# losses are the reference of runs that checkpoint at another cadence too (a save that consumed a random draw or
+# touched the optimizer would now show up as a mismatch).
+ZERO1_REF = ["train.steps=6", "parallel.zero_stage=1", "checkpoint.every=3", "checkpoint.universal=true",
+             "checkpoint.keep_last=0"]
+
+
+@pytest.fixture(scope="module")
+def zero1_ref(prepared, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("zero1_ref") / "ref"
+    res = train(run_dir, prepared, 2, ZERO1_REF)
+    assert res.returncode == 0, res.stdout[-4000:]
+    return run_dir
+
+
 def train(run_dir, prepared, nproc, overrides, env=None, timeout=420):
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", f"--nproc_per_node={nproc}",
            "-m", "mcd_scale.train", "--config", "configs/tiny/teacher.yaml",
@@ -149,11 +165,15 @@ def test_bf16_zero3_tp2_tracks_fp32_and_resumes_exactly(prepared, tmp_path):
 
 
 @pytest.mark.parametrize("zero", [1, 3])
-def test_resume_after_kill_is_exact(prepared, tmp_path, zero):
+def test_resume_after_kill_is_exact(prepared, tmp_path, zero, request):
     """'train 6' == 'train 3, kill -9 at step 4, resume, train to 6' (bit-for-bit losses)."""
     common = ["train.steps=6", f"parallel.zero_stage={zero}", "checkpoint.every=3"]
-    full = train(tmp_path / "full", prepared, 2, common)
-    assert full.returncode == 0, full.stdout[-4000:]
+    if zero == 1:
+        full_dir = request.getfixturevalue("zero1_ref")
+    else:
+        full_dir = tmp_path / "full"
+        full = train(full_dir, prepared, 2, common)
+        assert full.returncode == 0, full.stdout[-4000:]
     killed = train(tmp_path / "cut", prepared, 2, common, env={"MCD_FAULT_EXIT_AT_STEP": "4"})
     assert killed.returncode != 0, "the injected kill did not happen"
     ckpt = tmp_path / "cut" / "checkpoints"
@@ -161,18 +181,16 @@ def test_resume_after_kill_is_exact(prepared, tmp_path, zero):
     resumed = train(tmp_path / "cut", prepared, 2, common)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     assert "resumed from" in resumed.stdout
-    lf, lr = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    lf, lr = losses(full_dir), losses(tmp_path / "cut")
     for s in range(1, 7):
         assert lf[s] == lr[s], f"ZeRO-{zero} step {s}: uninterrupted {lf[s]!r} vs resumed {lr[s]!r}"
 
 
-def test_kill_inside_a_checkpoint_save_leaves_the_previous_one_and_resumes_exactly(prepared, tmp_path):
+def test_kill_inside_a_checkpoint_save_leaves_the_previous_one_and_resumes_exactly(prepared, zero1_ref, tmp_path):
     """kill -9 on every rank while the step-4 checkpoint is staged (files written, not yet COMPLETE or
     renamed): 'latest' still names step 2, the partial copy is never listed or loaded, the next save
     clears it, and the resumed run's losses equal the uninterrupted run's bit for bit."""
-    common = ["train.steps=6", "parallel.zero_stage=1", "checkpoint.every=2"]
-    full = train(tmp_path / "full", prepared, 2, common)
-    assert full.returncode == 0, full.stdout[-4000:]
+    common = ["train.steps=6", "parallel.zero_stage=1", "checkpoint.every=2"]  # reference: zero1_ref (saves every 3)
     codes, out = train_ranks(tmp_path / "cut", prepared, 2, common, env={"MCD_FAULT_EXIT_IN_SAVE": "4"})
     assert codes == [9, 9], out[-4000:]
     ckpt = tmp_path / "cut" / "checkpoints"
@@ -187,7 +205,7 @@ def test_kill_inside_a_checkpoint_save_leaves_the_previous_one_and_resumes_exact
     assert "resumed from" in resumed.stdout and "step_000002" in resumed.stdout
     assert not staged.exists() and not [p for p in (ckpt / ".staging").iterdir() if p.is_dir()]
     assert (ckpt / "latest").read_text().strip() == "step_000006"
-    lf, lr = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    lf, lr = losses(zero1_ref), losses(tmp_path / "cut")
     for s in range(1, 7):
         assert lf[s] == lr[s], f"step {s}: uninterrupted {lf[s]!r} vs resumed {lr[s]!r}"
 
@@ -209,7 +227,7 @@ def _checkpoint_copy(src_run, tag, dst_run, drop=()):
     return dst_run
 
 
-def test_universal_checkpoint_resumes_at_another_layout(prepared, tmp_path):
+def test_universal_checkpoint_resumes_at_another_layout(prepared, zero1_ref, tmp_path):
     """checkpoint.universal: a ZeRO-1 DP=2 run's step-3 checkpoint resumes at ZeRO-3 TP=2, at PP=2 and at
     ZeRO-0 on one rank, and each continues with the uninterrupted run's losses (rtol 1e-5, the layout-parity
     tolerance; with the moments left at zero step 5 is off by ~2e-2). Without universal.safetensors
@@ -217,9 +235,8 @@ def test_universal_checkpoint_resumes_at_another_layout(prepared, tmp_path):
     from safetensors.torch import load_file
 
     common = ["train.steps=6", "checkpoint.every=3", "checkpoint.universal=true", "checkpoint.keep_last=0"]
-    ref = train(tmp_path / "ref", prepared, 2, common + ["parallel.zero_stage=1"])
-    assert ref.returncode == 0, ref.stdout[-4000:]
-    ckpt = tmp_path / "ref" / "checkpoints" / "step_000003"
+    assert set(common + ["parallel.zero_stage=1"]) == set(ZERO1_REF)  # the shared reference is this run
+    ckpt = zero1_ref / "checkpoints" / "step_000003"
     uni, weights = load_file(ckpt / "universal.safetensors"), load_file(ckpt / "model.safetensors")
     assert int(uni["meta/adam_step"]) == 3 and int(uni["meta/lr_epoch"]) == 3
     for name, w in weights.items():  # fp32 run: the master is the weight; both moments are live
@@ -228,17 +245,17 @@ def test_universal_checkpoint_resumes_at_another_layout(prepared, tmp_path):
     assert len(uni) == 3 * len(weights) + 2
     sys.path.insert(0, os.path.join(REPO, "tools"))
     import convert_ckpt
-    assert convert_ckpt.inspect(str(tmp_path / "ref"))["universal"] is True
-    lref = losses(tmp_path / "ref")
+    assert convert_ckpt.inspect(str(zero1_ref))["universal"] is True
+    lref = losses(zero1_ref)
     for name, nproc, layout in (("z3tp2", 2, ["parallel.zero_stage=3", "parallel.tp=2"]),
                                 ("pp2", 2, ["parallel.zero_stage=1", "parallel.pp=2"]),
                                 ("z0", 1, ["parallel.zero_stage=0"])):
-        run = _checkpoint_copy(tmp_path / "ref", "step_000003", tmp_path / name)
+        run = _checkpoint_copy(zero1_ref, "step_000003", tmp_path / name)
         res = train(run, prepared, nproc, common + layout)
         assert res.returncode == 0, res.stdout[-4000:]
         assert "universal resume from" in res.stdout and "resumed from" in res.stdout
         assert_close(losses(run), lref, [4, 5, 6], 1e-5, f"universal resume at {name} vs uninterrupted ZeRO-1")
-    run = _checkpoint_copy(tmp_path / "ref", "step_000003", tmp_path / "no_universal", drop=("universal.safetensors",))
+    run = _checkpoint_copy(zero1_ref, "step_000003", tmp_path / "no_universal", drop=("universal.safetensors",))
     assert convert_ckpt.inspect(str(run))["universal"] is False
     codes, out = train_ranks(run, prepared, 2, common + ["parallel.zero_stage=3", "parallel.tp=2"])
     assert codes == [2, 2], out[-4000:]
