@@ -143,19 +143,23 @@ class TrainEngine:
         for g, lr in zip(self.engine.optimizer.param_groups, old):
             g["lr"] = lr
 
-    def train_step(self, micro_batches: list, poison: bool = False,
-                   stop_requested: bool = False) -> tuple[float, bool, bool]:
+    def train_step(self, micro_batches: list, poison: bool = False, stop_requested: bool = False,
+                   bad_input: Optional[str] = None) -> tuple[float, bool, bool]:
         """One optimizer step over this rank's micro-batches. Returns (mean loss, skipped, stop on any rank).
 
         One collective and one host read per step, whatever the number of micro-batches (docs/architecture.md,
         "Device rule and collectives"): each micro-batch's non-finite flag and loss stay on the device, and the
-        world agrees on [bad micro-batches, loss sum, stop requested] once, just before the optimizer step.
+        world agrees on [bad micro-batches, loss sum, stop requested, bad input] once, just before the optimizer
+        step.
         A non-finite micro-batch contributes zero gradient (see :func:`guard_nonfinite`), so the skip is exact:
         the agreed step then runs at lr 0 on every rank. ``stop_requested`` (this rank's preemption signal)
-        rides on the same collective. ``poison`` (fault injection) turns this step's losses into NaN."""
+        rides on the same collective, and so does ``bad_input`` (the error line of a sample this rank could not
+        read; a stand-in filled its place): when any rank has one, every rank raises
+        :class:`mcd_scale.bad_input.BadInput` before the optimizer update. ``poison`` (fault injection) turns this
+        step's losses into NaN."""
         self.engine.train()
         if self.pipeline:  # the same policy inside the pipeline schedule (mcd_scale/pipeline_guard.py)
-            self.guard.begin(poison, stop_requested)
+            self.guard.begin(poison, stop_requested, bad_input)
             try:
                 self.engine.train_batch(data_iter=iter(self._on_device(micro_batches)))
             finally:
@@ -178,8 +182,13 @@ class TrainEngine:
             old = None
             if i == len(micro_batches) - 1:  # the optimizer step follows: the one collective + host read
                 n_bad = n_bad + self.grad_guard.bad.double()  # a non-finite gradient from a finite loss
-                summary = torch.stack([n_bad, loss_sum, torch.full_like(loss_sum, float(stop_requested))])
-                bad_total, loss_total, stop_total = collectives.all_reduce(summary, "sum").tolist()
+                summary = torch.stack([n_bad, loss_sum, torch.full_like(loss_sum, float(stop_requested)),
+                                       torch.full_like(loss_sum, float(bad_input is not None))])
+                bad_total, loss_total, stop_total, bad_inputs = collectives.all_reduce(summary, "sum").tolist()
+                if bad_inputs > 0:  # every rank, before any update (mcd_scale/bad_input.py)
+                    from mcd_scale.bad_input import stop_every_rank
+
+                    stop_every_rank(bad_input)
                 skipped = bad_total > 0
                 old = self.set_lr_scale(0.0) if skipped else None
             self.engine.step()

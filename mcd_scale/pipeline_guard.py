@@ -27,21 +27,26 @@ class PipelineNonFiniteGuard:
 
     One collective and one host read per step (at the ``OptimizerStep`` instruction): the last stage keeps its
     bad-micro-batch count and loss sum on the device (no read per micro-batch), and the world agrees on
-    [bad count, loss sum, stop requested] once."""
+    [bad count, loss sum, losses, stop requested, bad input] once."""
 
     def __init__(self, engine, loss_fn: Callable, device, set_lr_scale: Callable[[float], list],
                  restore_lr: Callable[[list], None]):
         from deepspeed.runtime.pipe import schedule
 
         self.engine, self.loss_fn, self.device = engine, loss_fn, device
-        self.poison, self.stop_requested = False, False
+        self.poison, self.stop_requested, self.bad_input = False, False, None
         self._reset()
         step = type(engine)._INSTRUCTION_MAP[schedule.OptimizerStep]
 
         def guarded_step(eng, *args, **kwargs):
             summary = torch.stack([self.n_bad, self.loss_sum, self.n_losses,
-                                   torch.full_like(self.n_bad, float(self.stop_requested))])
-            bad, loss_sum, n_losses, stop = collectives.all_reduce(summary, "sum").tolist()
+                                   torch.full_like(self.n_bad, float(self.stop_requested)),
+                                   torch.full_like(self.n_bad, float(self.bad_input is not None))])
+            bad, loss_sum, n_losses, stop, bad_inputs = collectives.all_reduce(summary, "sum").tolist()
+            if bad_inputs > 0:  # a rank read a bad sample: every rank stops here, before the update
+                from mcd_scale.bad_input import stop_every_rank
+
+                stop_every_rank(self.bad_input)
             self.skip, self.stop = bad > 0, stop > 0
             self.loss_mean = loss_sum / max(n_losses, 1.0)
             old = set_lr_scale(0.0) if self.skip else None
@@ -72,8 +77,8 @@ class PipelineNonFiniteGuard:
         self.n_losses = self.n_losses + 1.0
         return loss
 
-    def begin(self, poison: bool, stop_requested: bool = False) -> None:
-        self.poison, self.stop_requested = poison, stop_requested
+    def begin(self, poison: bool, stop_requested: bool = False, bad_input=None) -> None:
+        self.poison, self.stop_requested, self.bad_input = poison, stop_requested, bad_input
         self._reset()
         self.engine.module.loss_fn = self.guarded_loss
 

@@ -16,7 +16,7 @@ import signal
 import time
 from typing import Iterator, Optional
 
-from mcd_scale import collectives
+from mcd_scale import bad_input, collectives
 from mcd_scale import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
 from mcd_scale.checkpoint import (TrainState, checkpoint_root, load_rng_states, load_train_state,
                                   resolve_load_tag, restore_rng, save_checkpoint, verify_tag)
@@ -279,8 +279,10 @@ class Trainer:
                     skip_log.report(self.rank, state.step + 1, micro, sampler, self.dims.dp_rank, self.dims.dp,
                                     cfg.parallel.micro_batch, loader.skipped)
                 prepared = [self.objective.prepare(m, state.step) for m in micro]
+                # A sample this rank could not read (a stand-in took its place): every rank stops at this step.
                 loss, skipped, stop = self.engine.train_step(prepared, poison=faults.poison(state.step + 1),
-                                                             stop_requested=preempt.requested)
+                                                             stop_requested=preempt.requested,
+                                                             bad_input=bad_input.of_step(micro))
                 state.step += 1
                 state.consumed_samples += cfg.parallel.global_batch
                 if skipped or not (loss == loss and abs(loss) != float("inf")):

@@ -25,7 +25,7 @@ STEP_PATH = ["mcd_scale/engine.py", "mcd_scale/trainer.py", "mcd_scale/objective
              "mcd_scale/distill/objective.py", "mcd_scale/distill/loss.py", "mcd_scale/distill/sdtt.py",
              "mcd_scale/distill/targets.py", "mcd_scale/diffusion/masking.py", "mcd_scale/metrics.py",
              "mcd_scale/universal.py", "mcd_scale/checkpoint.py", "mcd_scale/grad_guard.py",
-             "mcd_scale/fault_hooks.py", "mcd_scale/skip_log.py"]
+             "mcd_scale/fault_hooks.py", "mcd_scale/skip_log.py", "mcd_scale/bad_input.py"]
 
 # Host-only tensors, on purpose: (file, enclosing function) -> why the host is right.
 HOST_ONLY = {

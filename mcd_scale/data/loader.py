@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mcd_scale.data.manifest import Expect, ManifestError, check_manifest, load_manifest, manifest_path
 from mcd_scale.data.sampler import GlobalBatchSampler, SamplerError
-from mcd_scale.data.shards import Sample, ShardedDataset
+from mcd_scale.data.shards import Sample, ShardError, ShardedDataset
 
 TOKENS_FORMAT = "mcd_scale.tokens"
 TOKENS_FORMAT_VERSION = 1
@@ -94,7 +94,8 @@ def collate_samples(items: list[Item]) -> dict[str, Any]:
     """Stack items into ``{"ids": int64 [B, L], "sample_id": int64 [B], "position": int64 [B], ...}``.
 
     Array fields are stacked (unsigned ints widened to int64), dict fields become lists. Items that
-    read as ``None`` (skipped under ``skip_corrupt``) are dropped and counted in ``num_skipped``.
+    read as ``None`` (skipped under ``skip_corrupt``) are dropped and counted in ``num_skipped``. Items read
+    with a stand-in for an unreadable sample (:class:`ReadItems`) add ``bad_input``: the reader's error line.
     """
     kept = [it for it in items if it[2] is not None]
     batch: dict[str, Any] = {
@@ -102,6 +103,8 @@ def collate_samples(items: list[Item]) -> dict[str, Any]:
         "position": torch.tensor([it[1] for it in kept], dtype=torch.int64),
         "num_skipped": len(items) - len(kept),
     }
+    if getattr(items, "bad_input", None):
+        batch["bad_input"] = items.bad_input
     if kept:
         for name, value in kept[0][2].items():
             values = [it[2][name] for it in kept]
@@ -109,8 +112,22 @@ def collate_samples(items: list[Item]) -> dict[str, Any]:
     return batch
 
 
+class ReadItems(list):
+    """One micro-batch's items; ``bad_input`` is the error line of a sample a stand-in replaced (else None)."""
+
+    bad_input: Optional[str] = None
+
+
 class _Items(Dataset):
-    """Map-style view: key (global id, position) -> (global id, position, fields)."""
+    """Map-style view: key (global id, position) -> (global id, position, fields).
+
+    Strict mode (no ``skip_corrupt``): an unreadable sample does not raise here. Its peers would by then be in the
+    step's gradient reduction and fail there with the backend's error, not the named one. The next readable sample
+    of the split stands in (same fields and shapes, under its own id, so anything keyed by the id still agrees
+    with its data), and the error line travels with the micro-batch (``bad_input``) to the step that consumes it,
+    whatever the reader workers prefetched: that step runs its collectives as usual, the flag rides on its one
+    collective and every rank stops with the line before the optimizer update (mcd_scale/bad_input.py).
+    """
 
     def __init__(self, dataset: ShardedDataset) -> None:
         self.dataset = dataset
@@ -125,10 +142,33 @@ class _Items(Dataset):
     def __getitems__(self, keys: list[tuple[int, int]]) -> list[Item]:
         # One micro-batch at a time, read in file order (forward within each shard's block).
         many = getattr(self.dataset, "__getitems__", None)
-        if many is None:
-            return [self[key] for key in keys]
-        samples = many([gid for gid, _ in keys])
-        return [(gid, pos, sample) for (gid, pos), sample in zip(keys, samples)]
+        try:
+            if many is None:
+                return ReadItems(self[key] for key in keys)
+            samples = many([gid for gid, _ in keys])
+        except ShardError:
+            return self._with_stand_ins(keys)
+        return ReadItems((gid, pos, sample) for (gid, pos), sample in zip(keys, samples))
+
+    def _with_stand_ins(self, keys: list[tuple[int, int]]) -> ReadItems:
+        items = ReadItems()
+        for gid, pos in keys:
+            try:
+                items.append(self[(gid, pos)])
+            except ShardError as exc:
+                items.bad_input = items.bad_input or " ".join(str(exc).split())
+                items.append(self._stand_in(gid, pos, exc))
+        return items
+
+    def _stand_in(self, gid: int, pos: int, error: ShardError) -> Item:
+        n = len(self.dataset)
+        for k in range(1, n):
+            other = (gid + k) % n
+            try:
+                return other, pos, self.dataset[other]
+            except ShardError:
+                continue
+        raise error  # no readable sample in the whole split: nothing can stand in
 
 
 class _StepStream(Sampler):

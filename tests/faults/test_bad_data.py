@@ -103,12 +103,41 @@ def test_bad_sample_is_a_named_error_exit_2(corpus, tmp_path, case):
     array, words = CASES[case]
     data = _copy(corpus, tmp_path)
     shard = rewrite_member(data, BAD_KEY, npy(array))
-    # global batch 348 = the whole split: step 1 reads every sample, so the bad one surely
-    # One rank: a sample error found mid-run is raised on the rank that read it only; its peers then fail in the
-    # step's collective (exit 1, gloo's error) -- an open gap, docs/reliability.md.
+    # global batch 348 = the whole split: step 1 reads every sample, so the bad one surely. One rank here; the
+    # 2-rank case (peers stop too) is test_bad_sample_on_one_rank_stops_every_rank.
     res = common.launch(common.train_argv("teacher", str(tmp_path / "run"), data, None, [
         "train.steps=1", "checkpoint.every=0", "parallel.micro_batch=58", "parallel.global_batch=348"]), 1)
     _one_line_exit_2(res, os.path.basename(shard), f"{BAD_KEY:010d}", words)
+
+
+def test_bad_sample_on_one_rank_stops_every_rank(corpus, tmp_path):
+    """2 ranks; only rank 1's sample of step 2 is bad, and a reader worker prefetches it during step 1. Every rank
+    exits 2 at step 2 with one line (rank 1 the reader's, rank 0 'stopping: rank 1 hit a bad input: <it>'), no
+    traceback (before: rank 0 failed in the gradient reduction, exit 1); step 1's checkpoint stays whole."""
+    import time
+
+    from mcd_scale.checkpoint import read_latest, verify_tag
+    from mcd_scale.data.loader import open_prepared
+    from mcd_scale.data.sampler import GlobalBatchSampler
+
+    data = _copy(corpus, tmp_path)
+    n = len(open_prepared(data, "train", vocab_size=common.VOCAB, seq_len=common.SEQ))
+    gid = GlobalBatchSampler(n, 4, seed=11).rank_slice(1, 1, 2, 2)[0][0]  # step 2 (0-based 1), dp rank 1 of 2
+    array, words = CASES["token_id_ge_vocab"]
+    shard = rewrite_member(data, gid, npy(array))
+    run = str(tmp_path / "run")
+    t0 = time.time()
+    res = common.launch(common.train_argv("teacher", run, data, None, [  # seed 11, micro 2, global 4 (common.TEACHER)
+        "train.steps=2", "checkpoint.every=1", "data.num_workers=1"]), 2)
+    _one_line_exit_2(res, os.path.basename(shard), f"{gid:010d}", words)
+    assert "stopping: rank 1 hit a bad input: " in res.log.split("----- rank 1 -----")[0], res.log[-4000:]
+    assert "stopping:" not in res.log.split("----- rank 1 -----")[1], res.log[-4000:]
+    assert [r["step"] for r in common.rows(run) if r.get("split") == "train"] == [1]  # step 2 never trained
+    root = os.path.join(run, "checkpoints")
+    assert common.checkpoint_tags(run) == ["step_000001"] and read_latest(root) == "step_000001"
+    verify_tag(root, "step_000001")  # every file as its record says (IntegrityError otherwise)
+    common.record("bad data, one rank of 2", exit_codes=res.codes, exit_s=[round(s, 1) for s in res.exit_s],
+                  launch_to_last_exit_s=round(max(res.exit_wall) - t0, 1))
 
 
 def _empty_train_split(corpus, tmp_path) -> str:
