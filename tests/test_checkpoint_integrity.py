@@ -13,13 +13,8 @@ from tests import tiny_run
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("integrity"))
-    data = tiny_run.prepare(tmp)
-    run_dir = os.path.join(tmp, "run")
-    res = tiny_run.train(run_dir, data, "train.steps=2")
-    assert res.returncode == 0, res.stderr
-    return data, run_dir
+def base(tiny_base):
+    return tiny_base  # (data, run): the session's shared 2-step run, copied before any change
 
 
 def _copy(base, tmp_path):

@@ -12,13 +12,8 @@ from tests import tiny_run
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("convert"))
-    data = tiny_run.prepare(tmp)
-    run_dir = os.path.join(tmp, "run")
-    res = tiny_run.train(run_dir, data, "train.steps=2")
-    assert res.returncode == 0, res.stderr
-    return run_dir
+def base(tiny_base):
+    return tiny_base[1]  # the session's shared 2-step run (read-only: copied before any change)
 
 
 def convert(*args):
@@ -86,22 +81,22 @@ COMMON = ["train.steps=6", "checkpoint.every=3", "checkpoint.keep_last=0"]
 
 
 @pytest.fixture(scope="module")
-def teacher(base):
+def teacher(tiny_base, tmp_path_factory):
     from tests.test_train_teacher import train
 
-    data = os.path.join(os.path.dirname(base), "prepared")
-    run_dir = os.path.join(os.path.dirname(base), "teacher_z1")
+    data = tiny_base[0]
+    run_dir = str(tmp_path_factory.mktemp("convert") / "teacher_z1")
     res = train(run_dir, data, 2, COMMON + ["parallel.zero_stage=1"])
     assert res.returncode == 0, res.stdout[-4000:]
     return run_dir
 
 
 @pytest.fixture(scope="module")
-def student(teacher):
+def student(teacher, tiny_base):
     """An online MCD student with EMA under ZeRO-3 (the EMA shadow is sharded like the weights)."""
     from tests.test_train_teacher import train
 
-    data = os.path.join(os.path.dirname(teacher), "prepared")
+    data = tiny_base[0]
     run_dir = os.path.join(os.path.dirname(teacher), "student_z3_ema")
     res = train(run_dir, data, 2, COMMON + [
         "parallel.zero_stage=3", "train.objective=mcd", "distill.teacher_mode=online", "distill.round=1",

@@ -3,8 +3,8 @@ no file of an existing run changed (its tree is hashed before and after) and no 
 
 The table runs each tool's ``main(argv)`` in this process (a few ms to a second each); only the cases
 that reach the trainer (which starts a process group) run as subprocesses, one of them on 2 ranks so
-that "on every rank" is checked. Shared fixture: one prepared corpus and one 2-step run (~15 s), plus
-damaged copies of both. ``MCD_DEBUG=1`` turns the one line back into the traceback (last test).
+that "on every rank" is checked. Shared fixture: the session's prepared corpus and 2-step run (conftest's
+``tiny_base``), plus damaged copies of both. ``MCD_DEBUG=1`` turns the one line back into the traceback (last test).
 """
 from __future__ import annotations
 
@@ -49,12 +49,9 @@ def _copy(src: str, dst: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_base):
     tmp = str(tmp_path_factory.mktemp("entry"))
-    data = tiny_run.prepare(tmp)
-    run_dir = os.path.join(tmp, "run")
-    res = tiny_run.train(run_dir, data, "train.steps=2")
-    assert res.returncode == 0, res.stderr
+    data, run_dir = tiny_base  # the session's shared corpus and 2-step run (hashed per case: never changed)
     e = {"tmp": tmp, "data": data, "run": run_dir, "missing": os.path.join(tmp, "does_not_exist"),
          "marker": os.path.join(tmp, "PAYLOAD_RAN")}
     e["trunc"] = _copy(run_dir, os.path.join(tmp, "trunc"))  # consolidated weights lost their tail
