@@ -54,17 +54,8 @@ def _train_losses(run_dir) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    import gzip
-
-    tmp = tmp_path_factory.mktemp("recipe_data")
-    with gzip.open(os.path.join(REPO, "data", "austen.txt.gz"), "rt", encoding="utf-8") as fh:
-        (tmp / "corpus.txt").write_text(fh.read(60_000), encoding="utf-8")
-    out = str(tmp / "prepared")
-    res = run_cli([sys.executable, "tools/prepare_data.py", str(tmp / "corpus.txt"), "--out", out,
-                   "--vocab-size", "512", "--seq-len", "32", "--no-progress"], timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:]
-    return out
+def data(tiny_base) -> str:
+    return tiny_base[0]  # the session's prepared corpus (vocab 512, seq 32; read-only)
 
 
 def _teacher_sets(run_dir, data, tie=False):

@@ -140,13 +140,14 @@ def test_zero3_tp2_dp2_matches_zero0(prepared, tmp_path):
     assert sum(v.numel() for v in state.values()) == count_parameters(cfg.model)
 
 
-def test_bf16_zero3_tp2_tracks_fp32_and_resumes_exactly(prepared, tmp_path):
+def test_bf16_zero3_tp2_tracks_fp32(prepared, tmp_path):
     """The 1B configs' precision and layout (bf16, ZeRO-3, TP=2 x DP=2, 4 ranks) on CPU: losses within bf16
-    rounding of fp32 ZeRO-0 (and not equal to them: bf16 really ran), and kill -9 after step 3 + resume
-    reproduces the uninterrupted bf16 run bit for bit."""
+    rounding of fp32 ZeRO-0 (and not equal to them: bf16 really ran), and the bf16 optimizer states are saved.
+    Kill -9 + bit-exact resume of this combination (with activation checkpointing on top) is
+    tests/test_recipe_1b.py::test_teacher_1b_shrunk_resumes_bit_exact_after_kill."""
     ref = train(tmp_path / "fp32", prepared, 2, ["train.steps=4", "parallel.zero_stage=0", "checkpoint.every=0"])
     assert ref.returncode == 0, ref.stdout[-4000:]
-    bf16 = ["train.steps=4", "parallel.zero_stage=3", "parallel.tp=2", "train.precision=bf16", "checkpoint.every=2"]
+    bf16 = ["train.steps=4", "parallel.zero_stage=3", "parallel.tp=2", "train.precision=bf16", "checkpoint.every=4"]
     full = train(tmp_path / "bf16", prepared, 4, bf16)
     assert full.returncode == 0, full.stdout[-4000:]
     lf, l32 = losses(tmp_path / "bf16"), losses(tmp_path / "fp32")
@@ -155,13 +156,6 @@ def test_bf16_zero3_tp2_tracks_fp32_and_resumes_exactly(prepared, tmp_path):
     assert_close(lf, l32, [1, 2, 3, 4], 1e-3, "bf16 ZeRO-3 TP2 vs fp32 ZeRO-0")
     assert any(lf[s] != l32[s] for s in lf), "bf16 losses equal fp32 bit for bit: bf16 did not run"
     assert list((tmp_path / "bf16" / "checkpoints" / "step_000004").glob("bf16_zero_*optim_states.pt"))
-    killed = train(tmp_path / "cut", prepared, 4, bf16, env={"MCD_FAULT_EXIT_AT_STEP": "3"})
-    assert killed.returncode != 0, "the injected kill did not happen"
-    resumed = train(tmp_path / "cut", prepared, 4, bf16)
-    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout[-4000:]
-    lr = losses(tmp_path / "cut")
-    for s in range(1, 5):
-        assert lf[s] == lr[s], f"bf16 step {s}: uninterrupted {lf[s]!r} vs resumed {lr[s]!r}"
 
 
 @pytest.mark.parametrize("zero", [1, 3])
