@@ -89,15 +89,22 @@ def assert_close(a: dict, b: dict, steps, rtol, what):
         assert abs(a[s] - b[s]) <= rtol * abs(b[s]), f"{what}: step {s}: {a[s]} vs {b[s]}"
 
 
-def test_pp2_matches_pp1_and_dp_size(prepared, tmp_path):
-    """PP=2 (2 stages, ZeRO-1) and TP=2 x PP=2 (4 ranks) vs PP=1 (DP=2, ZeRO-1): the same losses over 3
+@pytest.fixture(scope="module")
+def dp2_zero0_ref(prepared, tmp_path_factory):
+    """The layout-parity reference: TP=1 x PP=1, DP=2, ZeRO-0, fp32, 3 steps (read-only, shared)."""
+    run_dir = tmp_path_factory.mktemp("dp2_zero0_ref") / "z0"
+    res = train(run_dir, prepared, 2, ["train.steps=3", "parallel.zero_stage=0", "checkpoint.every=0"])
+    assert res.returncode == 0, res.stdout[-4000:]
+    return run_dir
+
+
+def test_pp2_matches_pp1_and_dp_size(prepared, dp2_zero0_ref, tmp_path):
+    """PP=2 (2 stages, ZeRO-1) and TP=2 x PP=2 (4 ranks) vs PP=1 (DP=2, ZeRO-0): the same losses over 3
     steps (fp32, rtol 1e-5)."""
-    a = train(tmp_path / "pp1", prepared, 2, ["train.steps=3", "parallel.zero_stage=1", "checkpoint.every=0"])
-    assert a.returncode == 0, a.stdout[-4000:]
     b = train(tmp_path / "pp2", prepared, 2, ["train.steps=3", "parallel.pp=2", "parallel.zero_stage=1",
                                               "checkpoint.every=0"])
     assert b.returncode == 0, b.stdout[-4000:]
-    la, lb = losses(tmp_path / "pp1"), losses(tmp_path / "pp2")
+    la, lb = losses(dp2_zero0_ref), losses(tmp_path / "pp2")
     # tolerance (every layout comparison here): float32 training, the layout changes summation order (TP-split matmul
     # reductions, all-reduce order): ~1e-6 relative in the loss per step; Adam's first updates are ~sign(g), with
     # |g| < eps=1e-8 damped, so 3 steps do not amplify it past ~1e-6; rtol 1e-5 is an estimate with ~10x margin
@@ -109,14 +116,12 @@ def test_pp2_matches_pp1_and_dp_size(prepared, tmp_path):
     assert_close(losses(tmp_path / "tp2pp2"), la, [1, 2, 3], 1e-5, "TP=2 x PP=2 vs PP=1")
 
 
-def test_zero3_tp2_dp2_matches_zero0(prepared, tmp_path):
+def test_zero3_tp2_dp2_matches_zero0(prepared, dp2_zero0_ref, tmp_path):
     """ZeRO-3 with TP=2 x DP=2 on 4 ranks vs ZeRO-0 with TP=1 x DP=2: same losses over 3 steps (fp32, rtol 1e-5)."""
-    ref = train(tmp_path / "z0", prepared, 2, ["train.steps=3", "parallel.zero_stage=0", "checkpoint.every=0"])
-    assert ref.returncode == 0, ref.stdout[-4000:]
     z3 = train(tmp_path / "z3", prepared, 4, ["train.steps=3", "parallel.tp=2", "parallel.zero_stage=3",
                                               "checkpoint.every=0"])
     assert z3.returncode == 0, z3.stdout[-4000:]
-    assert_close(losses(tmp_path / "z3"), losses(tmp_path / "z0"), [1, 2, 3], 1e-5, "ZeRO-3 TP2 vs ZeRO-0")
+    assert_close(losses(tmp_path / "z3"), losses(dp2_zero0_ref), [1, 2, 3], 1e-5, "ZeRO-3 TP2 vs ZeRO-0")
     ckpt = tmp_path / "z3" / "checkpoints"
     tag = (ckpt / "latest").read_text().strip()
     assert (ckpt / tag / "model.safetensors").exists() and (ckpt / tag / "config.resolved.yaml").exists()
