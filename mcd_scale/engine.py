@@ -98,13 +98,14 @@ class TrainEngine:
 
         # Fault injection first (tests/faults): a hook registered earlier runs earlier, so the guard sees it.
         fault_hooks.install(module, dims.rank, lambda: int(self.engine.global_steps) + 1)
-        self.grad_guard = None if self.pipeline else GradFiniteGuard(trainable, dims.device)
+        # Both menus: this rank's own parameters (a pipeline stage's, under pp > 1).
+        self.grad_guard = GradFiniteGuard(trainable, dims.device)
         self.guard = None
         if self.pipeline:
             from mcd_scale.pipeline_guard import PipelineNonFiniteGuard
 
             self.guard = PipelineNonFiniteGuard(self.engine, loss_fn, dims.device, self.set_lr_scale,
-                                                self.restore_lr)
+                                                self.restore_lr, self.grad_guard)
 
     # ------------------------------------------------------------------ construction
     def _build_module(self, ds_cfg: dict, init: bool):

@@ -2,6 +2,7 @@
 
 Without the gradient guard (mcd_scale/grad_guard.py) the data-parallel reduction spreads the NaN to every rank
 and the optimizer step -- even the lr-0 skip step -- writes it into the weights, which the next checkpoint saves.
+Both menus: data parallel (pp=1) and the pipeline (pp=2, where only the last stage ever sees a loss).
 """
 from __future__ import annotations
 
@@ -31,10 +32,25 @@ def test_one_rank_nonfinite_gradient_skips_everywhere_then_aborts(corpus, tmp_pa
     """Rank 1's gradient is NaN in steps 2, 4 and 5 (its loss finite). Step 2: every rank skips (counted), training
     goes on with finite losses; steps 4-5: two in a row = train.max_nonfinite_in_a_row -> exit 3 on every rank.
     Every checkpoint written on the way (one per step) holds finite weights only."""
+    _skips_everywhere_then_aborts(corpus, tmp_path, [], "1:2,4,5")
+
+
+@pytest.mark.parametrize("zero", [0, pytest.param(1, marks=pytest.mark.skipif(
+    not common.long_variant(), reason="long variant (tools/faults.py): one more launch"))])
+def test_pp2_one_stage_nonfinite_gradient_skips_everywhere_then_aborts(corpus, tmp_path, zero):
+    """The pipeline menu (pp=2, 2 ranks: one stage each): rank 0's gradient is NaN in steps 2, 4 and 5. Rank 0 is the
+    first stage, which never sees a loss: only the gradient guard can notice. Same outcome as pp=1. Without the
+    guard, ZeRO-0 wrote NaN into every weight of both stages at step 2 (the global clip norm is NaN on every
+    stage); with ZeRO-1 DeepSpeed's optimizer dropped the update on its own (inf norm), uncounted, and the run
+    ended with exit 0."""
+    _skips_everywhere_then_aborts(corpus, tmp_path, ["parallel.pp=2", f"parallel.zero_stage={zero}"], "0:2,4,5")
+
+
+def _skips_everywhere_then_aborts(corpus, tmp_path, overrides, fault):
     run = str(tmp_path / "run")
     res = common.launch(common.train_argv("teacher", run, corpus, None, [
-        "train.steps=6", "checkpoint.every=1", "checkpoint.keep_last=0", "train.max_nonfinite_in_a_row=2"]),
-        2, env={"MCD_FAULT_NONFINITE_GRAD": "1:2,4,5"})
+        "train.steps=6", "checkpoint.every=1", "checkpoint.keep_last=0", "train.max_nonfinite_in_a_row=2",
+        *overrides]), 2, env={"MCD_FAULT_NONFINITE_GRAD": fault})
     assert res.codes == [3, 3], res.log
     by_step = {r["step"]: r for r in common.rows(run) if r.get("split") == "train"}
     assert sorted(by_step) == [1, 2, 3, 4], by_step  # step 5 aborts before its log line
@@ -47,6 +63,10 @@ def test_one_rank_nonfinite_gradient_skips_everywhere_then_aborts(corpus, tmp_pa
     for tag in tags:
         path = os.path.join(run, "checkpoints", tag, "model.safetensors")
         assert common.nonfinite_tensors(path) == [], f"{tag}: non-finite weights saved"
+        for name in sorted(os.listdir(os.path.dirname(path))):  # DeepSpeed's files: Adam's moments, fp32 copies
+            if name.endswith(".pt"):
+                bad = _nonfinite_in(torch.load(os.path.join(os.path.dirname(path), name), weights_only=False))
+                assert bad == [], f"{tag}/{name}: non-finite {bad}"
     # The skipped step changed nothing: step 2's weights are step 1's (lr 0 on every rank, zero bad gradient).
     from safetensors.torch import load_file
 
@@ -56,3 +76,11 @@ def test_one_rank_nonfinite_gradient_skips_everywhere_then_aborts(corpus, tmp_pa
     assert all(torch.equal(w1[k], w2[k]) for k in w1), "the skipped step 2 changed the weights"
     assert any(not torch.equal(w2[k], w3[k]) for k in w2), "step 3 (finite) did not train"
     assert math.isfinite(by_step[3]["loss"])
+
+
+def _nonfinite_in(obj, path="") -> list:
+    """Paths of the floating tensors holding a NaN/Inf anywhere in a (nested) checkpoint object."""
+    if torch.is_tensor(obj):
+        return [path] if obj.is_floating_point() and not torch.isfinite(obj).all() else []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
+    return [p for k, v in items for p in _nonfinite_in(v, f"{path}/{k}")]
