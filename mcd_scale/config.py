@@ -237,6 +237,13 @@ class DistillConfig:
     """Teacher temperature per round."""
     sdtt_teacher_steps: int = 2
     """SDTT baseline: number of stochastic teacher steps of size dt."""
+    reveal_order: str = "random"
+    """Which tokens the MCD coupling reveals together in (s, t]: 'random' (i.i.d. thresholds, MCD.md §4) or
+    'strided' (the strided coupled sampler's order: residue classes j mod reveal_stride in separate bands; distil
+    for the order the student is sampled with, mcd_scale/distill/reveal_order.py)."""
+    reveal_stride: int = 0
+    """The strided order's spacing: the step count the student will be sampled with (tools/sample.py --stride).
+    Required (>= 2) with reveal_order 'strided'; ignored with 'random'."""
 
 
 @dataclass
@@ -302,6 +309,7 @@ CHOICES = {
     "distill.divergence": ("reverse_kl", "forward_kl"),
     "distill.topk_tail": ("bucket", "uniform"),
     "distill.temperature.schedule": ("paper", "constant", "off"),
+    "distill.reveal_order": ("random", "strided"),
 }
 
 
@@ -464,6 +472,13 @@ def validate_fields(cfg: Config) -> None:
     _require(d.top_k >= 1, f"'distill.top_k' must be >= 1, got {d.top_k}.")
     _require(0.0 < d.temperature.floor <= d.temperature.start,
              f"'distill.temperature.floor' ({d.temperature.floor}) must be in (0, start={d.temperature.start}].")
+    if d.reveal_order == "strided":
+        _require(d.reveal_stride >= 2, f"'distill.reveal_stride' must be >= 2 with 'distill.reveal_order: strided' "
+                                       f"(the step count the student is sampled with), got {d.reveal_stride}.")
+        _require(cfg.diffusion.duality_form == "uniform",
+                 "'distill.reveal_order: strided' bands uniform thresholds; set 'diffusion.duality_form: uniform'.")
+        _require(t.objective != "sdtt", "'distill.reveal_order: strided' applies to MCD's coupling; SDTT draws its "
+                                        "own masks: set 'distill.reveal_order: random' for 'train.objective: sdtt'.")
     _require(cfg.checkpoint.keep_last >= 0, "'checkpoint.keep_last' must be >= 0.")
     _require(cfg.checkpoint.every >= 0, "'checkpoint.every' must be >= 0.")
     timeout = cfg.distributed.timeout_s

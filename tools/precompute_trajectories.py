@@ -7,7 +7,8 @@
 
 Inference only. Per sample id g of the token train split (round n, seed = train.seed):
 t = t_min + (1 - t_min) U with U from keyed_generator("traj-time", seed, n, g); (t, s) =
-coupled_times(t, dt_n); u = reveal_thresholds(g, L, seed, duality_form, K=V+1, round_idx=n);
+coupled_times(t, dt_n); u = reveal_thresholds(g, L, seed, duality_form, K=V+1, round_idx=n), banded by
+distill.reveal_order (mcd_scale/distill/reveal_order.py);
 (z_t, z_s) = coupled_pair(x, t, s, u); the teacher (built on this rank's TP shard from the
 consolidated weights) runs on z_s; the top-k log-probs at temperature tau_n at the positions masked
 at s are packed with pack_sample. Output: OUT/train/shard-JJJJJJ.tar + OUT/manifest.json
@@ -43,7 +44,8 @@ import torch  # noqa: E402
 from mcd_scale.data.manifest import (ManifestError, dumps_manifest, load_manifest, manifest_path,  # noqa: E402
                                      sha256_file, write_manifest)
 from mcd_scale.data.trajectories import (THRESHOLD_PURPOSE, TIME_PURPOSE, TRAJ_FORMAT,  # noqa: E402
-                                         TRAJ_FORMAT_VERSION, sample_time, threshold_K)
+                                         TRAJ_FORMAT_VERSION, sample_time, threshold_K,
+                                         thresholds_for)
 
 TOOL_VERSION = "1"
 PARAMS_NAME = "precompute.json"  # the run's parameters, written on first start; a resume must match
@@ -131,7 +133,9 @@ def run_params(args, cfg, teacher_file: str, digest: str, tokens: dict, num_samp
         "duality_form": form, "seed": seed, "round": n, "dt": dt,
         "temperature": round_temperature(cfg.distill, n), "top_k": cfg.distill.top_k,
         "thresholds": {"purpose": THRESHOLD_PURPOSE, "seed": seed, "form": form,
-                       "K": threshold_K(cfg.model.vocab_size), "round_idx": n},
+                       "K": threshold_K(cfg.model.vocab_size), "round_idx": n,
+                       **({"order": "strided", "stride": cfg.distill.reveal_stride}
+                          if cfg.distill.reveal_order == "strided" else {})},
         "times": {"purpose": TIME_PURPOSE, "ids": "(seed, round, sample_id)",
                   "rule": "t = t_min + (1 - t_min) * U; (t, s) = coupled_times(t, dt, t_min)"},
         "num_samples": num_samples, "samples_per_shard": S,
@@ -211,17 +215,16 @@ def trajectory_batch(model, cfg, params: dict, x: torch.Tensor, gids: torch.Tens
     z_s and s move to the teacher's device once; the vocab gather, the log-softmax and the top-k run
     there, and only the packed top-k (bytes per sample proportional to k, not V) comes back
     (:func:`mcd_scale.distill.targets.pack_batch`)."""
-    from mcd_scale.diffusion.duality import coupled_pair, reveal_thresholds
+    from mcd_scale.diffusion.duality import coupled_pair
     from mcd_scale.diffusion.schedules import get_schedule
     from mcd_scale.distill.rounds import coupled_times
     from mcd_scale.distill.targets import pack_batch, topk_from_logits
     from mcd_scale.model.tp_layers import gather_vocab_logits
 
-    seed, n, t_min, L, V = params["seed"], params["round"], params["t_min"], params["seq_len"], params["vocab_size"]
+    seed, n, t_min, V = params["seed"], params["round"], params["t_min"], params["vocab_size"]
     t_raw = torch.tensor([sample_time(seed, n, int(g), t_min) for g in gids.tolist()], dtype=torch.float64)
     t, s = coupled_times(t_raw, params["dt"], t_min)
-    th = params["thresholds"]
-    u = reveal_thresholds(gids, L, th["seed"], th["form"], K=th["K"], round_idx=th["round_idx"])
+    u = thresholds_for(gids, params)  # the reader regenerates exactly these (mcd_scale/data/trajectories.py)
     schedule = get_schedule(params["schedule"], params["eps"])
     _, z_s = coupled_pair(x, t, s, u, schedule, params["mask_id"])
     dev = next(model.parameters()).device

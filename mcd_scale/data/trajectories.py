@@ -56,13 +56,21 @@ def sample_time(seed: int, round_idx: int, sample_id: int, t_min: float) -> floa
 def thresholds_for(sample_ids: torch.Tensor | Sequence[int], manifest: Mapping[str, Any]) -> torch.Tensor:
     """Regenerate the reveal thresholds u (float64 [B, L]) of these samples from the manifest alone:
     ``reveal_thresholds(sample_ids, seq_len, thresholds.seed, thresholds.form, K=thresholds.K,
-    round_idx=thresholds.round_idx)``. Identical on any rank, worker or batch composition."""
+    round_idx=thresholds.round_idx)``, banded when ``thresholds.order`` is 'strided' (``thresholds.stride``;
+    mcd_scale/distill/reveal_order.py). Identical on any rank, worker or batch composition."""
     from mcd_scale.diffusion.duality import reveal_thresholds
+    from mcd_scale.diffusion.schedules import get_schedule
+    from mcd_scale.distill.reveal_order import ordered_thresholds
 
     th = manifest["thresholds"]
     ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1)
-    return reveal_thresholds(ids, int(manifest["seq_len"]), int(th["seed"]), th["form"], K=th["K"],
-                             round_idx=th["round_idx"])
+    u = reveal_thresholds(ids, int(manifest["seq_len"]), int(th["seed"]), th["form"], K=th["K"],
+                          round_idx=th["round_idx"])
+    order = th.get("order", "random")  # written only for the strided order: earlier manifests stay valid
+    if order == "random":
+        return u
+    return ordered_thresholds(u, ids, int(th["seed"]), int(th["round_idx"]), order, int(th["stride"]),
+                              get_schedule(manifest["schedule"], manifest["eps"]))
 
 
 def coupled_from_batch(batch: Mapping[str, Any], manifest: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,6 +261,13 @@ def open_trajectories(cfg, directory: Optional[str] = None) -> TrajectoryDataset
         check_manifest(manifest, {"source.tokenizer_sha256": Expect(
             tok, f"the tokenizer sha256 in {data_manifest} (data.path)",
             f"the shards were tokenized differently; re-run {TOOL} --data {cfg.data.path}")}, source)
+    th = get_field(manifest, "thresholds", source)
+    order, stride = th.get("order", "random"), int(th.get("stride", 0))
+    want = (cfg.distill.reveal_order, cfg.distill.reveal_stride if cfg.distill.reveal_order == "strided" else 0)
+    if (order, stride) != want:
+        raise ManifestError(f"{source}: the shards reveal tokens in the {order!r} order (stride {stride}) but "
+                            f"distill.reveal_order / reveal_stride say {want[0]!r} / {want[1]}; re-run {TOOL} with "
+                            f"this config into a new --out, or match the config to the manifest")
     n = int(get_field(manifest, "num_samples", source))
     rec = get_field(manifest, "splits.train", source)
     if int(rec["num_samples"]) != n or sum(int(s["num_samples"]) for s in rec["shards"]) != n:

@@ -140,11 +140,16 @@ class McdObjective(_TeacherMixin):
     def thresholds(self, sample_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
         """The per-sample coupled thresholds u (float64 [B, L]), keyed exactly as the precompute job keys
         them (mcd_scale.data.trajectories.thresholds_for): ``reveal_thresholds(ids, L, train.seed,
-        diffusion.duality_form, K=V+1, round_idx=distill.round)``; one fixed trajectory per sample and round."""
+        diffusion.duality_form, K=V+1, round_idx=distill.round)``, banded by ``distill.reveal_order``
+        (mcd_scale/distill/reveal_order.py); one fixed trajectory per sample and round."""
         from mcd_scale.diffusion.duality import reveal_thresholds
+        from mcd_scale.distill.reveal_order import ordered_thresholds
 
-        return reveal_thresholds(sample_ids.long(), seq_len, self.cfg.train.seed, self.cfg.diffusion.duality_form,
-                                 K=self.vocab_size + 1, round_idx=self.cfg.distill.round)
+        d = self.cfg.distill
+        u = reveal_thresholds(sample_ids.long(), seq_len, self.cfg.train.seed, self.cfg.diffusion.duality_form,
+                              K=self.vocab_size + 1, round_idx=d.round)
+        return ordered_thresholds(u, sample_ids.long(), self.cfg.train.seed, d.round, d.reveal_order,
+                                  d.reveal_stride, self.schedule)
 
     def times(self, positions: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(t, s) float64 [B] of this step: antithetic t, then the affine coupled map with dt_n."""
