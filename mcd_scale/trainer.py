@@ -240,11 +240,14 @@ class Trainer:
 
         cfg = self.cfg
         loader = eval_loader(self.val_set, cfg.train.eval_batches, cfg.parallel.global_batch, self.dims.dp_rank,
-                             self.dims.dp, cfg.parallel.micro_batch)
-        losses = []
+                             self.dims.dp, cfg.parallel.micro_batch, stand_in=True)
+        losses, bad = [], None
         for b, micro in enumerate(step_batches(loader)):
+            bad = bad or bad_input.of_step(micro)  # a stand-in took a bad sample's place (mcd_scale/bad_input.py)
             prepared = [self.eval_objective.prepare(m, step=10 ** 9 + b) for m in micro]
             losses.append(self.engine.eval_loss(prepared, self.eval_objective.loss))
+        if collectives.any_rank(bad is not None):  # once per validation pass: every rank stops, nothing logged
+            bad_input.stop_every_rank(bad)
         nelbo = sum(losses) / len(losses)
         return {"nelbo": nelbo, "ppl_bound": math.exp(min(nelbo, 50.0))}
 
@@ -257,7 +260,7 @@ class Trainer:
 
         sampler = GlobalBatchSampler(len(self.train_set), cfg.parallel.global_batch, cfg.train.seed)
         loader = MicroBatchLoader(self.train_set, sampler, self.dims.dp_rank, self.dims.dp, cfg.parallel.micro_batch,
-                                  start_step=state.step, num_workers=cfg.data.num_workers)
+                                  start_step=state.step, num_workers=cfg.data.num_workers, stand_in=True)
         it = step_batches(loader)
         from mcd_scale.fault_hooks import SampleLog
 

@@ -121,16 +121,17 @@ class ReadItems(list):
 class _Items(Dataset):
     """Map-style view: key (global id, position) -> (global id, position, fields).
 
-    Strict mode (no ``skip_corrupt``): an unreadable sample does not raise here. Its peers would by then be in the
-    step's gradient reduction and fail there with the backend's error, not the named one. The next readable sample
-    of the split stands in (same fields and shapes, under its own id, so anything keyed by the id still agrees
-    with its data), and the error line travels with the micro-batch (``bad_input``) to the step that consumes it,
-    whatever the reader workers prefetched: that step runs its collectives as usual, the flag rides on its one
-    collective and every rank stops with the line before the optimizer update (mcd_scale/bad_input.py).
+    ``stand_in`` (the trainer's loaders; strict mode, no ``skip_corrupt``): an unreadable sample does not raise
+    here. Its peers would by then be in the step's gradient reduction and fail there with the backend's error,
+    not the named one. The next readable sample of the split stands in (same fields and shapes, under its own
+    id, so anything keyed by the id still agrees with its data), and the error line travels with the micro-batch
+    (``bad_input``) to the step that consumes it, whatever the reader workers prefetched: that step runs its
+    collectives as usual, the flag rides on its one collective and every rank stops with the line before the
+    optimizer update (mcd_scale/bad_input.py). Without it (tools, benches) the reader's error is raised as is.
     """
 
-    def __init__(self, dataset: ShardedDataset) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: ShardedDataset, stand_in: bool = False) -> None:
+        self.dataset, self.stand_in = dataset, stand_in
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -147,6 +148,8 @@ class _Items(Dataset):
                 return ReadItems(self[key] for key in keys)
             samples = many([gid for gid, _ in keys])
         except ShardError:
+            if not self.stand_in:
+                raise
             return self._with_stand_ins(keys)
         return ReadItems((gid, pos, sample) for (gid, pos), sample in zip(keys, samples))
 
@@ -204,12 +207,14 @@ class MicroBatchLoader:
 
     After each batch: ``step`` and ``micro`` (its index within the step), ``last_wait_s`` (seconds the
     caller waited for it), ``total_wait_s``, and ``skipped`` (samples dropped under skip_corrupt).
+    ``stand_in``: an unreadable sample is replaced and its error line carried in the batch's ``bad_input``
+    (:class:`_Items`), for a caller that stops every rank on it (the trainer); otherwise it raises.
     """
 
     def __init__(self, dataset: ShardedDataset, sampler: GlobalBatchSampler, dp_rank: int, dp: int,
                  micro_batch: int, start_step: Optional[int] = None, num_workers: int = 0,
                  collate: Collate = collate_samples, max_steps: Optional[int] = None,
-                 prefetch_factor: int = 2) -> None:
+                 prefetch_factor: int = 2, stand_in: bool = False) -> None:
         if len(dataset) != sampler.num_samples:
             raise SamplerError(f"sampler is over {sampler.num_samples} samples but the dataset has {len(dataset)}")
         self.dataset, self.sampler = dataset, sampler
@@ -217,6 +222,7 @@ class MicroBatchLoader:
         self.grad_accum = sampler.grad_accum(dp, micro_batch)
         self.start_step, self.max_steps = start_step, max_steps
         self.num_workers, self.collate, self.prefetch_factor = num_workers, collate, prefetch_factor
+        self.stand_in = stand_in
         self.step = -1
         self.micro = -1
         self.last_wait_s = 0.0
@@ -227,7 +233,7 @@ class MicroBatchLoader:
         stop = None if self.max_steps is None else start + self.max_steps
         stream = _StepStream(self.sampler, self.dp_rank, self.dp, self.micro_batch, start, stop)
         extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
-        return DataLoader(_Items(self.dataset), batch_sampler=stream, num_workers=self.num_workers,
+        return DataLoader(_Items(self.dataset, self.stand_in), batch_sampler=stream, num_workers=self.num_workers,
                           collate_fn=self.collate, **extra)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -252,7 +258,7 @@ class MicroBatchLoader:
 
 
 def eval_loader(dataset: ShardedDataset, num_batches: int, global_batch: int, dp_rank: int, dp: int,
-                micro_batch: int, num_workers: int = 0) -> MicroBatchLoader:
+                micro_batch: int, num_workers: int = 0, stand_in: bool = False) -> MicroBatchLoader:
     """The fixed evaluation set: the first ``num_batches`` global batches of ``dataset`` in id order
     (samples 0 .. num_batches*global_batch-1), the same on every parallel layout."""
     need = num_batches * global_batch
@@ -261,4 +267,4 @@ def eval_loader(dataset: ShardedDataset, num_batches: int, global_batch: int, dp
                            f"{len(dataset)}; lower train.eval_batches or prepare a larger --val-frac")
     sampler = GlobalBatchSampler(len(dataset), global_batch, seed=0, shuffle=False)
     return MicroBatchLoader(dataset, sampler, dp_rank, dp, micro_batch, start_step=0,
-                            num_workers=num_workers, max_steps=num_batches)
+                            num_workers=num_workers, max_steps=num_batches, stand_in=stand_in)

@@ -23,11 +23,11 @@ from tests.faults import common
 BAD_KEY = 5  # sample id altered in the first train shard
 
 
-def rewrite_member(data_dir: str, gid: int, payload: bytes) -> str:
-    """Replace sample ``gid``'s ids.npy in its train shard by ``payload`` (same size), keep the manifest true."""
+def rewrite_member(data_dir: str, gid: int, payload: bytes, split_name: str = "train") -> str:
+    """Replace sample ``gid``'s ids.npy in its shard by ``payload`` (same size), keep the manifest true."""
     manifest_path = os.path.join(data_dir, "manifest.json")
     manifest = json.load(open(manifest_path))
-    split = manifest["splits"]["train"]
+    split = manifest["splits"][split_name]
     rec = next(r for r in split["shards"] if r["first_id"] <= gid <= r["last_id"])
     shard = os.path.join(data_dir, split["dir"], rec["name"])
     blob = bytearray(open(shard, "rb").read())
@@ -138,6 +138,43 @@ def test_bad_sample_on_one_rank_stops_every_rank(corpus, tmp_path):
     verify_tag(root, "step_000001")  # every file as its record says (IntegrityError otherwise)
     common.record("bad data, one rank of 2", exit_codes=res.codes, exit_s=[round(s, 1) for s in res.exit_s],
                   launch_to_last_exit_s=round(max(res.exit_wall) - t0, 1))
+
+
+def test_bad_validation_sample_on_one_rank_stops_every_rank(corpus, tmp_path):
+    """The same in the validation pass (eval set: val ids 0-15 in order, dp rank 1 reads 2 and 3 of the first batch):
+    every rank exits 2 with one line before the NELBO is logged."""
+    data = _copy(corpus, tmp_path)
+    array, words = CASES["token_id_ge_vocab"]
+    shard = rewrite_member(data, 2, npy(array), "val")
+    run = str(tmp_path / "run")
+    res = common.launch(common.train_argv("teacher", run, data, None, [
+        "train.steps=2", "train.eval_every=1", "checkpoint.every=0"]), 2)
+    _one_line_exit_2(res, os.path.join("val", os.path.basename(shard)), f"{2:010d}", words)
+    assert "stopping: rank 1 hit a bad input: " in res.log.split("----- rank 1 -----")[0], res.log[-4000:]
+    assert not [r for r in common.rows(run) if r.get("split") == "val"]
+
+
+def test_stand_in_carries_the_error_line_whatever_the_workers(corpus, tmp_path):
+    """In process: the trainer's loader (stand_in) puts a readable sample in the bad one's place and the reader's
+    one line in that micro-batch only, with 0 or 1 prefetching workers; without stand_in the error is raised."""
+    from mcd_scale.data.loader import MicroBatchLoader, open_prepared
+    from mcd_scale.data.sampler import GlobalBatchSampler
+    from mcd_scale.data.shards import ShardError
+
+    data = _copy(corpus, tmp_path)
+    shard = rewrite_member(data, BAD_KEY, npy(CASES["token_id_ge_vocab"][0]))
+    ds = open_prepared(data, "train", vocab_size=common.VOCAB, seq_len=common.SEQ)
+    for workers in (0, 1):
+        loader = MicroBatchLoader(ds, GlobalBatchSampler(len(ds), 4, seed=0, shuffle=False), 0, 1, 2, start_step=0,
+                                  num_workers=workers, max_steps=3, stand_in=True)
+        batches = list(loader)
+        assert [("bad_input" in b) for b in batches] == [False, False, True, False, False, False], workers
+        line = batches[2]["bad_input"]
+        assert "\n" not in line and shard in line and f"{BAD_KEY:010d}" in line and "Traceback" not in line, line
+        assert batches[2]["sample_id"].tolist() == [4, 6] and batches[2]["ids"].shape == (2, common.SEQ)
+    with pytest.raises(ShardError):
+        list(MicroBatchLoader(ds, GlobalBatchSampler(len(ds), 4, seed=0, shuffle=False), 0, 1, 2, start_step=0,
+                              max_steps=3))
 
 
 def _empty_train_split(corpus, tmp_path) -> str:
