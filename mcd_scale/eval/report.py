@@ -29,7 +29,9 @@ from mcd_scale.eval.metrics import speedup
 ROW_KEYS = ("benchmark", "model", "round", "steps", "temperature", "quality", "quality_metric", "entropy", "nfe",
             "seconds_per_sample", "evaluator")
 BENCHMARKS = {"synthetic": "true_nll", "text": "gen_ppl"}
-MODELS = ("teacher", "mcd", "sdtt")
+# The ideal students (mcd_scale/eval/ideal_student.py, tools/ideal_rows.py): each loss's population optimum,
+# sampled like a student, so a trained student is read against its own ceiling as well as the teacher.
+MODELS = ("teacher", "mcd", "sdtt", "mcd-ideal", "mcd-ideal-fkl", "sdtt-ideal")
 DEFAULT_SAMPLER = "ancestral"
 # "coupled": the deterministic coupled sampler, random reveal order; "coupled-strided": its strided order.
 SAMPLERS = (DEFAULT_SAMPLER, "coupled", "coupled-strided")
