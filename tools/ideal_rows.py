@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--chain", required=True, metavar="FILE", help="chain.json of the synthetic benchmark")
     ap.add_argument("--teacher-checkpoint", metavar="DIR",
                     help="a trained teacher (run dir, checkpoint dir or model.safetensors); default: the exact chain")
-    ap.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
+    ap.add_argument("--kinds", nargs="*", choices=list(KINDS), default=list(KINDS),
+                    help="ideal students to sample (none: only the --teacher-steps rows)")
     ap.add_argument("--steps", type=int, default=16, help="sampler steps of the ideal students (the jump they learn)")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0], help="the ideal students' sampling temperatures")
     ap.add_argument("--teacher-steps", type=int, nargs="*", default=[],
