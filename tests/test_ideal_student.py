@@ -144,9 +144,10 @@ def test_deterministic_per_row_and_refuses_an_off_grid_time():
 
 def test_tool_writes_rows_evaluate_reads_and_refuses_bad_input(tmp_path, capsys):
     import json
+    import os
     import sys
 
-    sys.path.insert(0, "tools")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
     import evaluate
     import ideal_rows
 
