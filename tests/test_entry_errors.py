@@ -24,6 +24,7 @@ ENTRY_POINTS = {  # name -> the script users run
     "train": "mcd_scale/train.py", "precompute": "tools/precompute_trajectories.py",
     "distill_rounds": "tools/distill_rounds.py", "sample": "tools/sample.py", "evaluate": "tools/evaluate.py",
     "prepare_data": "tools/prepare_data.py", "convert": "tools/convert_ckpt.py", "demo": "tools/demo.py",
+    "ideal_rows": "tools/ideal_rows.py",
 }
 STEP = os.path.join("checkpoints", "step_000002")
 RUNS = ("run", "trunc", "pickled_pt", "pickled_st", "data", "bad_manifest", "trunc_shard")  # hashed per case
@@ -92,6 +93,16 @@ def env(tmp_path_factory, tiny_base):
 def T(e, *extra, run="run", data="data"):
     """train.py's argv (without the interpreter part) for the tiny config on ``e[run]`` / ``e[data]``."""
     return tiny_run.train_argv(e[run], e[data], *extra)[2:]
+
+
+def _chain(e) -> str:
+    """A small synthetic chain file (tools/ideal_rows.py's --chain), written once into the case directory."""
+    path = os.path.join(e["tmp"], "chain.json")
+    if not os.path.exists(path):
+        from mcd_scale.eval.synthetic import MarkovChain2
+
+        MarkovChain2(num_symbols=8, branching=2, seed=0, fanout=2).save(path)
+    return path
 
 
 def ckpt(e, run="run", step=STEP):
@@ -217,6 +228,14 @@ CASES = [
     ("demo/bad-flag", "demo", lambda e: ["--launcher", "x", "--out", e["tmp"] + "/demo"], "--launcher"),
     ("demo/bad-nproc", "demo", lambda e: ["--nproc", "0", "--out", e["tmp"] + "/demo"], "--nproc"),
     ("demo/out-is-a-file", "demo", lambda e: ["--out", e["a_file"]], "a_file.txt"),
+    # tools/ideal_rows.py
+    ("ideal_rows/missing-chain", "ideal_rows",
+     lambda e: ["--chain", e["missing"], "--seq-len", "8", "--out", e["tmp"] + "/ideal.jsonl"], "does_not_exist"),
+    ("ideal_rows/truncated-teacher", "ideal_rows",
+     lambda e: ["--chain", _chain(e), "--teacher-checkpoint", e["trunc"], "--out", e["tmp"] + "/ideal.jsonl"],
+     "model.safetensors"),
+    ("ideal_rows/bad-kind", "ideal_rows",
+     lambda e: ["--chain", e["missing"], "--kinds", "mcd-best", "--out", e["tmp"] + "/ideal.jsonl"], "--kinds"),
 ]
 
 
