@@ -57,13 +57,8 @@ def sample_posterior(chain, z: torch.Tensor, uniforms: torch.Tensor, chunk: int 
 def _sample_chunk(chain, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     B, L = z.shape
     S = chain.num_symbols
-    revealed = z != S
-    ev = torch.ones(B, L, S, dtype=torch.float64)
-    ev[revealed] = torch.nn.functional.one_hot(z[revealed], S).to(torch.float64)
-    ev = ev.permute(1, 2, 0).contiguous()                                   # [L, S, B]
-    pi = torch.from_numpy(chain.pair_stationary).unsqueeze(2)
-    alpha = (pi * ev[0].unsqueeze(1) * ev[1].unsqueeze(0)).reshape(S * S, B)
-    alphas = [alpha / alpha.sum(0, keepdim=True)]                           # alphas[l - 1]: pair l
+    ev, alpha = chain._evidence_and_first_alpha(z, S)                       # ev [L, S, B]
+    alphas = [alpha]                                                        # alphas[l - 1]: pair l
     for pos in range(2, L):
         alphas.append(chain._forward_step(alphas[-1], ev[pos]))
     x = torch.empty(B, L, dtype=torch.long)

@@ -314,22 +314,29 @@ class MarkovChain2(_SourceFile):
                           for i in range(0, z.shape[0], chunk)], 0) if z.shape[0] else \
             torch.empty(0, z.shape[1], self.num_symbols, dtype=torch.float64)
 
-    def _marginals_chunk(self, z: torch.Tensor, mask_id: int) -> torch.Tensor:
+    def _evidence_and_first_alpha(self, z: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ev [L, S, B], alpha [S*S, B]) of rows z [B, L]: ev[l, v, b] = 1 if x_l = v is compatible with row b
+        (all ones where masked); alpha the normalised forward message of pair 1 = (x_0, x_1). Shared by the
+        marginals here and the posterior draws of mcd_scale/eval/chain_posterior.py."""
         B, L = z.shape
         S = self.num_symbols
         revealed = z != mask_id
-        # Evidence ev[l, v, b] = 1 if x_l = v is compatible with row b of z (all ones where masked).
         ev = torch.ones(B, L, S, dtype=torch.float64)
         ev[revealed] = torch.nn.functional.one_hot(z[revealed], S).to(torch.float64)
         ev = ev.permute(1, 2, 0).contiguous()                               # [L, S, B]
+        pi = torch.from_numpy(self.pair_stationary).unsqueeze(2)
+        alpha = (pi * ev[0].unsqueeze(1) * ev[1].unsqueeze(0)).reshape(S * S, B)
+        return ev, alpha / alpha.sum(0, keepdim=True)
+
+    def _marginals_chunk(self, z: torch.Tensor, mask_id: int) -> torch.Tensor:
+        B, L = z.shape
+        S = self.num_symbols
+        ev, alpha = self._evidence_and_first_alpha(z, mask_id)
         # Pair state l (1..L-1) is (x_{l-1}, x_l). Backward messages are stored, forward ones consumed.
         betas = [torch.ones(S * S, B, dtype=torch.float64)]
         for pos in range(L - 1, 1, -1):                                    # beta of pair pos - 1
             betas.append(self._backward_step(betas[-1], ev[pos]))
         betas.reverse()                                                     # betas[l - 1] is pair l's
-        pi = torch.from_numpy(self.pair_stationary).unsqueeze(2)
-        alpha = (pi * ev[0].unsqueeze(1) * ev[1].unsqueeze(0)).reshape(S * S, B)
-        alpha = alpha / alpha.sum(0, keepdim=True)
         marg = torch.empty(L, S, B, dtype=torch.float64)
         for pos in range(1, L):
             if pos > 1:
