@@ -130,10 +130,15 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4, help="the few-step budget n (= the strided order's stride)")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--distill-only", action="store_true", help="stop after the two distillations")
+    ap.add_argument("--orders", nargs="+", choices=("strided", "random"), default=["strided", "random"],
+                    help="which students to distil (random alone: a training-budget study at the default order)")
+    ap.add_argument("--steps-per-round", type=int, default=None, help="default: the demo's")
     args = ap.parse_args()
     from demo import make_plan  # tools/demo.py: the same sizes as the demo
 
     plan = make_plan(quick=False)
+    if args.steps_per_round:
+        plan.distill_steps = args.steps_per_round
     teacher_dir = os.path.join(args.demo, "synthetic_teacher")
     chain = os.path.join(args.demo, "data", "synthetic", "chain.json")
     for need in (teacher_dir, chain):
@@ -141,7 +146,7 @@ def main() -> int:
             raise SystemExit(f"{need} does not exist: run tools/demo.py --out {args.demo} first")
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
-    students = {order: last_student(distill(args, plan, order)) for order in ("strided", "random")}
+    students = {order: last_student(distill(args, plan, order)) for order in args.orders}
     if args.distill_only:
         print(json.dumps({"students": students, "seconds": round(time.time() - t_start, 1)}))
         return 0
