@@ -133,12 +133,15 @@ def main() -> int:
     ap.add_argument("--orders", nargs="+", choices=("strided", "random"), default=["strided", "random"],
                     help="which students to distil (random alone: a training-budget study at the default order)")
     ap.add_argument("--steps-per-round", type=int, default=None, help="default: the demo's")
+    ap.add_argument("--limit", type=int, default=None, help="trajectories precomputed per round (default: the demo's)")
     args = ap.parse_args()
     from demo import make_plan  # tools/demo.py: the same sizes as the demo
 
     plan = make_plan(quick=False)
     if args.steps_per_round:
         plan.distill_steps = args.steps_per_round
+    if args.limit:
+        plan.distill_limit = args.limit
     teacher_dir = os.path.join(args.demo, "synthetic_teacher")
     chain = os.path.join(args.demo, "data", "synthetic", "chain.json")
     for need in (teacher_dir, chain):
