@@ -140,3 +140,37 @@ def test_smollm2_stage_scores_text_rows_or_names_the_install(quick_run):
     assert {(r["model"], r["steps"], r["temperature"]) for r in rows} == \
         {(r["model"], r["steps"], r["temperature"]) for r in text_rows}
     assert all(r["evaluator"].startswith("hf:") and "SmolLM2" in r["evaluator"] and r["quality"] > 1 for r in rows)
+
+
+def test_synthetic_only_switching_source_with_a_teacher_seed(tmp_path):
+    """--benchmarks synthetic --synthetic-source switching --teacher-seed N: only the synthetic benchmark
+    runs, on the switching source, with the teacher trained under train.seed N; the choices are recorded and
+    a resume with other choices is refused with one line (exit 2) before any stage runs."""
+    import yaml
+
+    run = tmp_path / "sw"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--quick", "--out", str(run),
+           "--benchmarks", "synthetic", "--synthetic-source", "switching", "--teacher-seed", "7"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    rows = json.loads((run / "report.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert {r["benchmark"] for r in rows} == {"synthetic"}
+    assert {r["model"] for r in rows} == {"teacher", "mcd", "sdtt"}
+    assert not (run / "data" / "text").exists() and not (run / "ar_evaluator").exists()
+    manifest = json.loads((run / "data" / "synthetic" / "manifest.json").read_text())
+    assert manifest["chain"]["source"] == "switching"
+    resolved = list((run / "synthetic_teacher" / "checkpoints").glob("*/config.resolved.yaml"))
+    assert resolved and all(yaml.safe_load(p.read_text())["train"]["seed"] == 7 for p in resolved)
+    assert json.loads((run / "demo_options.json").read_text()) == \
+        {"benchmarks": ["synthetic"], "synthetic_source": "switching", "teacher_seed": 7}
+    assert "synthetic source: switching" in (run / "report.md").read_text()
+    # a resume with another source: refused, naming the options file and the fix; nothing rerun
+    before = (run / "demo.log").read_text()
+    r = subprocess.run(cmd[:-3] + ["chain2", "--teacher-seed", "7"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "demo_options.json" in err[0] and "synthetic_source 'switching'" in err[0], err
+    assert "Traceback" not in r.stdout + r.stderr
+    assert "stage data: start" not in (run / "demo.log").read_text()[len(before):]

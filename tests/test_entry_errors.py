@@ -228,6 +228,10 @@ CASES = [
     ("demo/bad-flag", "demo", lambda e: ["--launcher", "x", "--out", e["tmp"] + "/demo"], "--launcher"),
     ("demo/bad-nproc", "demo", lambda e: ["--nproc", "0", "--out", e["tmp"] + "/demo"], "--nproc"),
     ("demo/out-is-a-file", "demo", lambda e: ["--out", e["a_file"]], "a_file.txt"),
+    ("demo/smollm2-without-text", "demo",
+     lambda e: ["--smollm2", "--benchmarks", "synthetic", "--out", e["tmp"] + "/demo"], "--smollm2"),
+    ("demo/bad-source", "demo", lambda e: ["--synthetic-source", "hmm", "--out", e["tmp"] + "/demo"],
+     "--synthetic-source"),
     # tools/ideal_rows.py
     ("ideal_rows/missing-chain", "ideal_rows",
      lambda e: ["--chain", e["missing"], "--seq-len", "8", "--out", e["tmp"] + "/ideal.jsonl"], "does_not_exist"),

