@@ -244,6 +244,10 @@ class DistillConfig:
     reveal_stride: int = 0
     """The strided order's spacing: the step count the student will be sampled with (tools/sample.py --stride).
     Required (>= 2) with reveal_order 'strided'; ignored with 'random'."""
+    times: str = "uniform"
+    """Where the MCD pairs (t, s) lie: 'uniform' (t uniform, s = t - dt) or 'grid' (one step of the sampler's
+    own 1/dt-step grid, as the student is sampled; every round's dt must be 1/n; mcd_scale/distill/rounds.py
+    grid_times)."""
 
 
 @dataclass
@@ -310,6 +314,7 @@ CHOICES = {
     "distill.topk_tail": ("bucket", "uniform"),
     "distill.temperature.schedule": ("paper", "constant", "off"),
     "distill.reveal_order": ("random", "strided"),
+    "distill.times": ("uniform", "grid"),
 }
 
 
@@ -479,6 +484,15 @@ def validate_fields(cfg: Config) -> None:
                  "'distill.reveal_order: strided' bands uniform thresholds; set 'diffusion.duality_form: uniform'.")
         _require(t.objective != "sdtt", "'distill.reveal_order: strided' applies to MCD's coupling; SDTT draws its "
                                         "own masks: set 'distill.reveal_order: random' for 'train.objective: sdtt'.")
+    if d.times == "grid":
+        _require(t.objective != "sdtt", "'distill.times: grid' applies to MCD's (t, s) pairs; SDTT draws its own "
+                                        "times: set 'distill.times: uniform' for 'train.objective: sdtt'.")
+        for n in range(max(d.rounds, d.round + 1)):
+            dt = d.dt0 * (2.0 ** n if d.dt_growth == "double" else n + 1)
+            steps = round(1.0 / dt)
+            _require(steps >= 1 and abs(steps * dt - 1.0) <= 1e-9,
+                     f"'distill.times: grid' needs every round's dt to be 1/n (whole sampler steps); round {n} has "
+                     f"dt = {dt:.6g} from 'distill.dt0' = {d.dt0:.6g}: set dt0 = 1/(steps * 2^(rounds-1)).")
     _require(cfg.checkpoint.keep_last >= 0, "'checkpoint.keep_last' must be >= 0.")
     _require(cfg.checkpoint.every >= 0, "'checkpoint.every' must be >= 0.")
     timeout = cfg.distributed.timeout_s

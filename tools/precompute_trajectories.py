@@ -7,7 +7,8 @@
 
 Inference only. Per sample id g of the token train split (round n, seed = train.seed):
 t = t_min + (1 - t_min) U with U from keyed_generator("traj-time", seed, n, g); (t, s) =
-coupled_times(t, dt_n); u = reveal_thresholds(g, L, seed, duality_form, K=V+1, round_idx=n), banded by
+coupled_times(t, dt_n) (or the sampler's grid step with distill.times: grid, mcd_scale/distill/rounds.py
+round_times); u = reveal_thresholds(g, L, seed, duality_form, K=V+1, round_idx=n), banded by
 distill.reveal_order (mcd_scale/distill/reveal_order.py);
 (z_t, z_s) = coupled_pair(x, t, s, u); the teacher (built on this rank's TP shard from the
 consolidated weights) runs on z_s; the top-k log-probs at temperature tau_n at the positions masked
@@ -136,8 +137,11 @@ def run_params(args, cfg, teacher_file: str, digest: str, tokens: dict, num_samp
                        "K": threshold_K(cfg.model.vocab_size), "round_idx": n,
                        **({"order": "strided", "stride": cfg.distill.reveal_stride}
                           if cfg.distill.reveal_order == "strided" else {})},
-        "times": {"purpose": TIME_PURPOSE, "ids": "(seed, round, sample_id)",
-                  "rule": "t = t_min + (1 - t_min) * U; (t, s) = coupled_times(t, dt, t_min)"},
+        "times": ({"purpose": TIME_PURPOSE, "ids": "(seed, round, sample_id)",
+                   "rule": "t = t_min + (1 - t_min) * U; (t, s) = coupled_times(t, dt, t_min)"}
+                  if cfg.distill.times == "uniform" else
+                  {"purpose": TIME_PURPOSE, "ids": "(seed, round, sample_id)", "mode": "grid",
+                   "rule": "t = t_min + (1 - t_min) * U; (t, s) = grid_times(t, dt, t_min)"}),
         "num_samples": num_samples, "samples_per_shard": S,
         "fields": {"ids": "clean tokens [L]", "times": "float64 (t, s)", "topk_pos": "positions masked at s",
                    "topk_ids": "[n, k]", "topk_logp": "float16 [n, k]", "tail_logp": "float32 [n]"},
@@ -217,13 +221,13 @@ def trajectory_batch(model, cfg, params: dict, x: torch.Tensor, gids: torch.Tens
     (:func:`mcd_scale.distill.targets.pack_batch`)."""
     from mcd_scale.diffusion.duality import coupled_pair
     from mcd_scale.diffusion.schedules import get_schedule
-    from mcd_scale.distill.rounds import coupled_times
+    from mcd_scale.distill.rounds import round_times
     from mcd_scale.distill.targets import pack_batch, topk_from_logits
     from mcd_scale.model.tp_layers import gather_vocab_logits
 
     seed, n, t_min, V = params["seed"], params["round"], params["t_min"], params["vocab_size"]
     t_raw = torch.tensor([sample_time(seed, n, int(g), t_min) for g in gids.tolist()], dtype=torch.float64)
-    t, s = coupled_times(t_raw, params["dt"], t_min)
+    t, s = round_times(t_raw, params["dt"], t_min, params["times"].get("mode", "uniform"))
     u = thresholds_for(gids, params)  # the reader regenerates exactly these (mcd_scale/data/trajectories.py)
     schedule = get_schedule(params["schedule"], params["eps"])
     _, z_s = coupled_pair(x, t, s, u, schedule, params["mask_id"])

@@ -268,6 +268,11 @@ def open_trajectories(cfg, directory: Optional[str] = None) -> TrajectoryDataset
         raise ManifestError(f"{source}: the shards reveal tokens in the {order!r} order (stride {stride}) but "
                             f"distill.reveal_order / reveal_stride say {want[0]!r} / {want[1]}; re-run {TOOL} with "
                             f"this config into a new --out, or match the config to the manifest")
+    mode = get_field(manifest, "times", source).get("mode", "uniform")
+    if mode != cfg.distill.times:
+        raise ManifestError(f"{source}: the shards' (t, s) pairs are drawn {mode!r} (times.mode) but distill.times "
+                            f"says {cfg.distill.times!r}; re-run {TOOL} with this config into a new --out, or match "
+                            f"the config to the manifest")
     n = int(get_field(manifest, "num_samples", source))
     rec = get_field(manifest, "splits.train", source)
     if int(rec["num_samples"]) != n or sum(int(s["num_samples"]) for s in rec["shards"]) != n:

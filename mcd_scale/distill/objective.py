@@ -152,14 +152,15 @@ class McdObjective(_TeacherMixin):
                                   d.reveal_stride, self.schedule)
 
     def times(self, positions: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t, s) float64 [B] of this step: antithetic t, then the affine coupled map with dt_n."""
+        """(t, s) float64 [B] of this step: antithetic t, then the pair of ``distill.times`` with dt_n (the
+        affine coupled map, or the sampler's grid step)."""
         from mcd_scale.diffusion.masking import sample_times
-        from mcd_scale.distill.rounds import coupled_times
+        from mcd_scale.distill.rounds import round_times
 
         d = self.cfg.diffusion
         t = sample_times(positions.long(), self.cfg.parallel.global_batch, step, self.cfg.train.seed, d.t_min,
                          d.antithetic)
-        return coupled_times(t.double(), self.dt, d.t_min)
+        return round_times(t.double(), self.dt, d.t_min, self.cfg.distill.times)
 
     def prepare(self, micro: dict, step: int) -> tuple[tuple, tuple]:
         return self._prepare_offline(micro) if self.mode == "offline" else self._prepare_online(micro, step)
@@ -185,8 +186,10 @@ class McdObjective(_TeacherMixin):
             raise KeyError(f"offline MCD micro-batch lacks {missing} (has {sorted(micro)}): 'data.trajectories' "
                            f"must point at tools/precompute_trajectories.py output.")
         x = micro["ids"].long()
+        from mcd_scale.distill.rounds import pair_span
+
         t, s = micro["t"].double(), micro["s"].double()
-        bad_dt = (t - s - self.dt).abs() > 1e-6 * max(1.0, self.dt)
+        bad_dt = (t - s - pair_span(self.dt, self.cfg.distill.times)).abs() > 1e-6 * max(1.0, self.dt)
         if bool(bad_dt.any()):
             i = int(bad_dt.nonzero()[0, 0])
             raise ValueError(f"trajectory sample {int(micro['sample_id'][i])}: t - s = {float(t[i] - s[i]):.6g} but "

@@ -64,6 +64,55 @@ def coupled_times(t: torch.Tensor, dt: float, t_min: float = 1e-3) -> tuple[torc
     return t_new.to(t.dtype), s.to(t.dtype)
 
 
+TIME_MODES = ("uniform", "grid")
+
+
+def grid_times(t: torch.Tensor, dt: float, t_min: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map sampled times t in [t_min, 1] to a step (t', s) of the sampler's own grid of n = 1/dt steps.
+
+    ``distill.times: grid`` (issue 17, "distil for the sampler's order"): the sampler only ever runs a
+    student from t_k to t_{k+1} of ``sampling_times(n)`` (linspace(1, T_END, n + 1)), so with the strided
+    reveal order it only ever shows the student z_t with whole residue classes revealed. A uniform t
+    (:func:`coupled_times`) trains it on partial classes it never sees. Here the quantile of t in
+    [t_min, 1] picks step k (k = n - 1 - floor(n (t - t_min) / (1 - t_min))), so stratified t's stay
+    stratified over the n steps and a larger t picks an earlier (noisier) step. t' - s = (1 - T_END) / n,
+    not exactly dt (:func:`pair_span`). dt must be 1/n for an integer n (within 1e-9).
+    """
+    from mcd_scale.diffusion.sampling import sampling_times
+
+    if not 0.0 < t_min < 1.0:
+        raise ValueError(f"t_min must be in (0, 1), got {t_min}.")
+    n = round(1.0 / dt) if dt > 0 else 0
+    if n < 1 or abs(n * dt - 1.0) > 1e-9:
+        raise ValueError(f"'distill.times: grid' needs every round's dt to be 1/n for a whole number of sampler "
+                         f"steps n; got dt = {dt:.6g} (derive 'distill.dt0' with dt0_for_sampler_steps).")
+    t64 = t.double()
+    if t64.numel() and (t64.min() < t_min - 1e-9 or t64.max() > 1.0 + 1e-9):
+        raise ValueError(f"sampled times must lie in [t_min={t_min}, 1]; got [{float(t64.min())}, "
+                         f"{float(t64.max())}].")
+    grid = sampling_times(n).to(t64.device)  # decreasing: 1 = t_0 > t_1 > ... > t_n = T_END
+    frac = ((t64 - t_min) / (1.0 - t_min)).clamp(0.0, 1.0)
+    k = (n - 1 - (frac * n).floor().long().clamp(max=n - 1))
+    return grid[k].to(t.dtype), grid[k + 1].to(t.dtype)
+
+
+def round_times(t: torch.Tensor, dt: float, t_min: float, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (t, s) pair of ``distill.times`` = ``mode``: 'uniform' (:func:`coupled_times`) or 'grid'
+    (:func:`grid_times`). The one place the online objective and the precompute job turn a raw t into a pair."""
+    if mode == "uniform":
+        return coupled_times(t, dt, t_min)
+    if mode == "grid":
+        return grid_times(t, dt, t_min)
+    raise ValueError(f"'distill.times' = {mode!r} is not one of {TIME_MODES}.")
+
+
+def pair_span(dt: float, mode: str) -> float:
+    """t - s of every pair :func:`round_times` makes: dt ('uniform'), (1 - T_END) dt ('grid')."""
+    from mcd_scale.diffusion.sampling import T_END
+
+    return dt if mode == "uniform" else (1.0 - T_END) * dt
+
+
 @dataclass(frozen=True)
 class RoundPlan:
     """What the driver runs in one round."""

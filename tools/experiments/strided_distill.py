@@ -18,7 +18,7 @@ sampler's teacher@N vs teacher@n gap, at matched entropy) and ``gain_vs_same_sam
 beats its teacher drawn by the same sampler at the same steps; the goal of item 5), with the strided teacher's
 own gap closed for reference. Every stage is skipped when its output exists (rerun to resume).
 
-    .venv/bin/python tools/experiments/strided_distill.py --demo runs/demo --out runs/strided_distill [--steps 4]
+    .venv/bin/python tools/experiments/strided_distill.py --demo runs/demo --out runs/strided_distill [--steps 4] [--times grid]
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def distill(args, plan, order: str) -> str:
     from mcd_scale.config import load_config
     from mcd_scale.distill.rounds import dt0_for_sampler_steps
 
-    out = os.path.join(args.out, f"mcd_{order}")
+    out = os.path.join(args.out, f"mcd_{order}{suffix(args)}")
     if os.path.exists(os.path.join(out, "DONE")):
         return out
     cfg = load_config([os.path.join(ROOT, "configs/demo/synthetic_teacher.yaml"),
@@ -56,6 +56,8 @@ def distill(args, plan, order: str) -> str:
             f"train.eval_every={max(plan.distill_steps // 2, 1)}", f"train.log_every={max(plan.distill_steps // 10, 1)}"]
     if order == "strided":
         sets += ["distill.reveal_order=strided", f"distill.reveal_stride={args.steps}"]
+    if args.times == "grid":
+        sets += ["distill.times=grid"]
     cmd = [sys.executable, "tools/distill_rounds.py", "--objective", "mcd", "--mode", "offline", "--rounds",
            str(plan.rounds), "--teacher", os.path.join(args.demo, "synthetic_teacher"), "--config",
            "configs/demo/synthetic_teacher.yaml", "configs/demo/distill.yaml", "--out", out, "--launcher", launcher,
@@ -71,6 +73,11 @@ def distill(args, plan, order: str) -> str:
     log(f"distill ({order}) done in {time.time() - t0:.0f} s")
     open(os.path.join(out, "DONE"), "w").close()
     return out
+
+
+def suffix(args) -> str:
+    """Run/sample names of students trained on grid times (distill.times: grid) carry '_grid'."""
+    return "_grid" if args.times == "grid" else ""
 
 
 def last_student(run: str) -> str:
@@ -134,6 +141,8 @@ def main() -> int:
                     help="which students to distil (random alone: a training-budget study at the default order)")
     ap.add_argument("--steps-per-round", type=int, default=None, help="default: the demo's")
     ap.add_argument("--limit", type=int, default=None, help="trajectories precomputed per round (default: the demo's)")
+    ap.add_argument("--times", choices=("uniform", "grid"), default="uniform",
+                    help="distill.times of the students: uniform t, or the sampler's own grid steps")
     args = ap.parse_args()
     from demo import make_plan  # tools/demo.py: the same sizes as the demo
 
@@ -149,7 +158,7 @@ def main() -> int:
             raise SystemExit(f"{need} does not exist: run tools/demo.py --out {args.demo} first")
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
-    students = {order: last_student(distill(args, plan, order)) for order in args.orders}
+    students = {order + suffix(args): last_student(distill(args, plan, order)) for order in args.orders}
     if args.distill_only:
         print(json.dumps({"students": students, "seconds": round(time.time() - t_start, 1)}))
         return 0
@@ -159,7 +168,7 @@ def main() -> int:
         teacher_rows += sample_rows(args, plan, teacher, "teacher", "teacher", plan.many_steps, t, "ancestral")
         teacher_rows += sample_rows(args, plan, teacher, "teacher", "teacher", args.steps, t, "ancestral")
         teacher_rows += sample_rows(args, plan, teacher, "teacher", "teacher", args.steps, t, STRIDED)
-    result = {"steps": args.steps, "many_steps": plan.many_steps, "rounds": plan.rounds,
+    result = {"steps": args.steps, "times": args.times, "many_steps": plan.many_steps, "rounds": plan.rounds,
               "steps_per_round": plan.distill_steps, "trajectories_per_round": plan.distill_limit, "students": {}}
     temps = sorted(set(plan.student_temperatures) | {0.7})
     for order, run in students.items():
@@ -167,7 +176,7 @@ def main() -> int:
         rows = list(teacher_rows)
         for t in temps:
             rows += sample_rows(args, plan, student, f"mcd_{order}", "mcd", args.steps, t, STRIDED, args.steps)
-            if order == "random":
+            if order.startswith("random"):
                 rows += sample_rows(args, plan, student, f"mcd_{order}", "mcd", args.steps, t, "ancestral",
                                     args.steps)
         out = os.path.join(args.out, f"eval_{order}")
