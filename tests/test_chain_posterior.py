@@ -10,6 +10,7 @@ from scipy.stats import chi2
 
 from mcd_scale.eval.chain_posterior import sample_posterior
 from mcd_scale.eval.synthetic import MarkovChain2
+from mcd_scale.eval.synthetic_switching import SwitchingChain
 from mcd_scale.rng import keyed_uniform
 
 
@@ -18,12 +19,21 @@ def _chain() -> MarkovChain2:
     return MarkovChain2(3, branching=2, seed=4, fanout=2, concentration=0.7, floor=3e-2)
 
 
-@pytest.mark.parametrize("evidence", [(3, 3, 3, 3, 3), (3, 1, 3, 3, 0), (2, 3, 3, 1, 3)])
-def test_draws_follow_the_exact_posterior(evidence):
+def _switching() -> SwitchingChain:
+    # S = 4, H = 2 (blocks {0, 1} and {2, 3}), a regime switch every ~5 tokens and a large leak.
+    return SwitchingChain(4, regimes=2, seed=1, fanout=2, switch_prob=0.2, floor=3e-2)
+
+
+@pytest.mark.parametrize("source, evidence", [
+    ("chain2", (3, 3, 3, 3, 3)), ("chain2", (3, 1, 3, 3, 0)), ("chain2", (2, 3, 3, 1, 3)),
+    ("switching", (4, 4, 4, 4, 4)), ("switching", (4, 1, 4, 4, 2)), ("switching", (0, 4, 4, 4, 3))])
+def test_draws_follow_the_exact_posterior(source, evidence):
     """Chi-square of N draws against the enumerated posterior over all completions (df = cells - 1),
     refused at the 1e-6 tail: a correct sampler fails it once in a million runs; the draws are keyed,
-    so the outcome is fixed. Also TV < 0.5 sqrt(cells / N) * 3 (three times the expected TV bound)."""
-    chain, L, n = _chain(), len(evidence), 30000
+    so the outcome is fixed. Also TV < 0.5 sqrt(cells / N) * 3 (three times the expected TV bound).
+    The switching source's posterior sums over the hidden regime path (its log_prob is the forward algorithm)."""
+    chain = _chain() if source == "chain2" else _switching()
+    L, n = len(evidence), 30000
     S = chain.num_symbols
     z1 = torch.tensor(evidence)
     seqs = np.array(list(itertools.product(range(S), repeat=L)), dtype=np.int64)

@@ -36,15 +36,26 @@ def _student(kind, chain, teacher, sched):
     return IdealStudent(kind, chain, teacher, STEPS, sched, draws=DRAWS, seed=5, chunk=4096)
 
 
-def _call(student, t):
-    return student(Z_T, torch.tensor([t], dtype=torch.float32))[0, :, :S].exp()
+def _call(student, t, z_t=Z_T):
+    V = student.V
+    return student(z_t, torch.tensor([t], dtype=torch.float32))[0, :, :V].exp()
 
 
-def _mcd_population(chain, teacher, a_t, a_s):
+def _switching_setup():
+    """The regime-switching source (S = 4, H = 2: blocks {0, 1}, {2, 3}), its z_t with the mask id 4."""
+    from mcd_scale.eval.synthetic_switching import SwitchingChain
+
+    # The two ends lie in different regimes' blocks, so a switch happens inside: the holes' reverse-KL optimum
+    # is 0.058 (TV) from the exact marginal, enough for the test's power check.
+    chain = SwitchingChain(4, regimes=2, seed=2, fanout=2, switch_prob=0.05, floor=2e-2, concentration=0.5)
+    return chain, torch.tensor([[0, 4, 4, 4, 3]])
+
+
+def _mcd_population(chain, teacher, a_t, a_s, Z_T=Z_T):
     """The exact expected MCD loss at each hole of Z_T: (holes, marginals given z_t [L, V], CE counts
     [L, V], teacher rows {pos: [J, V]}, their weights {pos: [J]}), weights = P(x | z_t) P(reveal pattern)
     unnormalised (both parts share the scale)."""
-    L = Z_T.shape[1]
+    L, S = Z_T.shape[1], chain.num_symbols
     hole = (Z_T[0] == S).nonzero().flatten().tolist()
     marg = teacher(Z_T, None)[0, :, :S]
     r = (a_s - a_t) / (1 - a_t)
@@ -72,11 +83,16 @@ def _mcd_population(chain, teacher, a_t, a_s):
     return hole, marg, counts, rows, weights
 
 
+@pytest.mark.parametrize("source", ["chain2", "switching"])
 @pytest.mark.parametrize("kind", ["mcd-ideal", "mcd-ideal-fkl"])
-def test_mcd_ideal_matches_the_enumerated_optimum(kind):
+def test_mcd_ideal_matches_the_enumerated_optimum(kind, source):
     chain, teacher, sched, t, s, a_t, a_s = _setup()
-    hole, marg, counts, rows, weights = _mcd_population(chain, teacher, a_t, a_s)
-    got = _call(_student(kind, chain, teacher, sched), t)
+    z_t = Z_T
+    if source == "switching":  # the same step on the second source (exact posterior over the regime path too)
+        chain, z_t = _switching_setup()
+        teacher = ChainTeacher(chain, chunk=4096)
+    hole, marg, counts, rows, weights = _mcd_population(chain, teacher, a_t, a_s, z_t)
+    got = _call(_student(kind, chain, teacher, sched), t, z_t)
     far = 0.0
     for pos in hole:
         p_rows = torch.stack(rows[pos])

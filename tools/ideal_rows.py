@@ -79,6 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mcd_scale.config import DiffusionConfig
     from mcd_scale.eval.ideal_student import ChainTeacher, IdealStudent
     from mcd_scale.eval.synthetic import MarkovChain2, load_source
+    from mcd_scale.eval.synthetic_switching import SwitchingChain
 
     args = build_parser().parse_args(argv)
     try:
@@ -87,9 +88,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             chain = load_source(args.chain)
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"--chain {args.chain}: {exc}") from None
-        if not isinstance(chain, MarkovChain2):
-            raise ValueError(f"--chain {args.chain}: the ideal rows need the order-2 chain (exact posterior "
-                             f"sampling); this is a {type(chain).__name__}")
+        if not isinstance(chain, (MarkovChain2, SwitchingChain)):
+            raise ValueError(f"--chain {args.chain}: the ideal rows need a synthetic source with exact posterior "
+                             f"sampling (order-2 or switching chain); this is a {type(chain).__name__}")
         if args.teacher_checkpoint:
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             import sample as sample_cli  # tools/sample.py

@@ -1,4 +1,4 @@
-"""Exact posterior sampling x ~ p(x | z) from the order-2 chain (forward filtering, backward sampling).
+"""Exact posterior sampling x ~ p(x | z) from the synthetic sources (forward filtering, backward sampling).
 
 Why: the population optimum of the distillation losses (mcd_scale/distill/ideal.py) is an expectation
 over clean sequences x ~ p(x | z_t) (the data the student would have been trained on, given its input).
@@ -10,6 +10,9 @@ Method, on the pair states y_l = (x_{l-1}, x_l) of :class:`~mcd_scale.eval.synth
 - backward sampling: y_{L-1} ~ alpha_{L-1}; then, with x_{l+1} = b and x_{l+2} = c already drawn,
   P(x_l = a | x_{l+1:}, evidence) ∝ alpha_{l+1}(a, b) P(c | a, b) (later evidence is already in the drawn
   tail: the chain is order 2, so (x_{l+1}, x_{l+2}) screens position l from everything after it).
+The regime-switching source (:class:`~mcd_scale.eval.synthetic_switching.SwitchingChain`) is an order-1 chain
+over the joint state y_l = (h_l, x_l) (``joint_transition``): forward filtering on y with the evidence on x,
+then y_{L-1} ~ alpha_{L-1} and P(y_l = i | y_{l+1} = j, evidence) ∝ alpha_l(i) M[i, j].
 Each row consumes exactly L uniforms given by the caller (one for the last pair, one per earlier
 position), so the caller keys them (purpose, sample id, seed) and a row's draw does not depend on its
 batch neighbours. Everything is float64.
@@ -35,10 +38,15 @@ def sample_posterior(chain, z: torch.Tensor, uniforms: torch.Tensor, chunk: int 
     chunk: rows per forward pass (the stored messages take L * chunk * S^2 float64).
     """
     from mcd_scale.eval.synthetic import MarkovChain2
+    from mcd_scale.eval.synthetic_switching import SwitchingChain
 
-    if not isinstance(chain, MarkovChain2):
-        raise ValueError(f"exact posterior sampling needs the order-2 chain (MarkovChain2), got "
-                         f"{type(chain).__name__}; write the source with tools/prepare_synthetic.py --source chain2")
+    if isinstance(chain, MarkovChain2):
+        sample_chunk = _sample_chunk
+    elif isinstance(chain, SwitchingChain):
+        sample_chunk = _sample_switching_chunk
+    else:
+        raise ValueError(f"exact posterior sampling needs a synthetic source (MarkovChain2 or SwitchingChain), got "
+                         f"{type(chain).__name__}")
     if z.dim() != 2 or z.shape[1] < 2:
         raise ValueError(f"z must be [B, L] with L >= 2, got shape {tuple(z.shape)}")
     if uniforms.shape != z.shape:
@@ -47,7 +55,7 @@ def sample_posterior(chain, z: torch.Tensor, uniforms: torch.Tensor, chunk: int 
     revealed = z != S
     if bool(((z < 0) | (z > S)).any()):
         raise ValueError(f"z holds ids outside [0, {S}] (symbols and the mask id {S})")
-    out = [_sample_chunk(chain, z[i:i + chunk].cpu(), uniforms[i:i + chunk].double().cpu())
+    out = [sample_chunk(chain, z[i:i + chunk].cpu(), uniforms[i:i + chunk].double().cpu())
            for i in range(0, z.shape[0], chunk)]
     x = torch.cat(out, 0) if out else torch.empty(0, z.shape[1], dtype=torch.long)
     assert bool((x[revealed] == z[revealed]).all()), "posterior draw contradicts the evidence"
@@ -71,4 +79,26 @@ def _sample_chunk(chain, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         filt = alphas[pos].view(S, S, B)[:, b, cols]                        # alpha_{pos+1}(a, b) [S, B]
         trans = torch.from_numpy(chain.transition_probs(a_all, b.numpy()[None, :], c.numpy()[None, :]))
         x[:, pos] = _inverse_cdf_cols(filt * trans, u[:, pos])
+    return x
+
+
+def _sample_switching_chunk(chain, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    B, L = z.shape
+    H, S = chain.spec.regimes, chain.num_symbols
+    M = chain.joint_transition()                                            # [H S, H S]
+    ev = torch.ones(B, L, S, dtype=torch.float64)
+    rv = z != S
+    ev[rv] = torch.nn.functional.one_hot(z[rv], S).to(torch.float64)
+    ev = ev.unsqueeze(2).expand(B, L, H, S).reshape(B, L, H * S)            # evidence on (h, x)
+    alpha = ev[:, 0] / ev[:, 0].sum(1, keepdim=True)                        # h_0, x_0 uniform and independent
+    alphas = [alpha]
+    for pos in range(1, L):
+        alpha = (alpha @ M) * ev[:, pos]
+        alphas.append(alpha / alpha.sum(1, keepdim=True))
+    x = torch.empty(B, L, dtype=torch.long)
+    y = _inverse_cdf_cols(alphas[-1].T, u[:, L - 1])                        # joint state at L - 1
+    x[:, L - 1] = y % S
+    for pos in range(L - 2, -1, -1):
+        y = _inverse_cdf_cols(alphas[pos].T * M[:, y], u[:, pos])
+        x[:, pos] = y % S
     return x

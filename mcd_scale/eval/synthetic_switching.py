@@ -182,6 +182,16 @@ class SwitchingChain(_SourceFile):
         return float(((self.log_prob(x[:, :half]) - self.log_prob(x)) / (length - half)).mean())
 
     # ------------------------------------------------------------------ the exact oracle denoiser
+    def joint_transition(self) -> torch.Tensor:
+        """The chain over the joint state (h, x) (index h S + x), float64 [H S, H S]:
+        M[(h, b), (h', c)] = A[h, h'] P_{h'}(c | b). Its forward messages serve the oracle marginals and the
+        exact posterior draws (mcd_scale/eval/chain_posterior.py)."""
+        H, S = self.spec.regimes, self.num_symbols
+        A = torch.from_numpy(self.regime_kernel)
+        E = torch.from_numpy(self.emission)                               # [h', b, c]
+        M = A[:, None, :, None] * E.permute(1, 0, 2).unsqueeze(0)           # [h, b, h', c]
+        return M.reshape(H * S, H * S)
+
     def oracle_log_marginals(self, z: torch.Tensor, mask_id: int | None = None, chunk: int = 64) -> torch.Tensor:
         """Exact log P(x_l = v | revealed tokens of z), float64 [B, L, S]; revealed positions are a point
         mass. Forward-backward over the joint state (h, x_l): H S states, transition
@@ -194,10 +204,7 @@ class SwitchingChain(_SourceFile):
             raise ValueError(f"z holds ids that are neither symbols in [0, {self.num_symbols}) nor the mask "
                              f"id {mask_id}")
         H, S = self.spec.regimes, self.num_symbols
-        A = torch.from_numpy(self.regime_kernel)
-        E = torch.from_numpy(self.emission)                               # [h', b, c]
-        M = A[:, None, :, None] * E.permute(1, 0, 2).unsqueeze(0)           # [h, b, h', c]
-        M = M.reshape(H * S, H * S)
+        M = self.joint_transition()
         out = []
         for i in range(0, z.shape[0], chunk):
             zc = z[i:i + chunk]
