@@ -96,17 +96,19 @@ def sample_rows(args, plan, loaded, cache_name: str, model: str, steps: int, tem
                 trained_steps=None) -> list[dict]:
     import sample as sample_cli  # tools/sample.py
 
-    path = os.path.join(args.out, "samples", f"{cache_name}_s{steps}_T{temperature}_{sampler}.jsonl")
+    n = args.few_samples if (args.few_samples and steps != plan.many_steps) else plan.num_samples
+    tag = f"_n{n}" if n != plan.num_samples else ""
+    path = os.path.join(args.out, "samples", f"{cache_name}_s{steps}_T{temperature}_{sampler}{tag}.jsonl")
     demo_file = os.path.join(args.demo, "samples", f"synthetic_teacher_r0_s{steps}_T{temperature}.jsonl")
     if model == "teacher" and sampler == "ancestral" and os.path.exists(demo_file):
         path = demo_file  # the demo's own teacher samples (same seed, count and sampler)
     if not os.path.exists(path):
         how = dict(sampler="coupled", reveal_order="strided") if sampler == STRIDED else dict(sampler="ancestral")
-        res = sample_cli.sample(loaded(), steps, plan.num_samples, seed=0, temperature=temperature,
+        res = sample_cli.sample(loaded(), steps, n, seed=0, temperature=temperature,
                                 batch_size=plan.sample_batch, **how)
         rows = [{"benchmark": "synthetic", "model": model, "round": 0, "steps": steps, "temperature": temperature,
                  "text": " ".join(map(str, ids.tolist())), "ids": ids.tolist(), "nfe": res.nfe,
-                 "seconds_per_sample": res.seconds / plan.num_samples}
+                 "seconds_per_sample": res.seconds / n}
                 | ({"sampler": sampler} if sampler != "ancestral" else {})
                 | ({"trained_steps": trained_steps} if trained_steps else {}) for ids in res.tokens]
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -141,6 +143,9 @@ def main() -> int:
                     help="which students to distil (random alone: a training-budget study at the default order)")
     ap.add_argument("--steps-per-round", type=int, default=None, help="default: the demo's")
     ap.add_argument("--limit", type=int, default=None, help="trajectories precomputed per round (default: the demo's)")
+    ap.add_argument("--few-samples", type=int, default=None,
+                    help="samples per few-step configuration (default: the demo's 64; the teacher@N rows stay the "
+                         "demo's): a few-step row costs little, and more of them narrow the same-sampler comparison")
     ap.add_argument("--times", choices=("uniform", "grid"), default="uniform",
                     help="distill.times of the students: uniform t, or the sampler's own grid steps")
     args = ap.parse_args()
@@ -179,7 +184,7 @@ def main() -> int:
             if order.startswith("random"):
                 rows += sample_rows(args, plan, student, f"mcd_{order}", "mcd", args.steps, t, "ancestral",
                                     args.steps)
-        out = os.path.join(args.out, f"eval_{order}")
+        out = os.path.join(args.out, f"eval_{order}" + (f"_n{args.few_samples}" if args.few_samples else ""))
         os.makedirs(out, exist_ok=True)
         samples = os.path.join(out, "samples.jsonl")
         with open(samples, "w", encoding="utf-8") as fh:
