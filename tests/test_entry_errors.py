@@ -230,6 +230,8 @@ CASES = [
     ("demo/out-is-a-file", "demo", lambda e: ["--out", e["a_file"]], "a_file.txt"),
     ("demo/smollm2-without-text", "demo",
      lambda e: ["--smollm2", "--benchmarks", "synthetic", "--out", e["tmp"] + "/demo"], "--smollm2"),
+    ("demo/bad-temperature", "demo", lambda e: ["--student-temperatures", "0", "--out", e["tmp"] + "/demo"],
+     "--student-temperatures"),
     ("demo/bad-source", "demo", lambda e: ["--synthetic-source", "hmm", "--out", e["tmp"] + "/demo"],
      "--synthetic-source"),
     # tools/ideal_rows.py

@@ -554,6 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--synthetic-source", choices=["chain2", "switching"], default="chain2",
                     help="the synthetic benchmark's source (tools/prepare_synthetic.py --source): the order-2 chain, "
                          "or the regime-switching source whose dependencies span the strided sampler's stride")
+    ap.add_argument("--temperatures", type=float, nargs="+", default=None, metavar="T",
+                    help="the synthetic teacher curves' temperatures (default: the plan's); may change on a resume: "
+                         "only the new configurations are sampled")
+    ap.add_argument("--student-temperatures", type=float, nargs="+", default=None, metavar="T",
+                    help="the last student round's temperatures (default: the plan's); e.g. lower ones when the "
+                         "students sit outside the teacher curves' entropy range")
     ap.add_argument("--teacher-seed", type=int, default=None, metavar="N",
                     help="the teachers' train.seed (initialisation and data order; default: the config's), for a "
                          "seed spread")
@@ -575,6 +581,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     plan = replace(make_plan(args.quick), benchmarks=tuple(dict.fromkeys(args.benchmarks)),
                    synthetic_source=args.synthetic_source, teacher_seed=args.teacher_seed)
+    for flag, field_name in (("--temperatures", "temperatures"), ("--student-temperatures", "student_temperatures")):
+        temps = getattr(args, field_name)
+        if temps is None:
+            continue
+        if not all(0.0 < t <= 10.0 for t in temps):
+            print(f"demo: error: {flag} must be in (0, 10], got {temps}", file=sys.stderr)
+            return 2
+        plan = replace(plan, **{field_name: tuple(sorted(set(temps)))})
     demo = Demo(args.out, plan, args.launcher, args.nproc, smollm2=args.smollm2)
     try:
         return demo.main()
