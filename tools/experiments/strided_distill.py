@@ -142,6 +142,8 @@ def main() -> int:
     ap.add_argument("--orders", nargs="+", choices=("strided", "random"), default=["strided", "random"],
                     help="which students to distil (random alone: a training-budget study at the default order)")
     ap.add_argument("--steps-per-round", type=int, default=None, help="default: the demo's")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="distillation rounds (default: the demo's 2; dt0 is derived so the last round learns 1/n)")
     ap.add_argument("--limit", type=int, default=None, help="trajectories precomputed per round (default: the demo's)")
     ap.add_argument("--few-samples", type=int, default=None,
                     help="samples per few-step configuration (default: the demo's 64; the teacher@N rows stay the "
@@ -156,6 +158,8 @@ def main() -> int:
         plan.distill_steps = args.steps_per_round
     if args.limit:
         plan.distill_limit = args.limit
+    if args.rounds:
+        plan.rounds = args.rounds
     teacher_dir = os.path.join(args.demo, "synthetic_teacher")
     chain = os.path.join(args.demo, "data", "synthetic", "chain.json")
     for need in (teacher_dir, chain):
