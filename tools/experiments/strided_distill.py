@@ -58,6 +58,7 @@ def distill(args, plan, order: str) -> str:
         sets += ["distill.reveal_order=strided", f"distill.reveal_stride={args.steps}"]
     if args.times == "grid":
         sets += ["distill.times=grid"]
+    sets += args.set
     cmd = [sys.executable, "tools/distill_rounds.py", "--objective", "mcd", "--mode", "offline", "--rounds",
            str(plan.rounds), "--teacher", os.path.join(args.demo, "synthetic_teacher"), "--config",
            "configs/demo/synthetic_teacher.yaml", "configs/demo/distill.yaml", "--out", out, "--launcher", launcher,
@@ -142,6 +143,9 @@ def main() -> int:
     ap.add_argument("--orders", nargs="+", choices=("strided", "random"), default=["strided", "random"],
                     help="which students to distil (random alone: a training-budget study at the default order)")
     ap.add_argument("--steps-per-round", type=int, default=None, help="default: the demo's")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more distillation config override (repeatable), e.g. distill.temperature.schedule=off; "
+                         "use a new --out per variant (the students' directories are named by order and times only)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="distillation rounds (default: the demo's 2; dt0 is derived so the last round learns 1/n)")
     ap.add_argument("--limit", type=int, default=None, help="trajectories precomputed per round (default: the demo's)")
