@@ -42,6 +42,17 @@ def round_temperature(cfg: DistillConfig, n: int) -> float:
     raise ValueError(f"'distill.temperature.schedule' = {tc.schedule!r} is not one of 'paper', 'constant', 'off'.")
 
 
+def _checked_times(t: torch.Tensor, t_min: float) -> torch.Tensor:
+    """t as float64, after checking t_min in (0, 1) and every t in [t_min, 1] (both pair maps' input)."""
+    if not 0.0 < t_min < 1.0:
+        raise ValueError(f"t_min must be in (0, 1), got {t_min}.")
+    t64 = t.double()
+    if t64.numel() and (t64.min() < t_min - 1e-9 or t64.max() > 1.0 + 1e-9):
+        raise ValueError(f"sampled times must lie in [t_min={t_min}, 1]; got [{float(t64.min())}, "
+                         f"{float(t64.max())}].")
+    return t64
+
+
 def coupled_times(t: torch.Tensor, dt: float, t_min: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """Map sampled times t in [t_min, 1] to a pair (t', s) with s = t' - dt, s >= t_min, t' <= 1.
 
@@ -50,15 +61,10 @@ def coupled_times(t: torch.Tensor, dt: float, t_min: float = 1e-3) -> tuple[torc
     (stratified) samples stay stratified. Clamping t up to t_min + dt instead would pile a point mass
     of probability dt on one time. Computed in float64 (dt can be ~2e-3 and s - t must be dt).
     """
-    if not 0.0 < t_min < 1.0:
-        raise ValueError(f"t_min must be in (0, 1), got {t_min}.")
+    t64 = _checked_times(t, t_min)
     if not 0.0 < dt <= 1.0 - t_min:
         raise ValueError(f"dt = {dt} must be in (0, 1 - t_min = {1.0 - t_min}]: the round's step does not "
                          f"fit in [t_min, 1] (lower 'distill.dt0' or 'distill.rounds').")
-    t64 = t.double()
-    if t64.numel() and (t64.min() < t_min - 1e-9 or t64.max() > 1.0 + 1e-9):
-        raise ValueError(f"sampled times must lie in [t_min={t_min}, 1]; got [{float(t64.min())}, "
-                         f"{float(t64.max())}].")
     s = t_min + (t64.clamp(t_min, 1.0) - t_min) * ((1.0 - t_min - dt) / (1.0 - t_min))
     t_new = (s + dt).clamp(max=1.0)
     return t_new.to(t.dtype), s.to(t.dtype)
@@ -80,16 +86,11 @@ def grid_times(t: torch.Tensor, dt: float, t_min: float = 1e-3) -> tuple[torch.T
     """
     from mcd_scale.diffusion.sampling import sampling_times
 
-    if not 0.0 < t_min < 1.0:
-        raise ValueError(f"t_min must be in (0, 1), got {t_min}.")
     n = round(1.0 / dt) if dt > 0 else 0
     if n < 1 or abs(n * dt - 1.0) > 1e-9:
         raise ValueError(f"'distill.times: grid' needs every round's dt to be 1/n for a whole number of sampler "
                          f"steps n; got dt = {dt:.6g} (derive 'distill.dt0' with dt0_for_sampler_steps).")
-    t64 = t.double()
-    if t64.numel() and (t64.min() < t_min - 1e-9 or t64.max() > 1.0 + 1e-9):
-        raise ValueError(f"sampled times must lie in [t_min={t_min}, 1]; got [{float(t64.min())}, "
-                         f"{float(t64.max())}].")
+    t64 = _checked_times(t, t_min)
     grid = sampling_times(n).to(t64.device)  # decreasing: 1 = t_0 > t_1 > ... > t_n = T_END
     frac = ((t64 - t_min) / (1.0 - t_min)).clamp(0.0, 1.0)
     k = (n - 1 - (frac * n).floor().long().clamp(max=n - 1))
