@@ -488,6 +488,7 @@ def validate_fields(cfg: Config) -> None:
         _require(t.objective != "sdtt", "'distill.times: grid' applies to MCD's (t, s) pairs; SDTT draws its own "
                                         "times: set 'distill.times: uniform' for 'train.objective: sdtt'.")
         for n in range(max(d.rounds, d.round + 1)):
+            # round_dt's rule (mcd_scale/distill/rounds.py), restated: this module must not import torch.
             dt = d.dt0 * (2.0 ** n if d.dt_growth == "double" else n + 1)
             steps = round(1.0 / dt)
             _require(steps >= 1 and abs(steps * dt - 1.0) <= 1e-9,

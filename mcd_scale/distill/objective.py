@@ -185,9 +185,9 @@ class McdObjective(_TeacherMixin):
         if missing:
             raise KeyError(f"offline MCD micro-batch lacks {missing} (has {sorted(micro)}): 'data.trajectories' "
                            f"must point at tools/precompute_trajectories.py output.")
-        x = micro["ids"].long()
         from mcd_scale.distill.rounds import pair_span
 
+        x = micro["ids"].long()
         t, s = micro["t"].double(), micro["s"].double()
         bad_dt = (t - s - pair_span(self.dt, self.cfg.distill.times)).abs() > 1e-6 * max(1.0, self.dt)
         if bool(bad_dt.any()):

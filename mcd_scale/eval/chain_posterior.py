@@ -84,17 +84,10 @@ def _sample_chunk(chain, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def _sample_switching_chunk(chain, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     B, L = z.shape
-    H, S = chain.spec.regimes, chain.num_symbols
+    S = chain.num_symbols
     M = chain.joint_transition()                                            # [H S, H S]
-    ev = torch.ones(B, L, S, dtype=torch.float64)
-    rv = z != S
-    ev[rv] = torch.nn.functional.one_hot(z[rv], S).to(torch.float64)
-    ev = ev.unsqueeze(2).expand(B, L, H, S).reshape(B, L, H * S)            # evidence on (h, x)
-    alpha = ev[:, 0] / ev[:, 0].sum(1, keepdim=True)                        # h_0, x_0 uniform and independent
-    alphas = [alpha]
-    for pos in range(1, L):
-        alpha = (alpha @ M) * ev[:, pos]
-        alphas.append(alpha / alpha.sum(1, keepdim=True))
+    _, forward = chain.joint_forward(z, S, M)
+    alphas = list(forward)                                                  # every message kept for the draws
     x = torch.empty(B, L, dtype=torch.long)
     y = _inverse_cdf_cols(alphas[-1].T, u[:, L - 1])                        # joint state at L - 1
     x[:, L - 1] = y % S

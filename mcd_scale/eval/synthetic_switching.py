@@ -192,6 +192,28 @@ class SwitchingChain(_SourceFile):
         M = A[:, None, :, None] * E.permute(1, 0, 2).unsqueeze(0)           # [h, b, h', c]
         return M.reshape(H * S, H * S)
 
+    def joint_forward(self, z: torch.Tensor, mask_id: int, M: torch.Tensor):
+        """(ev, alphas) of rows z [B, L]: ev [B, L, H S] the evidence on (h, x) (1 where x_l agrees with z or is
+        masked), and a generator of the normalised forward messages alpha_l [B, H S], l = 0..L-1 (h_0, x_0
+        uniform and independent), M = :meth:`joint_transition`. Shared by the oracle marginals and the exact
+        posterior draws (mcd_scale/eval/chain_posterior.py)."""
+        B, L = z.shape
+        H, S = self.spec.regimes, self.num_symbols
+        ev = torch.ones(B, L, S, dtype=torch.float64)
+        rv = z != mask_id
+        ev[rv] = torch.nn.functional.one_hot(z[rv], S).to(torch.float64)
+        ev = ev.unsqueeze(2).expand(B, L, H, S).reshape(B, L, H * S)
+
+        def alphas():
+            alpha = ev[:, 0] / ev[:, 0].sum(1, keepdim=True)
+            yield alpha
+            for pos in range(1, L):
+                alpha = (alpha @ M) * ev[:, pos]
+                alpha = alpha / alpha.sum(1, keepdim=True)
+                yield alpha
+
+        return ev, alphas()
+
     def oracle_log_marginals(self, z: torch.Tensor, mask_id: int | None = None, chunk: int = 64) -> torch.Tensor:
         """Exact log P(x_l = v | revealed tokens of z), float64 [B, L, S]; revealed positions are a point
         mass. Forward-backward over the joint state (h, x_l): H S states, transition
@@ -209,22 +231,14 @@ class SwitchingChain(_SourceFile):
         for i in range(0, z.shape[0], chunk):
             zc = z[i:i + chunk]
             B, L = zc.shape
-            ev = torch.ones(B, L, S, dtype=torch.float64)
-            rv = zc != mask_id
-            ev[rv] = torch.nn.functional.one_hot(zc[rv], S).to(torch.float64)
-            ev = ev.unsqueeze(2).expand(B, L, H, S).reshape(B, L, H * S)  # evidence on (h, x)
+            ev, alphas = self.joint_forward(zc, mask_id, M)               # evidence on (h, x), forward messages
             betas = [torch.ones(B, H * S, dtype=torch.float64)]
             for pos in range(L - 1, 0, -1):                               # beta_{pos-1} from beta_pos
                 b = (betas[-1] * ev[:, pos]) @ M.T
                 betas.append(b / b.sum(1, keepdim=True))
             betas.reverse()
-            alpha = ev[:, 0] / (H * S)
-            alpha = alpha / alpha.sum(1, keepdim=True)
             marg = torch.empty(B, L, S, dtype=torch.float64)
-            for pos in range(L):
-                if pos > 0:
-                    alpha = (alpha @ M) * ev[:, pos]
-                    alpha = alpha / alpha.sum(1, keepdim=True)
+            for pos, alpha in enumerate(alphas):
                 post = (alpha * betas[pos]).view(B, H, S).sum(1)
                 marg[:, pos] = post / post.sum(1, keepdim=True)
             out.append(torch.log(marg))
