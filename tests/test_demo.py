@@ -50,8 +50,12 @@ def test_report_rows(quick_run):
         teacher = {(r["steps"], r["temperature"]) for r in rows if r["benchmark"] == bench and r["model"] == "teacher"}
         temps = plan.text_temperatures if bench == "text" else plan.temperatures
         assert teacher == {(s, t) for s in (plan.many_steps, plan.few_steps) for t in temps}, bench
-    students = [r for r in rows if r["model"] != "teacher"]
+    ideal = [r for r in rows if r["model"].endswith("-ideal")]
+    students = [r for r in rows if r["model"] != "teacher" and r not in ideal]
     assert students and all(r["steps"] == plan.few_steps and r["round"] >= 1 for r in students)
+    # the ideal students (stage ideal_synthetic): every kind, synthetic only, at the few-step budget, T = 1
+    assert sorted((r["benchmark"], r["model"], r["round"], r["steps"], r["temperature"]) for r in ideal) == \
+        sorted(("synthetic", k, 0, plan.few_steps, 1.0) for k in plan.ideal_kinds)
     for model in {r["model"] for r in students}:  # the last round has its own frontier
         last = max(r["round"] for r in students if r["model"] == model)
         temps = {r["temperature"] for r in students if r["model"] == model and r["round"] == last}
@@ -78,6 +82,33 @@ def test_samples_plots_and_stage_lines(quick_run):
     assert "stage evaluate: done" in stdout
 
 
+def test_ideal_rows_and_the_students_share_of_their_ideal(quick_run):
+    """ideal_synthetic: plan.ideal_samples rows per ideal kind, drawn from the trained synthetic teacher with
+    K = plan.ideal_draws, merged into samples.jsonl; report.md reads each trained objective's last round
+    against its own ideal (share = student gap closed / ideal gap closed, recomputed here from summary.json)."""
+    run, _ = quick_run
+    plan = demo.make_plan(quick=True)
+    rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    for kind in plan.ideal_kinds:
+        mine = [r for r in rows if r["model"] == kind]
+        assert len(mine) == plan.ideal_samples and all(r["benchmark"] == "synthetic" for r in mine)
+        assert all(r["draws"] == plan.ideal_draws and r["teacher"] == str(run / "synthetic_teacher") for r in mine)
+        assert all(len(r["ids"]) == plan.syn_seq_len for r in mine)
+    md = (run / "report.md").read_text()
+    assert "## Synthetic: trained students against their ideal" in md
+    summary = [s for s in json.loads((run / "summary.json").read_text())["summary"] if s["benchmark"] == "synthetic"]
+    for objective in ("mcd", "sdtt"):
+        g_ideal = next(s["gap_closed"] for s in summary if s["model"] == f"{objective}-ideal")
+        last = max(s["round"] for s in summary if s["model"] == objective)
+        for s in (s for s in summary if s["model"] == objective and s["round"] == last):
+            g = s["gap_closed"]
+            ok = all(v is not None and math.isfinite(v) for v in (g, g_ideal)) and g_ideal > 0
+            fmt = lambda v: "–" if v is None or not math.isfinite(v) else f"{v:.2f}"  # noqa: E731
+            line = (f"| {objective} round {last} | {objective}-ideal | {fmt(g_ideal)} | {s['temperature']} | {fmt(g)} | "
+                    f"{fmt(g / g_ideal) if ok else '–'} |")
+            assert line in md, (line, md)
+
+
 def test_strided_report_reads_every_few_step_model_against_the_default_sampler_gap(quick_run):
     """evaluate_strided: teacher@n at every temperature and each student's last round, drawn by the coupled
     sampler's strided order, scored in <run>/strided/ next to the default sampler's teacher rows; the main
@@ -97,7 +128,7 @@ def test_strided_report_reads_every_few_step_model_against_the_default_sampler_g
         assert {(r["model"], r["steps"], r["temperature"]) for r in default if r["benchmark"] == bench} == \
             {("teacher", s, t) for s in (plan.many_steps, plan.few_steps) for t in temps}
     main_students = {(r["benchmark"], r["model"], r["round"]) for r in json.loads((run / "report.json").read_text())
-                     if r["model"] != "teacher"}
+                     if r["model"] != "teacher" and not r["model"].endswith("-ideal")}  # ideal: default sampler only
     for bench, model, rnd in main_students:
         last = max(r for b, m, r in main_students if (b, m) == (bench, model))
         got = {r["temperature"] for r in strided if (r["benchmark"], r["model"], r["round"]) == (bench, model, rnd)}
@@ -117,7 +148,7 @@ def test_rerun_resumes(quick_run):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--quick", "--run-dir", str(run)],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:]
-    for stage in ("data", "teacher_synthetic", "teacher_text"):
+    for stage in ("data", "teacher_synthetic", "teacher_text", "ideal_synthetic"):
         assert f"stage {stage}: already complete, skipped" in r.stdout
 
 
@@ -156,7 +187,7 @@ def test_synthetic_only_switching_source_with_a_teacher_seed(tmp_path):
     rows = json.loads((run / "report.json").read_text())
     rows = rows["rows"] if isinstance(rows, dict) else rows
     assert {r["benchmark"] for r in rows} == {"synthetic"}
-    assert {r["model"] for r in rows} == {"teacher", "mcd", "sdtt"}
+    assert {r["model"] for r in rows} == {"teacher", "mcd", "sdtt", *demo.make_plan(True).ideal_kinds}
     assert not (run / "data" / "text").exists() and not (run / "ar_evaluator").exists()
     manifest = json.loads((run / "data" / "synthetic" / "manifest.json").read_text())
     assert manifest["chain"]["source"] == "switching"

@@ -16,9 +16,13 @@ complete, so rerunning the same command resumes; training stages also resume fro
 3. ``distill_*``  MCD and SDTT students for a few rounds via tools/distill_rounds.py; when that tool is
                   absent or fails, the stage is reported as SKIPPED (with the reason) in the log and
                   in report.md, and the other stages still run.
+   ``ideal_synthetic`` the distillation losses' population optima on the trained synthetic teacher
+                  (tools/ideal_rows.py: ``mcd-ideal``, ``sdtt-ideal`` at N/16 steps, T = 1; ~2 min), so each
+                  trained student is read against its own ceiling; report.md adds the students' share of
+                  their ideal's gap closed. Complete = one JSONL per kind under ``<run>/samples/``.
 4. ``sample``     teacher at N and N/16 steps at several temperatures, every student round at N/16
                   steps; one JSONL per configuration under ``<run>/samples/`` (resume unit), merged
-                  into ``<run>/samples.jsonl``.
+                  with the ideal rows into ``<run>/samples.jsonl``.
 5. ``evaluate``   tools/evaluate.py: exact true NLL (synthetic), Gen PPL under an AR evaluator trained
                   on the held-out split (text); report.json, report.md, plots. The table is printed.
    ``evaluate_strided`` the same models at N/16 steps drawn by the coupled sampler's strided reveal
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import subprocess
@@ -104,6 +109,14 @@ class Plan:
     sample_batch: int = 16
     distill_benchmarks: tuple = ("synthetic", "text")
     distill_overrides: list = field(default_factory=list)
+    # The distillation losses' population optima on the synthetic teacher (tools/ideal_rows.py; MCD.md
+    # section 5, docs/results.md "ideal"): each trained student is read against its own ceiling. One process
+    # per kind, one thread each, at T = 1. Measured 7 s per sample for mcd-ideal and ~3.5 s for sdtt-ideal on
+    # one core at L = 256 (posterior draws, K teacher calls and the per-token solver per step), so 16 samples
+    # cost ~2 minutes of the demo; their intervals are wide (~+-0.15 of the gap), a reference, not a result.
+    ideal_kinds: tuple = ("mcd-ideal", "sdtt-ideal")
+    ideal_samples: int = 16
+    ideal_draws: int = 12  # K coupled continuations per state and step (the estimate's Monte-Carlo error)
     # Benchmarks also sampled by the coupled sampler's strided reveal order at N/16 steps (no two tokens
     # closer than N/16 revealed in one step; docs/diffusion.md): the sampler that closes the synthetic gap
     # without distillation (docs/results.md, "Reveal order"), so each student is also read against its
@@ -149,9 +162,10 @@ def make_plan(quick: bool) -> Plan:
     # --quick: tiny models, 1 round, and only the synthetic benchmark is distilled (text distillation is
     # reported as skipped in report.md); sizes chosen so CI finishes in a few minutes on 2 loaded cores.
     return Plan(syn_seq_len=32, syn_train=1024, syn_eval=64, text_seq_len=32, syn_steps=16, text_steps=10,
-                model_overrides=small, many_steps=32, temperatures=(0.9, 1.0), text_temperatures=(0.9, 1.0), student_temperatures=(0.9, 1.0), num_samples=8, text_num_samples=8, ar_steps=10,
+                model_overrides=small, many_steps=32, temperatures=(0.9, 1.0), text_temperatures=(0.9, 1.0),
+                student_temperatures=(0.9, 1.0), num_samples=8, text_num_samples=8, ar_steps=10,
                 rounds=1, distill_steps=4, distill_limit=32, distill_benchmarks=("synthetic",),
-                distill_overrides=small)
+                distill_overrides=small, ideal_samples=4, ideal_draws=2)
 
 
 class Demo:
@@ -326,6 +340,83 @@ class Demo:
             raise _Skip("tools/distill_rounds.py finished but left no student checkpoint")
         open(self.distill_marker(bench, objective), "w").close()
 
+    # ---------------------------------------------------------------------------------- ideal students
+    def ideal_path(self, kind: str) -> str:
+        return os.path.join(self.run, "samples", f"synthetic_{kind}_r0_s{self.plan.few_steps}_T1.0.jsonl")
+
+    def ideal_done(self) -> bool:
+        return all(os.path.exists(self.ideal_path(k)) for k in self.plan.ideal_kinds)
+
+    def ideal(self) -> None:
+        """Rows of the ideal students (tools/ideal_rows.py) on the trained synthetic teacher at the few-step
+        budget: the optimum of each loss for this teacher and data, sampled like the students. One process per
+        kind, run side by side with one thread each (the work is many small teacher calls)."""
+        p = self.plan
+        sdtt_steps = p.distill_config("synthetic").sdtt_teacher_steps
+        running = []
+        for kind in p.ideal_kinds:
+            path = self.ideal_path(kind)
+            if os.path.exists(path):
+                continue
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            cmd = [sys.executable, "tools/ideal_rows.py", "--chain", os.path.join(self.syn_data, "chain.json"),
+                   "--teacher-checkpoint", self.teacher_dir("synthetic"), "--kinds", kind,
+                   "--steps", str(p.few_steps), "--temperatures", "1.0", "--num-samples", str(p.ideal_samples),
+                   "--draws", str(p.ideal_draws), "--sdtt-teacher-steps", str(sdtt_steps), "--seed", "0",
+                   "--threads", "1", "--out", path]
+            running.append((kind, self.spawn(cmd, f"ideal_{kind}")))
+        failed = []
+        for kind, (proc, log_path) in running:
+            if proc.wait() != 0:
+                failed.append(f"{kind}: exit {proc.returncode} (log {log_path})")
+            else:
+                self.log(f"  sampled the {kind} rows: {p.ideal_samples} samples at {p.few_steps} steps, "
+                         f"K = {p.ideal_draws}")
+        if failed:
+            raise RuntimeError("ideal rows failed: " + "; ".join(failed))
+
+    def spawn(self, cmd: list[str], log_name: str) -> tuple[subprocess.Popen, str]:
+        """Start a command with its output to <run>/logs/<log_name>.log (Demo.sh, without waiting)."""
+        logs = os.path.join(self.run, "logs")
+        os.makedirs(logs, exist_ok=True)
+        path = os.path.join(logs, log_name + ".log")
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"$ {' '.join(cmd)}\n")
+            fh.flush()
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return proc, path
+
+    def ideal_report(self) -> None:
+        """report.md: each trained student's last round against its ideal (gap closed, share of the ideal's)."""
+        with open(os.path.join(self.run, "summary.json"), encoding="utf-8") as fh:
+            summary = [s for s in json.load(fh)["summary"]
+                       if s["benchmark"] == "synthetic" and s.get("sampler", DEFAULT_SAMPLER) == DEFAULT_SAMPLER]
+        lines = ["", "## Synthetic: trained students against their ideal", "",
+                 f"The ideal rows are each loss's population optimum for this teacher and data (tools/ideal_rows.py: "
+                 f"exact posterior draws of x ~ p(x | z_t), K = {self.plan.ideal_draws} coupled continuations per "
+                 f"step, the teacher's temperature 1 in the loss), {self.plan.ideal_samples} samples at T = 1; "
+                 "'share' is the student's gap closed over its ideal's (issue 17's goal for MCD: >= 0.75), "
+                 "defined only where the ideal closes a positive part of the gap.", "",
+                 "| student | ideal | ideal gap closed | student T | student gap closed | share of the ideal's |",
+                 "|---|---|---|---|---|---|"]
+        for objective in ("mcd", "sdtt"):
+            ideal = [s for s in summary if s["model"] == f"{objective}-ideal"]
+            rows = [s for s in summary if s["model"] == objective]
+            if not ideal or not rows:
+                continue
+            g_ideal = ideal[0]["gap_closed"]
+            last = max(s["round"] for s in rows)
+            for s in sorted((s for s in rows if s["round"] == last), key=lambda s: s["temperature"]):
+                g = s["gap_closed"]
+                share = (g / g_ideal if g is not None and g_ideal is not None and math.isfinite(g)
+                         and math.isfinite(g_ideal) and g_ideal > 0 else None)
+                fmt = lambda v: "–" if v is None or not math.isfinite(v) else f"{v:.2f}"  # noqa: E731
+                lines.append(f"| {objective} round {last} | {objective}-ideal | {fmt(g_ideal)} | {s['temperature']} "
+                             f"| {fmt(g)} | {fmt(share)} |")
+        with open(os.path.join(self.run, "report.md"), "a", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+
     # -------------------------------------------------------------------------------------- sampling
     def sample_jobs(self) -> list[dict]:
         p = self.plan
@@ -401,6 +492,11 @@ class Demo:
             if job["sampler"] != DEFAULT_SAMPLER or (job["model"] == "teacher"
                                                        and job["benchmark"] in self.plan.strided_benchmarks):
                 merged_strided.extend(lines)
+        if "synthetic" in self.plan.benchmarks:  # the ideal rows (stage ideal_synthetic), default sampler only
+            for kind in self.plan.ideal_kinds:
+                if os.path.exists(self.ideal_path(kind)):
+                    with open(self.ideal_path(kind), encoding="utf-8") as fh:
+                        merged.extend(fh.readlines())
         for out, lines in ((self.samples_path, merged), (self.strided_samples_path, merged_strided)):
             os.makedirs(os.path.dirname(out), exist_ok=True)
             with open(out + ".tmp", "w", encoding="utf-8") as fh:
@@ -500,8 +596,14 @@ class Demo:
                     line = f"distill_{bench}_{objective}: SKIPPED: {exc}; no {objective} rows for {bench}"
                     self.notes.append(line)
                     self.log(f"stage {line}")
+        if "synthetic" in p.benchmarks and p.ideal_kinds and p.ideal_samples > 0:
+            self.stage("ideal_synthetic", self.ideal_done(), self.ideal)
+            self.notes.append(f"ideal_synthetic: {', '.join(p.ideal_kinds)} on {self.teacher_dir('synthetic')}, "
+                              f"{p.ideal_samples} samples each")
         self.stage("sample", False, self.sample_all)
         self.stage("evaluate", False, self.evaluate)
+        if "synthetic" in p.benchmarks and p.ideal_kinds and p.ideal_samples > 0:
+            self.ideal_report()
         self.stage("evaluate_strided", False, self.evaluate_strided)
         with open(os.path.join(self.run, "report.md"), "a", encoding="utf-8") as fh:
             fh.write("\n## Demo stages\n\n" + "".join(f"- {n}\n" for n in self.notes))
