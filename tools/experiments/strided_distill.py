@@ -121,14 +121,14 @@ def sample_rows(args, plan, loaded, cache_name: str, model: str, steps: int, tem
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def lazy(checkpoint: str):
+def lazy(checkpoint: str, weights: str = "model"):
     import sample as sample_cli
 
     box = {}
 
     def get():
         if "m" not in box:
-            box["m"] = sample_cli.load_model(checkpoint)
+            box["m"] = sample_cli.load_model(checkpoint, weights=weights)
         return box["m"]
     return get
 
@@ -154,6 +154,9 @@ def main() -> int:
                          "demo's): a few-step row costs little, and more of them narrow the same-sampler comparison")
     ap.add_argument("--times", choices=("uniform", "grid"), default="uniform",
                     help="distill.times of the students: uniform t, or the sampler's own grid steps")
+    ap.add_argument("--weights", choices=("model", "ema"), default="model",
+                    help="the students' weights to sample: the trained ones, or their EMA (needs --set "
+                         "train.ema_decay=D; the next round's teacher is still the raw weights, MCD.md section 5)")
     args = ap.parse_args()
     from demo import make_plan  # tools/demo.py: the same sizes as the demo
 
@@ -181,11 +184,11 @@ def main() -> int:
         teacher_rows += sample_rows(args, plan, teacher, "teacher", "teacher", plan.many_steps, t, "ancestral")
         teacher_rows += sample_rows(args, plan, teacher, "teacher", "teacher", args.steps, t, "ancestral")
         teacher_rows += sample_rows(args, plan, teacher, "teacher", "teacher", args.steps, t, STRIDED)
-    result = {"steps": args.steps, "times": args.times, "many_steps": plan.many_steps, "rounds": plan.rounds,
+    result = {"steps": args.steps, "times": args.times, "weights": args.weights, "sets": args.set, "many_steps": plan.many_steps, "rounds": plan.rounds,
               "steps_per_round": plan.distill_steps, "trajectories_per_round": plan.distill_limit, "students": {}}
     temps = sorted(set(plan.student_temperatures) | {0.7})
     for order, run in students.items():
-        student = lazy(run)
+        student = lazy(run, args.weights)
         rows = list(teacher_rows)
         for t in temps:
             rows += sample_rows(args, plan, student, f"mcd_{order}", "mcd", args.steps, t, STRIDED, args.steps)
