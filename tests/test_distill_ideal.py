@@ -84,3 +84,42 @@ def test_limits_and_batching():
                                torch.stack([c[2] for c in cases]))
     for i, c in enumerate(cases):
         assert torch.allclose(batch[i], reverse_kl_optimum(*c), atol=1e-10)
+
+
+def test_closed_form_inner_solve_is_exact_where_bisection_was_bounded():
+    """The per-symbol solve y = b + W((n/m) e^{-b}) (Lambert W by Newton in log space): the residual of
+    w + log w = a is at float64 precision from a = -50 (w ~ 1e-22) to a = 1e6 (no overflow)."""
+    from mcd_scale.distill.ideal import _lambert_w_of_exp
+
+    a = torch.tensor([-50.0, -5.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.718, 20.0, 1e4, 1e6], dtype=torch.float64)
+    w = _lambert_w_of_exp(a)
+    assert torch.isfinite(w).all() and (w > 0).all()
+    torch.testing.assert_close(w + torch.log(w), a, atol=1e-9, rtol=1e-15)
+
+
+def test_fractional_masked_weights_scale_the_geometric_mean():
+    """masked may carry weights (tests/test_ideal_student.py passes importance weights summing to < 1): with
+    no CE part the optimum is softmax(G / m) for the weighted m, not for m clamped to 1."""
+    _, teacher, _ = _case(3)
+    w = torch.full((teacher.shape[0],), 0.05, dtype=torch.float64)  # m = 0.3
+    got = reverse_kl_optimum(torch.zeros(teacher.shape[-1], dtype=torch.float64), teacher, w)
+    want = torch.log_softmax((teacher * w.unsqueeze(-1)).sum(0) / w.sum(), -1)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    # and with a CE part, still the minimiser of the weighted expected loss (brute force)
+    counts = torch.zeros(teacher.shape[-1], dtype=torch.float64)
+    counts[1] = 0.2
+    got = reverse_kl_optimum(counts, teacher, w).exp()
+    logits = torch.zeros(teacher.shape[-1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([logits], lr=1.0, max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logq = torch.log_softmax(logits, -1)
+        loss = -(counts * logq).sum() + (w.unsqueeze(-1) * logq.exp() * (logq - teacher)).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    torch.testing.assert_close(got, torch.softmax(logits.detach(), -1), atol=1e-6, rtol=0)

@@ -13,8 +13,11 @@ population optimum (MCD.md section 5, docs/distill.md "What the MCD loss converg
 - forward KL, D = KL(p_k || q): q = (n + sum_k p_k) / (sum n + m), the mixture: the teacher's marginal;
 - reverse KL, D = KL(q || p_k): stationarity -n_v / q_v + m (log q_v + 1) - G_v + lambda = 0 with
   m = number of masked draws and G = sum_k log p_k. With n = 0 this is the normalised geometric mean
-  q ∝ exp(G / m); with m = 0 the empirical law n / sum n; in between no closed form, so it is solved by
-  nested bisection (each q_v is increasing in its residual, sum_v q_v decreasing in lambda).
+  q ∝ exp(G / m); with m = 0 the empirical law n / sum n; in between, for a given lambda each y_v = log q_v
+  has the closed form y_v = b_v + W((n_v / m) e^{-b_v}), b_v = (G_v - lambda - m) / m, with W the Lambert W
+  function (solved by Newton's method in log space: a few iterations to float64 precision), and lambda is
+  found by bisection (sum_v q_v is decreasing in lambda). Measured: the nested bisection this replaced
+  (50 x 50 steps) was 68% of an ideal-row sample's time at L = 256.
 - SDTT (reverse KL to the target of each draw, no CE part): q ∝ exp(mean_k log target_k).
 
 Everything is float64 and batched over leading dimensions.
@@ -24,6 +27,19 @@ from __future__ import annotations
 import torch
 
 _LOG_FLOOR = -1e4  # a teacher log-probability of -inf (a point mass elsewhere) is clamped here
+
+
+def _lambert_w_of_exp(a: torch.Tensor, iters: int = 8) -> torch.Tensor:
+    """W(e^a) (the w > 0 with w + log w = a) for finite float64 ``a``, overflow-free for large ``a``: Newton's
+    method on h(l) = e^l + l - a in l = log w (convex and increasing, so from a start at or right of the root
+    it converges monotonically and quadratically). Start: l = a for a <= 1 (W(e^a) <= e^a there), else
+    l = log(a - log a) (within ~0.2 of the root, so one step lands to its right)."""
+    big = a > 1.0
+    ell = torch.where(big, torch.log((a - torch.log(a.clamp(min=1.0))).clamp(min=1e-300)), a)
+    for _ in range(iters):
+        e = torch.exp(ell)
+        ell = ell - (e + ell - a) / (e + 1.0)
+    return torch.exp(ell)
 
 
 def forward_kl_optimum(counts: torch.Tensor, teacher_logp: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -47,23 +63,21 @@ def reverse_kl_optimum(counts: torch.Tensor, teacher_logp: torch.Tensor, masked:
     mk = masked.double()
     m = mk.sum(-1, keepdim=True)                                              # [..., 1]
     G = (teacher_logp.double().clamp(min=_LOG_FLOOR) * mk.unsqueeze(-1)).sum(-2)  # [..., V]
-    geo = torch.log_softmax(G / m.clamp(min=1.0), -1)
     emp = torch.log(n / n.sum(-1, keepdim=True).clamp(min=1e-300))
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
 
+    # m is a (weighted) count and may be fractional; rows with m = 0 take the empirical law below, and any
+    # positive stand-in keeps them finite here.
+    ms = torch.where(m > 0, m, torch.ones_like(m))
+    geo = torch.log_softmax(G / ms, -1)
+    has_n = n > 0
+    log_n_over_m = torch.where(has_n, torch.log(n.clamp(min=1e-300) / ms), torch.zeros_like(n))
+
     def log_q(lam: torch.Tensor) -> torch.Tensor:
-        # Solve m y - n_v e^{-y} = G_v - lam - m for y = log q_v (left side increasing in y).
-        r = G - lam - m
-        lo = torch.full_like(r, -750.0)
-        hi = torch.zeros_like(r) + 50.0
-        for _ in range(iters):
-            mid = 0.5 * (lo + hi)
-            pull = torch.where(n > 0, n * torch.exp(-mid.clamp(min=-700.0)), torch.zeros_like(mid))
-            f = m * mid - pull - r
-            lo = torch.where(f < 0, mid, lo)
-            hi = torch.where(f < 0, hi, mid)
-        return 0.5 * (lo + hi)
+        # Solve m y - n_v e^{-y} = G_v - lam - m for y = log q_v: y = b + W((n_v / m) e^{-b}), b = (G_v - lam - m) / m.
+        b = (G - lam - m) / ms
+        return b + torch.where(has_n, _lambert_w_of_exp(log_n_over_m - b), torch.zeros_like(b))
 
     # lambda brackets: sum_v q_v(lam) is decreasing in lam; widen until it brackets 1.
     lam_lo = torch.full_like(m, -1.0)
