@@ -184,7 +184,8 @@ def main() -> int:
         teacher_rows += sample_rows(args, plan, teacher, "teacher", "teacher", plan.many_steps, t, "ancestral")
         teacher_rows += sample_rows(args, plan, teacher, "teacher", "teacher", args.steps, t, "ancestral")
         teacher_rows += sample_rows(args, plan, teacher, "teacher", "teacher", args.steps, t, STRIDED)
-    result = {"steps": args.steps, "times": args.times, "weights": args.weights, "sets": args.set, "many_steps": plan.many_steps, "rounds": plan.rounds,
+    result = {"steps": args.steps, "times": args.times, "weights": args.weights, "sets": args.set,
+              "many_steps": plan.many_steps, "rounds": plan.rounds,
               "steps_per_round": plan.distill_steps, "trajectories_per_round": plan.distill_limit, "students": {}}
     temps = sorted(set(plan.student_temperatures) | {0.7})
     for order, run in students.items():
