@@ -32,7 +32,8 @@ complete, so rerunning the same command resumes; training stages also resume fro
 6. ``evaluate_smollm2`` (only with ``--smollm2``) the text rows again under SmolLM2-135M, an evaluator
                   the project did not train, in ``<run>/smollm2/``.
 
-Full mode takes 23-34 min on 2 CPU cores depending on the host (docs/results.md); ``--quick`` is a few-minute smoke of the same pipeline.
+Full mode takes 23-37 min on 2 CPU cores depending on the host (docs/results.md); ``--quick`` is a few-minute smoke
+of the same pipeline.
 ``--benchmarks synthetic`` runs the synthetic benchmark alone (no text data, teacher, students or AR
 evaluator); ``--synthetic-source switching`` puts the regime-switching source (dependencies that span the
 strided sampler's stride; mcd_scale/eval/synthetic_switching.py) in place of the order-2 chain; and
