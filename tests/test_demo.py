@@ -208,3 +208,17 @@ def test_synthetic_only_switching_source_with_a_teacher_seed(tmp_path):
     assert len(err) == 1 and "demo_options.json" in err[0] and "synthetic_source 'switching'" in err[0], err
     assert "Traceback" not in r.stdout + r.stderr
     assert "stage data: start" not in (run / "demo.log").read_text()[len(before):]
+
+
+def test_ideal_stage_failure_is_a_skip_naming_each_log(tmp_path):
+    """ideal_synthetic is a reference row: a failing tools/ideal_rows.py (here: no teacher checkpoint) becomes a
+    _Skip naming every failed configuration and its log, which main() reports under "Demo stages"."""
+    plan = demo.make_plan(quick=True)
+    d = demo.Demo(str(tmp_path / "run"), plan, "torchrun", 2)
+    os.makedirs(d.syn_data)
+    with pytest.raises(demo._Skip) as exc:
+        d.ideal()
+    for kind, temp in d.ideal_jobs():
+        assert f"{kind} T {temp}: exit 2 (logs/ideal_{kind}_T{temp}.log)" in str(exc.value)
+        assert "--teacher-checkpoint" in (tmp_path / "run" / "logs" / f"ideal_{kind}_T{temp}.log").read_text()
+    assert not d.ideal_done()

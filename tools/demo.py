@@ -52,6 +52,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
@@ -368,26 +369,9 @@ class Demo:
         p = self.plan
         sdtt_steps = p.distill_config("synthetic").sdtt_teacher_steps
         todo = [(k, t) for k, t in self.ideal_jobs() if not os.path.exists(self.ideal_path(k, t))]
-        running: list = []
-        failed = []
 
-        def reap(block: bool) -> None:
-            for job in list(running):
-                (kind, temp), (proc, log_path) = job
-                if proc.poll() is None and not block:
-                    continue
-                running.remove(job)
-                if proc.wait() != 0:
-                    failed.append(f"{kind} T {temp}: exit {proc.returncode} (log {log_path})")
-                else:
-                    self.log(f"  sampled the {kind} rows at T {temp}: {p.ideal_samples} samples at {p.few_steps} "
-                             f"steps, K = {p.ideal_draws}")
-                return
-
-        for kind, temp in todo:
-            while len(running) >= max(self.nproc, 1):
-                reap(block=False)
-                time.sleep(0.5)
+        def run(job: tuple[str, float]) -> int:
+            kind, temp = job
             path = self.ideal_path(kind, temp)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             cmd = [sys.executable, "tools/ideal_rows.py", "--chain", os.path.join(self.syn_data, "chain.json"),
@@ -395,23 +379,17 @@ class Demo:
                    "--steps", str(p.few_steps), "--temperatures", str(temp), "--num-samples", str(p.ideal_samples),
                    "--draws", str(p.ideal_draws), "--sdtt-teacher-steps", str(sdtt_steps), "--seed", "0",
                    "--threads", "1", "--out", path]
-            running.append(((kind, temp), self.spawn(cmd, f"ideal_{kind}_T{temp}")))
-        while running:
-            reap(block=True)
+            rc = self.sh(cmd, f"ideal_{kind}_T{temp}", check=False)
+            if rc == 0:
+                self.log(f"  sampled the {kind} rows at T {temp}: {p.ideal_samples} samples at {p.few_steps} steps, "
+                         f"K = {p.ideal_draws}")
+            return rc
+
+        with ThreadPoolExecutor(max_workers=max(self.nproc, 1)) as pool:  # threads only wait on the processes
+            codes = list(pool.map(run, todo))
+        failed = [f"{k} T {t}: exit {rc} (logs/ideal_{k}_T{t}.log)" for (k, t), rc in zip(todo, codes) if rc != 0]
         if failed:  # a reference row, not the demo's result: reported, and the other stages still run
             raise _Skip("tools/ideal_rows.py failed: " + "; ".join(failed))
-
-    def spawn(self, cmd: list[str], log_name: str) -> tuple[subprocess.Popen, str]:
-        """Start a command with its output to <run>/logs/<log_name>.log (Demo.sh, without waiting)."""
-        logs = os.path.join(self.run, "logs")
-        os.makedirs(logs, exist_ok=True)
-        path = os.path.join(logs, log_name + ".log")
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(f"$ {' '.join(cmd)}\n")
-            fh.flush()
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        return proc, path
 
     def ideal_report(self) -> None:
         """report.md: each trained student's last round against its ideal (gap closed, share of the ideal's)."""
