@@ -17,7 +17,7 @@ complete, so rerunning the same command resumes; training stages also resume fro
                   absent or fails, the stage is reported as SKIPPED (with the reason) in the log and
                   in report.md, and the other stages still run.
    ``ideal_synthetic`` the distillation losses' population optima on the trained synthetic teacher
-                  (tools/ideal_rows.py: ``mcd-ideal``, ``sdtt-ideal`` at N/16 steps, T = 0.9 and 1; ~2.5 min), so each
+                  (tools/ideal_rows.py: ``mcd-ideal``, ``sdtt-ideal`` at N/16 steps, T = 0.9 and 1; ~3 min), so each
                   trained student is read against its own ceiling; report.md adds the students' share of
                   their ideal's gap closed. Complete = one JSONL per kind and temperature under ``<run>/samples/``.
 4. ``sample``     teacher at N and N/16 steps at several temperatures, every student round at N/16
@@ -116,10 +116,10 @@ class Plan:
     # per (kind, temperature), one thread each, --nproc at a time. Per sample at L = 256 (posterior draws, K
     # teacher calls and the per-token solver per step), two processes side by side on 2 cores: mcd-ideal 9.9 s
     # with the nested-bisection solver, 2.9-4.0 s with the closed-form one (mcd_scale/distill/ideal.py);
-    # sdtt-ideal 2.9 s per temperature. 24 samples: ~2 minutes; their intervals stay wide (~+-0.2 of the
-    # gap), a reference, not a result. Both also at T = 0.9: at T = 1 each has sat just above the teacher
-    # curves' entropy range, where no gap closed is defined (sdtt-ideal 3.785 vs 3.778 on the seed-1 teacher,
-    # mcd-ideal 3.733 vs 3.73 on seed 2).
+    # sdtt-ideal 2.9 s per temperature. 24 samples at 2 temperatures: 165 s in the full demo; their intervals
+    # stay wide (~+-0.2 of the gap), a reference, not a result. Both also at T = 0.9: at T = 1 each has sat
+    # just above the teacher curves' entropy range, where no gap closed is defined (sdtt-ideal 3.785 vs 3.778
+    # on the seed-1 teacher, mcd-ideal 3.733 vs 3.73 on seed 2).
     ideal_kinds: tuple = ("mcd-ideal", "sdtt-ideal")
     ideal_temperatures: dict = field(default_factory=lambda: {"mcd-ideal": (0.9, 1.0), "sdtt-ideal": (0.9, 1.0)})
     ideal_samples: int = 24
@@ -142,6 +142,11 @@ class Plan:
 
     def ideal_temps(self, kind: str) -> tuple:
         return tuple(self.ideal_temperatures.get(kind, (1.0,)))
+
+    @property
+    def runs_ideal(self) -> bool:
+        """Whether the demo samples the ideal rows (stage ideal_synthetic)."""
+        return "synthetic" in self.benchmarks and bool(self.ideal_kinds) and self.ideal_samples > 0
 
     @property
     def few_steps(self) -> int:
@@ -352,7 +357,8 @@ class Demo:
 
     # ---------------------------------------------------------------------------------- ideal students
     def ideal_jobs(self) -> list[tuple[str, float]]:
-        """(kind, temperature) of every ideal configuration, the costliest kind first."""
+        """(kind, temperature) of every ideal configuration, in Plan.ideal_kinds order (mcd-ideal, the costliest,
+        first, so the pool starts it first)."""
         return [(kind, t) for kind in self.plan.ideal_kinds for t in self.plan.ideal_temps(kind)]
 
     def ideal_path(self, kind: str, temperature: float) -> str:
@@ -415,8 +421,8 @@ class Demo:
             last = max(s["round"] for s in rows)
             for s in sorted((s for s in rows if s["round"] == last), key=lambda s: s["temperature"]):
                 g = s["gap_closed"]
-                share = (g / g_ideal if g is not None and g_ideal is not None and math.isfinite(g)
-                         and math.isfinite(g_ideal) and g_ideal > 0 else None)
+                share = (g / g_ideal if g is not None and math.isfinite(g) and g_ideal is not None and g_ideal > 0
+                         else None)
                 fmt = lambda v: "–" if v is None or not math.isfinite(v) else f"{v:.2f}"  # noqa: E731
                 lines.append(f"| {objective} round {last} | {objective}-ideal | {fmt(g_ideal)} | {s['temperature']} "
                              f"| {fmt(g)} | {fmt(share)} |")
@@ -498,7 +504,7 @@ class Demo:
             if job["sampler"] != DEFAULT_SAMPLER or (job["model"] == "teacher"
                                                        and job["benchmark"] in self.plan.strided_benchmarks):
                 merged_strided.extend(lines)
-        if "synthetic" in self.plan.benchmarks:  # the ideal rows (stage ideal_synthetic), default sampler only
+        if self.plan.runs_ideal:  # the ideal rows (stage ideal_synthetic), default sampler only
             for kind, temp in self.ideal_jobs():
                 if os.path.exists(self.ideal_path(kind, temp)):
                     with open(self.ideal_path(kind, temp), encoding="utf-8") as fh:
@@ -602,7 +608,7 @@ class Demo:
                     line = f"distill_{bench}_{objective}: SKIPPED: {exc}; no {objective} rows for {bench}"
                     self.notes.append(line)
                     self.log(f"stage {line}")
-        if "synthetic" in p.benchmarks and p.ideal_kinds and p.ideal_samples > 0:
+        if p.runs_ideal:
             try:
                 self.stage("ideal_synthetic", self.ideal_done(), self.ideal)
                 self.notes.append(f"ideal_synthetic: {', '.join(p.ideal_kinds)} on {self.teacher_dir('synthetic')}, "
@@ -613,7 +619,7 @@ class Demo:
                 self.log(f"stage {line}")
         self.stage("sample", False, self.sample_all)
         self.stage("evaluate", False, self.evaluate)
-        if "synthetic" in p.benchmarks and p.ideal_kinds and p.ideal_samples > 0:
+        if p.runs_ideal:
             self.ideal_report()
         self.stage("evaluate_strided", False, self.evaluate_strided)
         with open(os.path.join(self.run, "report.md"), "a", encoding="utf-8") as fh:
