@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 
 from mcd_scale import EXIT_CONFIG  # noqa: E402
 from mcd_scale.config import ConfigError, load_config, validate_layout  # noqa: E402
-from mcd_scale.distributed import detect_launch_env  # noqa: E402
+from mcd_scale.parallel.distributed import detect_launch_env  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +40,8 @@ def dry_run_report(cfg, world: int, device_type: str) -> dict:
     """What ``--dry-run`` derives for ``world`` ranks: the layout, the DeepSpeed dict, the optimizer
     options on ``device_type`` and the per-rank memory plan (no torch model is built)."""
     from mcd_scale.config import deepspeed_config, grad_accum
-    from mcd_scale.memory_plan import memory_plan
-    from mcd_scale.optim import adamw_options
+    from mcd_scale.parallel.memory_plan import memory_plan
+    from mcd_scale.training.optim import adamw_options
 
     return {"dp": world // (cfg.parallel.tp * cfg.parallel.pp), "grad_accum": grad_accum(cfg, world),
             "deepspeed": deepspeed_config(cfg, world), "optimizer": adamw_options(cfg, device_type),
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         print(f"[rank {detect_launch_env().rank}] config error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     from mcd_scale.cli import debug, input_error_types, report
-    from mcd_scale.preflight import check_inputs
+    from mcd_scale.training.preflight import check_inputs
 
     try:  # paths before any heavy import or process group; --dry-run verifies the checkpoint's files too
         inputs = None if (args.dry_run and args.layout_only) else check_inputs(cfg, verify_checkpoint=args.dry_run)
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         print(json.dumps({"ok": True, "inputs": inputs, "world_size": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
                           **dry_run_report(cfg, world, args.device)}, indent=2))
         return 0
-    from mcd_scale.trainer import run_training
+    from mcd_scale.training.trainer import run_training
 
     try:
         return run_training(cfg)

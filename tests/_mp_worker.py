@@ -24,9 +24,9 @@ def main() -> int:
         return 1
     finally:
         try:
-            from mcd_scale.distributed import shutdown
+            from mcd_scale.parallel.distributed import shutdown
 
-            # on success, drain queued gloo work before exit (see mcd_scale.distributed.shutdown)
+            # on success, drain queued gloo work before exit (see mcd_scale.parallel.distributed.shutdown)
             shutdown(drain=finished)
         except Exception:
             traceback.print_exc()

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from mcd_scale.integrity import IntegrityError, sha256_file, verify
+from mcd_scale.checkpoint.integrity import IntegrityError, sha256_file, verify
 from tests import tiny_run
 
 

@@ -436,7 +436,7 @@ ONE_B = {"teacher_1b.yaml": 8, "distill_1b.yaml": 16}
 def test_one_b_configs_derive_the_decided_gpu_defaults(monkeypatch, name):
     from deepspeed.runtime import config as ds_config
 
-    from mcd_scale.optim import adamw_options
+    from mcd_scale.training.optim import adamw_options
 
     cfg = load_config([os.path.join(REPO, "configs", name)])
     world = ONE_B[name]
@@ -481,7 +481,7 @@ def test_gpu_default_keys_are_validated_and_reach_the_dict():
 def test_build_optimizer_is_plain_adamw_on_cpu():
     import torch
 
-    from mcd_scale.optim import build_optimizer
+    from mcd_scale.training.optim import build_optimizer
 
     cfg = load_config([], ["parallel.fused_optimizer=true", "optimizer.lr=0.01"])
     opt = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))], torch.device("cpu"))

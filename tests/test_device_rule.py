@@ -1,6 +1,6 @@
 """The one device rule, kept true by reading the source (AST; no process, ~1 s).
 
-1. Every torch.distributed collective of ours goes through mcd_scale/collectives.py, which moves its tensors
+1. Every torch.distributed collective of ours goes through mcd_scale/parallel/collectives.py, which moves its tensors
    to the backend's device (NCCL rejects host tensors; gloo forgives them, so only a GPU run would notice).
 2. The step-path modules create no tensor with a factory (torch.tensor/zeros/ones/full/empty/arange/rand*)
    without ``device=``: such a tensor lands on the host, and under CUDA it meets device tensors mid-step.
@@ -15,17 +15,17 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COLLECTIVES_MODULE = "mcd_scale/collectives.py"
+COLLECTIVES_MODULE = "mcd_scale/parallel/collectives.py"
 
-# Files whose owners are converting them to mcd_scale/collectives.py in parallel (issue 13, item 3). The lead
+# Files whose owners are converting them to mcd_scale/parallel/collectives.py in parallel (issue 13, item 3). The lead
 # empties this list when their work lands; a file here is still scanned for the device rule.
 KNOWN_PENDING_COLLECTIVES: dict[str, str] = {}  # {path: whose work}; empty since precompute was converted
 
-STEP_PATH = ["mcd_scale/engine.py", "mcd_scale/trainer.py", "mcd_scale/objectives.py", "mcd_scale/pipeline_guard.py",
+STEP_PATH = ["mcd_scale/training/engine.py", "mcd_scale/training/trainer.py", "mcd_scale/training/objectives.py", "mcd_scale/training/pipeline_guard.py",
              "mcd_scale/distill/objective.py", "mcd_scale/distill/loss.py", "mcd_scale/distill/sdtt.py",
-             "mcd_scale/distill/targets.py", "mcd_scale/diffusion/masking.py", "mcd_scale/metrics.py",
-             "mcd_scale/universal.py", "mcd_scale/checkpoint.py", "mcd_scale/grad_guard.py",
-             "mcd_scale/fault_hooks.py", "mcd_scale/skip_log.py", "mcd_scale/bad_input.py"]
+             "mcd_scale/distill/targets.py", "mcd_scale/diffusion/masking.py", "mcd_scale/training/telemetry.py",
+             "mcd_scale/checkpoint/universal.py", "mcd_scale/checkpoint/store.py", "mcd_scale/training/grad_guard.py",
+             "mcd_scale/training/fault_hooks.py", "mcd_scale/data/skip_log.py", "mcd_scale/data/bad_input.py"]
 
 # Host-only tensors, on purpose: (file, enclosing function) -> why the host is right.
 HOST_ONLY = {
@@ -35,7 +35,7 @@ HOST_ONLY = {
     # shard records are collated on the host by the data loader (offline MCD); the engine moves the batch
     ("mcd_scale/distill/targets.py", "unpack_samples"): "trajectory shard records collated on the host",
     # the universal checkpoint's scalars are written to a file from the host
-    ("mcd_scale/universal.py", "gather_universal"): "file contents (host) written by rank 0",
+    ("mcd_scale/checkpoint/universal.py", "gather_universal"): "file contents (host) written by rank 0",
 }
 
 COLLECTIVE_PREFIXES = ("all_reduce", "all_gather", "broadcast", "reduce", "gather", "scatter", "all_to_all")
@@ -122,7 +122,7 @@ def test_every_collective_goes_through_the_collectives_module():
         if rel(p) == COLLECTIVES_MODULE or rel(p) in KNOWN_PENDING_COLLECTIVES:
             continue
         offenders += collective_calls(p)
-    assert not offenders, ("torch.distributed collectives outside mcd_scale/collectives.py (call collectives.* "
+    assert not offenders, ("torch.distributed collectives outside mcd_scale/parallel/collectives.py (call collectives.* "
                            "so the tensors are on the backend's device):\n" + "\n".join(offenders))
 
 

@@ -101,7 +101,7 @@ def test_bf16_logits_give_bf16_grads():
 
 
 def _tp2_worker(cases):
-    from mcd_scale.distributed import init_distributed
+    from mcd_scale.parallel.distributed import init_distributed
 
     dims = init_distributed(tp=2, pp=1)
     out = []

@@ -8,7 +8,7 @@ import torch
 from mcd_scale.config import load_config
 from mcd_scale.distill.objective import McdObjective, SdttObjective, build_distill_objective
 from mcd_scale.distill.targets import topk_from_logits
-from mcd_scale.distributed import ParallelDims
+from mcd_scale.parallel.distributed import ParallelDims
 from mcd_scale.model.build import build_model
 from mcd_scale.model.weights import full_state_dict
 from mcd_scale.rng import keyed_generator

@@ -20,7 +20,7 @@ from mcd_scale.diffusion.sampling import sampling_times
 from mcd_scale.diffusion.schedules import get_schedule
 from mcd_scale.distill.objective import build_distill_objective
 from mcd_scale.distill.reveal_order import ordered_thresholds
-from mcd_scale.distributed import ParallelDims
+from mcd_scale.parallel.distributed import ParallelDims
 from tests.test_trajectories import L, REPO, TINY, V, make_teacher, make_tokens, run_inprocess, tool_args
 
 SCHEDULE = get_schedule("loglinear", 1e-3)

@@ -23,7 +23,7 @@ def _zero3_rank() -> dict:
 
     from mcd_scale.distill.ema import EMA
     from mcd_scale.distill.teacher import FrozenTeacher
-    from mcd_scale.distributed import disable_deepspeed_shm_allreduce
+    from mcd_scale.parallel.distributed import disable_deepspeed_shm_allreduce
     from tests.test_distill_teacher import TinyDenoiser
 
     disable_deepspeed_shm_allreduce()

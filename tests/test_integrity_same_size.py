@@ -1,5 +1,5 @@
 """A checkpoint file altered without changing its size (a flipped byte: bit rot, a partial overwrite) is refused by
-:func:`mcd_scale.integrity.verify`, naming the file. The other integrity tests truncate files, which the size
+:func:`mcd_scale.checkpoint.integrity.verify`, naming the file. The other integrity tests truncate files, which the size
 check alone already catches; tools/mutate.py's ``integrity-size-only`` (sha256 never compared) survived them."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from mcd_scale.integrity import MARKER, IntegrityError, record_files, verify
+from mcd_scale.checkpoint.integrity import MARKER, IntegrityError, record_files, verify
 
 
 def _tag(tmp_path) -> str:

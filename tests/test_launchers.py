@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from mcd_scale.distributed import detect_launch_env, first_slurm_host, master_addr_for_hosts
+from mcd_scale.parallel.distributed import detect_launch_env, first_slurm_host, master_addr_for_hosts
 from tests.mp import REPO, free_port, run_cli, venv_bin
 
 PROBE = os.path.join(REPO, "tools", "launch_probe.py")
@@ -104,7 +104,7 @@ def test_master_addr_for_hosts():
 def test_mpirun_inside_sbatch_uses_the_mpi_rank():
     """`mpirun python train.py` inside an sbatch script: the batch step's SLURM_PROCID=0 /
     SLURM_NTASKS are inherited by every MPI rank, so they must not decide the rank.
-    (FAILS on the current mcd_scale/distributed.py, which checks SLURM before MPI: every rank would
+    (FAILS on the current mcd_scale/parallel/distributed.py, which checks SLURM before MPI: every rank would
     believe it is rank 0 -- reported to the lead with the fix.)"""
     batch_step = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "99",
                   "SLURM_JOB_NODELIST": "gpu[001-002]"}
@@ -223,7 +223,7 @@ def test_config_validation_path_does_not_import_torch():
     """A bad config must fail on every rank before a launcher that kills siblings on the first exit
     (DeepSpeed's polls every second) can kill the slower ranks: train.py parses and validates before
     importing torch (~1.5 s here, much more on a loaded machine)."""
-    code = ("import sys; import mcd_scale.train, mcd_scale.distributed; "
+    code = ("import sys; import mcd_scale.train, mcd_scale.parallel.distributed; "
             "sys.exit(3 if 'torch' in sys.modules else 0)")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, f"importing mcd_scale.train pulled in torch: {res.stderr[-2000:]}"

@@ -1,4 +1,4 @@
-"""The per-rank memory plan (mcd_scale/memory_plan.py) against DeepSpeed's own ZeRO-3 estimator, its
+"""The per-rank memory plan (mcd_scale/parallel/memory_plan.py) against DeepSpeed's own ZeRO-3 estimator, its
 parameter count against the model's, and its place in ``--dry-run``."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import pytest
 
 from mcd_scale.config import load_config
-from mcd_scale.memory_plan import memory_plan, tp_shard_parameters
+from mcd_scale.parallel.memory_plan import memory_plan, tp_shard_parameters
 from mcd_scale.model.flops import count_parameters
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,7 @@ def _pipe_worker(load_state):
     """pp=2 on 2 ranks: stage 0's output is sent by hand to stage 1 (no engine)."""
     import torch.distributed as dist
 
-    from mcd_scale.distributed import init_distributed
+    from mcd_scale.parallel.distributed import init_distributed
     from mcd_scale.model import full_state_dict, load_full_state_dict
     from mcd_scale.model.pipeline import build_pipeline_module
 
@@ -69,7 +69,7 @@ def test_pipeline_stages_reproduce_plain_model():
 
 def _zero3_worker(load_state):
     from mcd_scale.config import deepspeed_config
-    from mcd_scale.distributed import init_distributed
+    from mcd_scale.parallel.distributed import init_distributed
     from mcd_scale.model import build_model, full_state_dict, load_full_state_dict
 
     dims = init_distributed(tp=1, pp=1)

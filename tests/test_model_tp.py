@@ -51,7 +51,7 @@ def perturbed(state: dict, seed: int) -> dict:
 
 
 def _tp_worker(cases):
-    from mcd_scale.distributed import init_distributed
+    from mcd_scale.parallel.distributed import init_distributed
 
     dims = init_distributed(tp=2, pp=1)
     return [_tp_case(dims, extra, load_state) for extra, load_state in cases]

@@ -15,7 +15,7 @@ def _start_and_reduce() -> dict:
     import torch
     import torch.distributed as dist
 
-    from mcd_scale.distributed import init_distributed, shutdown
+    from mcd_scale.parallel.distributed import init_distributed, shutdown
 
     dims = init_distributed(tp=1, pp=1)
     t = torch.ones(3)

@@ -42,7 +42,7 @@ class HostReads(TorchFunctionMode):
 @pytest.mark.parametrize("vocab", [61, 2039])
 def test_precompute_host_bytes_per_sample_scale_with_k_not_vocab(vocab, monkeypatch):
     import tools.precompute_trajectories as pt
-    from mcd_scale.distributed import ParallelDims
+    from mcd_scale.parallel.distributed import ParallelDims
 
     monkeypatch.setattr(pt, "sha256_file", lambda path: "stub")
     monkeypatch.setattr(pt, "manifest_path", lambda path: path)

@@ -14,7 +14,7 @@ import itertools
 
 import pytest
 
-from mcd_scale.distributed import ParallelDims
+from mcd_scale.parallel.distributed import ParallelDims
 from tests.mp import run_ranks
 
 
@@ -80,7 +80,7 @@ def _build_layouts(layouts):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from mcd_scale.distributed import init_distributed, shutdown
+    from mcd_scale.parallel.distributed import init_distributed, shutdown
 
     out = []
     try:

@@ -147,7 +147,7 @@ def test_dry_run_prints_the_plan_and_says_whether_the_job_would_start(tmp_path):
 PROBE = """#!/bin/sh
 # A stand-in for the interpreter: records what this task would start with, exits $PROBE_RC.
 "$REAL_PYTHON" -c 'import json, os, sys
-from mcd_scale.distributed import detect_launch_env
+from mcd_scale.parallel.distributed import detect_launch_env
 le = detect_launch_env()
 json.dump({"rank": le.rank, "world": le.world_size, "local": le.local_rank, "addr": le.master_addr,
            "port": le.master_port, "node": os.environ["SLURMD_NODENAME"]},

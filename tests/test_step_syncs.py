@@ -2,7 +2,7 @@
 
 One gloo rank builds the real TrainEngine (tiny model, ZeRO-1) and runs optimizer steps at gradient
 accumulation 1 and 4, plus a poisoned (skipped) step at 4. Counted, from our code only (callers under
-mcd_scale/): every function of mcd_scale/collectives.py, and the host reads ``Tensor.item``, ``tolist``,
+mcd_scale/): every function of mcd_scale/parallel/collectives.py, and the host reads ``Tensor.item``, ``tolist``,
 ``cpu``, ``numpy``, ``bool``/``float``/``int`` of a tensor. On a GPU each of those waits for the device.
 """
 from __future__ import annotations
@@ -21,10 +21,10 @@ def _count_worker(accums):
 
     import torch
 
-    from mcd_scale import collectives
-    from mcd_scale.distributed import init_distributed
-    from mcd_scale.engine import TrainEngine
-    from mcd_scale.objectives import MdlmObjective
+    from mcd_scale.parallel import collectives
+    from mcd_scale.parallel.distributed import init_distributed
+    from mcd_scale.training.engine import TrainEngine
+    from mcd_scale.training.objectives import MdlmObjective
     from tests.test_model_tp import tiny_cfg
 
     ours = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mcd_scale") + os.sep

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from mcd_scale.config import load_config
-from mcd_scale.universal import layout_of, native_resume_ok, refuse_reason, saved_layout
+from mcd_scale.checkpoint.universal import layout_of, native_resume_ok, refuse_reason, saved_layout
 
 
 def test_saved_layout_reads_the_checkpoint_and_matches_layout_of(tmp_path):

@@ -10,7 +10,7 @@
 ``consolidate`` builds the logical ``model.safetensors`` from the DeepSpeed shards of any layout (also when
 ``checkpoint.consolidated`` was off): the tag's layout is rebuilt on local CPU ranks (gloo, one process
 per saved rank), DeepSpeed loads its own shards, and rank 0 streams one logical parameter at a time
-into the file (mcd_scale/consolidate.py). ``reshard`` writes a run directory whose checkpoint resumes
+into the file (mcd_scale/checkpoint/consolidate.py). ``reshard`` writes a run directory whose checkpoint resumes
 training at ``--tp/--pp/--zero`` (any DP size) with the optimizer state: its tag holds
 ``universal.safetensors`` (fp32 masters, Adam moments, EMA shadow; built from the shards when the run did
 not write it) and no DeepSpeed files, plus ``config.yaml`` for the new layout. ``export-hf`` writes a
@@ -23,7 +23,7 @@ weights: they load into ANY TP/PP/ZeRO layout through ``load_full_state_dict``, 
 teacher trained at TP=2 becomes a TP=1 student or a PP=2 sampler) plus ``config.yaml`` (the model
 section and the rest of the resolved config) and ``meta.json`` (source, digest, step).
 Nothing is unpickled; only safetensors, YAML and JSON are read, and every file read is first checked
-against the checkpoint's integrity record (size + sha256 in COMPLETE; mcd_scale/integrity.py).
+against the checkpoint's integrity record (size + sha256 in COMPLETE; mcd_scale/checkpoint/integrity.py).
 
 ``export`` never deletes what it did not create: a non-empty ``--out`` is refused unless ``--force``,
 and ``--force`` only replaces the files listed in that directory's ``meta.json`` (the manifest a
@@ -39,7 +39,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mcd_scale.cli import InputError, input_errors_exit  # noqa: E402
-from mcd_scale.integrity import IntegrityError, sha256_file, verify  # noqa: E402
+from mcd_scale.checkpoint.integrity import IntegrityError, sha256_file, verify  # noqa: E402
 
 EXPORT_FORMAT = "mcd_scale-export-v1"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,8 +123,8 @@ def inspect(path: str) -> dict:
     ``{"status": "bad", "error": ...}`` and nothing of the bad file is read; main() reports it and exits 2."""
     from safetensors import safe_open
 
-    from mcd_scale.checkpoint import list_tags
-    from mcd_scale.integrity import read_marker
+    from mcd_scale.checkpoint.store import list_tags
+    from mcd_scale.checkpoint.integrity import read_marker
 
     ckpt = _checkpoint_dir(path)
     root = os.path.dirname(ckpt)
@@ -288,7 +288,7 @@ def export(path: str, out: str, ema: bool, force: bool = False) -> str:
     return out
 
 
-# ------------------------------------------------------------------ conversion ranks (mcd_scale/ckpt_worker.py)
+# ------------------------------------------------------------------ conversion ranks (mcd_scale/checkpoint/worker.py)
 def _free_port() -> int:
     import socket
 
@@ -304,7 +304,7 @@ def run_workers(ckpt: str, jobs: list[dict]) -> dict:
     import tempfile
     import time
 
-    from mcd_scale.integrity import read_marker
+    from mcd_scale.checkpoint.integrity import read_marker
 
     world = int(read_marker(ckpt).get("world_size", 1))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_"))}
@@ -319,7 +319,7 @@ def run_workers(ckpt: str, jobs: list[dict]) -> dict:
             e = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
             log = open(os.path.join(tmp, f"rank{rank}.log"), "w+")
             logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, "-m", "mcd_scale.ckpt_worker", arg], cwd=REPO, env=e,
+            procs.append(subprocess.Popen([sys.executable, "-m", "mcd_scale.checkpoint.worker", arg], cwd=REPO, env=e,
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         try:
             while any(p.poll() is None for p in procs):
@@ -381,8 +381,8 @@ def reshard(path: str, out: str, tp: int, pp: int, zero: int | None = None, worl
     """A run directory in ``out`` whose latest tag resumes training at tp/pp/zero (any DP size): a
     universal-only tag (universal.safetensors + consolidated weights + TrainState) and config.yaml."""
     from mcd_scale.config import ConfigError, load_config, to_yaml, validate_layout
-    from mcd_scale.integrity import read_marker, record_files
-    from mcd_scale.universal import FILE, UNIVERSAL_ONLY, has_ema
+    from mcd_scale.checkpoint.integrity import read_marker, record_files
+    from mcd_scale.checkpoint.universal import FILE, UNIVERSAL_ONLY, has_ema
 
     ckpt = _checkpoint_dir(path)
     src_cfg_file = os.path.join(ckpt, "config.resolved.yaml")
@@ -415,7 +415,7 @@ def reshard(path: str, out: str, tp: int, pp: int, zero: int | None = None, worl
         o.copy(rel(name), os.path.join(ckpt, name))
     tagdir = os.path.join(out, "checkpoints", tag)
     # The tag's config.resolved.yaml is the source's: it describes the run that was trained. Without DeepSpeed
-    # files no layout loads the tag natively, which COMPLETE says (mcd_scale/universal.py saved_layout).
+    # files no layout loads the tag natively, which COMPLETE says (mcd_scale/checkpoint/universal.py saved_layout).
     marker = {"tag": tag, "world_size": read_marker(ckpt).get("world_size"), UNIVERSAL_ONLY: True,
               "source": os.path.abspath(ckpt), "files": record_files(tagdir)}
     o.text(rel("COMPLETE"), json.dumps(marker, indent=1))
@@ -429,7 +429,7 @@ def reshard(path: str, out: str, tp: int, pp: int, zero: int | None = None, worl
     return {"out": out, "tag": tag, "built": [j["what"] + ":" + os.path.basename(j["out"]) for j in jobs], **report}
 
 
-HF_MODELING = os.path.join(REPO, "mcd_scale", "hf_export", "modeling_mcd.py")
+HF_MODELING = os.path.join(REPO, "mcd_scale", "checkpoint", "hf_export", "modeling_mcd.py")
 HF_README = """# {name}
 
 A masked diffusion language model trained with mcd_scale ({objective}, step {step}, {params:,} parameters).

@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     from mcd_scale.distill.rounds import plan_rounds
 
     from mcd_scale.cli import fail, input_errors
-    from mcd_scale.integrity import verify_file
+    from mcd_scale.checkpoint.integrity import verify_file
 
     args = parse_args(argv)
     try:  # the inputs before any child starts: one line, exit 2

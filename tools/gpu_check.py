@@ -11,7 +11,7 @@ registry is reachable: carry their wheels in ``.whl/`` (docs/performance.md, "GP
 and run ``tools/gpu_check.sh``, which installs them into ``.site`` and runs this script under a timeout.
 
 Every check goes through the product's entry points in a temporary run directory this script creates
-(and deletes unless ``--keep``): ``mcd_scale.trainer.run_training`` (the engine of ``mcd_scale/train.py``)
+(and deletes unless ``--keep``): ``mcd_scale.training.trainer.run_training`` (the engine of ``mcd_scale/train.py``)
 for the teacher menus, MCD online/offline and SDTT; ``tools/precompute_trajectories.py`` for the
 offline targets (teacher on the device); ``tools/sample.py`` for sampling. Rows:
 
@@ -25,7 +25,7 @@ offline targets (teacher on the device); ``tools/sample.py`` for sampling. Rows:
 * ``step_time``: the 1B model (``configs/teacher_1b.yaml``; ``--tiny``: the tiny teacher) at TP = 1,
   ZeRO-3, bf16, one row per (micro-batch, activation checkpointing): step seconds, tokens/s, TFLOP/s
   per device and MFU against the named peak (H100 SXM / H200 bf16 dense: 989 TFLOP/s), peak memory
-  (``torch.cuda.max_memory_allocated``) beside the dry-run plan (``mcd_scale.memory_plan``).
+  (``torch.cuda.max_memory_allocated``) beside the dry-run plan (``mcd_scale.parallel.memory_plan``).
 
 Exit codes: 0 every row ok, 1 some row not ok, 2 bad arguments or missing packages.
 """
@@ -123,7 +123,7 @@ def make_tokens(ctx: Ctx, cfg, directory: str) -> None:
     import numpy as np
     import torch
 
-    from mcd_scale import collectives
+    from mcd_scale.parallel import collectives
     from mcd_scale.data.loader import TOKENS_FORMAT, TOKENS_FORMAT_VERSION
     from mcd_scale.data.manifest import write_manifest
     from mcd_scale.data.shards import write_shards
@@ -145,7 +145,7 @@ def make_tokens(ctx: Ctx, cfg, directory: str) -> None:
 
 def load(files: Sequence[str], overrides: Sequence[str]):
     from mcd_scale.config import load_config, validate_layout
-    from mcd_scale import collectives
+    from mcd_scale.parallel import collectives
 
     cfg = load_config([os.path.join(REPO, f) for f in files], list(overrides))
     validate_layout(cfg, collectives.world_size())
@@ -154,7 +154,7 @@ def load(files: Sequence[str], overrides: Sequence[str]):
 
 def train(ctx: Ctx, cfg) -> dict:
     """run_training (the entry of mcd_scale/train.py) on the live process group; the metrics it logged."""
-    from mcd_scale.trainer import run_training
+    from mcd_scale.training.trainer import run_training
 
     code = run_training(cfg, ctx.dims)
     path = os.path.join(cfg.run.dir, "metrics.jsonl")
@@ -194,7 +194,7 @@ def distill_cfg(ctx: Ctx, run: str, extra: Sequence[str]):
 
 
 def check_precompute(ctx: Ctx) -> dict:
-    from mcd_scale import collectives
+    from mcd_scale.parallel import collectives
     from mcd_scale.config import save_resolved
     from tools.precompute_trajectories import build_parser as pre_parser, precompute
 
@@ -226,7 +226,7 @@ def check_sampling(ctx: Ctx) -> dict:
 
     import sample as sample_cli  # tools/sample.py
 
-    from mcd_scale import collectives
+    from mcd_scale.parallel import collectives
 
     if collectives.rank() != 0:
         return {"ok": True}
@@ -288,7 +288,7 @@ def timed_steps(ctx: Ctx, cfg, steps: int) -> dict:
     from mcd_scale.data.loader import MicroBatchLoader
     from mcd_scale.data.sampler import GlobalBatchSampler
     from mcd_scale.model.flops import train_flops_per_token
-    from mcd_scale.trainer import Trainer, step_batches
+    from mcd_scale.training.trainer import Trainer, step_batches
 
     trainer = Trainer(cfg, ctx.dims)
     sampler = GlobalBatchSampler(len(trainer.train_set), cfg.parallel.global_batch, cfg.train.seed)
@@ -321,7 +321,7 @@ def check_step_time(ctx: Ctx) -> dict:
 
     import torch
 
-    from mcd_scale.memory_plan import memory_plan
+    from mcd_scale.parallel.memory_plan import memory_plan
 
     files = ["configs/tiny/teacher.yaml"] if ctx.args.tiny else ["configs/teacher_1b.yaml"]
     model = TINY_MODEL if ctx.args.tiny else []
@@ -431,8 +431,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.nproc > 1 and "RANK" not in os.environ:
         return relaunch(args, argv)
 
-    from mcd_scale import collectives
-    from mcd_scale.distributed import init_distributed, shutdown
+    from mcd_scale.parallel import collectives
+    from mcd_scale.parallel.distributed import init_distributed, shutdown
 
     # Everything but the JSON goes to stderr (DeepSpeed's logger binds stdout when first imported,
     # the trainer and tools print console lines): stdout carries only the report.

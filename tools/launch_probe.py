@@ -8,7 +8,7 @@ Run it exactly the way you would run training, with the layout you plan to use::
     srun -N 2 --ntasks-per-node 8 python tools/launch_probe.py --tp 8 --pp 2
     mpirun -np 8 python tools/launch_probe.py --tp 2          # or MPICH: mpiexec -n 8 ...
 
-Each rank calls ``mcd_scale.distributed.init_distributed(tp, pp)`` (the same start-up as training),
+Each rank calls ``mcd_scale.parallel.distributed.init_distributed(tp, pp)`` (the same start-up as training),
 then runs an all-reduce on its tensor-, data- and pipeline-parallel groups and on the world:
 summing the global ranks must give the sum of the group's members, and summing ones its size.
 Each rank prints ONE line of JSON to stdout (``"probe": "mcd_scale.launch_probe"``)::
@@ -17,7 +17,7 @@ Each rank prints ONE line of JSON to stdout (``"probe": "mcd_scale.launch_probe"
      "rank": 3, "world_size": 4, "local_rank": 3, "coords": {"pp": 1, "dp": 0, "tp": 1},
      "groups": {"tp": [2, 3], "dp": [3], "pp": [1, 3]}, "master_addr": "127.0.0.1", ...}
 
-``launcher`` is the family :func:`mcd_scale.distributed.detect_launch_env` recognised (``torchrun``
+``launcher`` is the family :func:`mcd_scale.parallel.distributed.detect_launch_env` recognised (``torchrun``
 covers every launcher that sets RANK/WORLD_SIZE, including ``deepspeed``; ``slurm``; ``mpi``;
 ``single``); ``started_by`` is a finer guess from the environment the launcher left behind.
 Exit code 0 when every check passed on this rank, 1 otherwise (the JSON line is printed either way,
@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _check_group(name: str, group, members: list[int], rank: int, errors: list[str]) -> None:
     import torch
 
-    from mcd_scale import collectives
+    from mcd_scale.parallel import collectives
 
     t = collectives.all_reduce(torch.tensor([float(rank), 1.0], dtype=torch.float64, device=collectives.comm_device()),
                                "sum", group=group)
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.time()
     env_before = dict(os.environ)
-    from mcd_scale.distributed import detect_launch_env, init_distributed, shutdown
+    from mcd_scale.parallel.distributed import detect_launch_env, init_distributed, shutdown
 
     le = detect_launch_env(env_before)
     record: dict = {"probe": PROBE_TAG, "ok": False, "launcher": le.launcher,

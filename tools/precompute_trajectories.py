@@ -301,14 +301,14 @@ class Preempted(Exception):
 
 def _agree(ok: bool) -> bool:
     """True on every rank iff every rank is ok."""
-    from mcd_scale import collectives
+    from mcd_scale.parallel import collectives
 
     return not collectives.any_rank(not ok)
 
 
 def precompute(args) -> dict:
-    from mcd_scale import collectives
-    from mcd_scale.distributed import detect_launch_env, init_distributed
+    from mcd_scale.parallel import collectives
+    from mcd_scale.parallel.distributed import detect_launch_env, init_distributed
     from mcd_scale.model.build import build_model
     from mcd_scale.model.weights import load_full_state_dict, load_safetensors
 
@@ -408,7 +408,7 @@ def precompute(args) -> dict:
                     trajectory_batch(model, cfg, params, x, torch.arange(lo, hi), dims)
             done += last - first + 1
             if pause_after and rank == 0 and i + 1 == pause_after:
-                from mcd_scale.faults import pause_for_preemption
+                from mcd_scale.training.faults import pause_for_preemption
 
                 pause_for_preemption(f"precompute-shard{pause_after}")
         if collectives.any_rank(bool(preempted)):
@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from mcd_scale.cli import debug, input_error_types, rank_prefix
-    from mcd_scale.distributed import shutdown
+    from mcd_scale.parallel.distributed import shutdown
 
     try:
         res = precompute(args)

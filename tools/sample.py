@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mcd_scale.checkpoint import checkpoint_root, read_latest  # noqa: E402
-from mcd_scale.cli_device import DeviceFlagError, resolve_device  # noqa: E402
+from mcd_scale.checkpoint.store import checkpoint_root, read_latest  # noqa: E402
+from mcd_scale.parallel.device import DeviceFlagError, resolve_device  # noqa: E402
 from mcd_scale.config import Config, from_dict, load_config  # noqa: E402
 from mcd_scale.diffusion.sampling import REVEAL_ORDERS, SampleResult, ancestral_sample, coupled_sample  # noqa: E402
 from mcd_scale.diffusion.schedules import get_schedule  # noqa: E402
@@ -88,7 +88,7 @@ def load_model(checkpoint: str, config_files: Sequence[str] = (), overrides: Seq
 
     from mcd_scale.model.weights import load_full_state_dict, load_safetensors
 
-    from mcd_scale.integrity import verify_file
+    from mcd_scale.checkpoint.integrity import verify_file
 
     path = resolve_weights(checkpoint, weights)
     verify_file(path)  # against the checkpoint's integrity record (or an export's meta.json) before reading

@@ -10,7 +10,7 @@ PY="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q -r requirements.txt
 .venv/bin/python -m pip install -q --no-deps -e .
 # Smoke-check the stack imports together (no JIT op is built: mcd_scale switches DeepSpeed's CPU shm
-# all-reduce op off, see mcd_scale/distributed.py:disable_deepspeed_shm_allreduce).
+# all-reduce op off, see mcd_scale/parallel/distributed.py:disable_deepspeed_shm_allreduce).
 DS_ACCELERATOR=cpu .venv/bin/python - <<'PY'
 import deepspeed, megatron.core, sentencepiece, webdataset, mpi4py, torch
 import mcd_scale

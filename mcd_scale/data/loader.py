@@ -127,7 +127,7 @@ class _Items(Dataset):
     id, so anything keyed by the id still agrees with its data), and the error line travels with the micro-batch
     (``bad_input``) to the step that consumes it, whatever the reader workers prefetched: that step runs its
     collectives as usual, the flag rides on its one collective and every rank stops with the line before the
-    optimizer update (mcd_scale/bad_input.py). Without it (tools, benches) the reader's error is raised as is.
+    optimizer update (mcd_scale/data/bad_input.py). Without it (tools, benches) the reader's error is raised as is.
     """
 
     def __init__(self, dataset: ShardedDataset, stand_in: bool = False) -> None:

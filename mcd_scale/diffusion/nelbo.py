@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from mcd_scale import collectives
+from mcd_scale.parallel import collectives
 
 from mcd_scale.diffusion.schedules import Schedule
 from mcd_scale.diffusion.subs import subs_log_probs

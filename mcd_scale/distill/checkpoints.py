@@ -45,7 +45,7 @@ def load_teacher_weights(path: str) -> dict[str, torch.Tensor]:
     names a truncated or altered file)."""
     from safetensors.torch import load_file
 
-    from mcd_scale.integrity import verify_file
+    from mcd_scale.checkpoint.integrity import verify_file
 
     file = resolve_teacher_file(path)
     verify_file(file)
@@ -54,7 +54,7 @@ def load_teacher_weights(path: str) -> dict[str, torch.Tensor]:
 
 def teacher_digest(path: str) -> str:
     """sha256 of the teacher weights file (recorded in trajectory manifests and checked by readers)."""
-    from mcd_scale.integrity import sha256_file, verify_file
+    from mcd_scale.checkpoint.integrity import sha256_file, verify_file
 
     file = resolve_teacher_file(path)
     verify_file(file)  # IntegrityError (an input error) names a truncated or altered teacher file

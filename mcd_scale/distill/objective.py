@@ -1,7 +1,7 @@
 """Distillation objectives for the trainer: MCD (offline / online teacher) and the SDTT baseline.
 
-Built by :func:`build_distill_objective` (called from :func:`mcd_scale.objectives.build_objective`).
-Like :class:`~mcd_scale.objectives.MdlmObjective`, each objective splits a step into
+Built by :func:`build_distill_objective` (called from :func:`mcd_scale.training.objectives.build_objective`).
+Like :class:`~mcd_scale.training.objectives.MdlmObjective`, each objective splits a step into
 
 * ``prepare(micro, step) -> (inputs, labels)``: everything random or teacher-side, on the data side,
   keyed by (train.seed, global sample id, step) so any layout computes the same batch;
@@ -40,7 +40,7 @@ import torch
 
 from mcd_scale.config import Config
 from mcd_scale.diffusion.schedules import get_schedule
-from mcd_scale.distributed import ParallelDims
+from mcd_scale.parallel.distributed import ParallelDims
 
 OFFLINE_KEYS = ("ids", "sample_id", "position", "t", "s", "tk_mask", "tk_ids", "tk_logp", "tk_tail")
 

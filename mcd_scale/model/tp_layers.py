@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
-from mcd_scale import collectives
+from mcd_scale.parallel import collectives
 from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                            copy_to_tensor_model_parallel_region)
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from mcd_scale import collectives
+from mcd_scale.parallel import collectives
 from mcd_scale.model.logical import local_slice, logical_parameters
 
 
@@ -67,7 +67,7 @@ def full_state_dict(module: nn.Module, dims=None,
     result means the same at every layout). ``dims=None``: single process.
 
     ``local_of(param)`` gives this TP rank's whole (ZeRO-gathered) tensor for a parameter; the default is
-    its weight. mcd_scale/universal.py passes the fp32 master weight and Adam's moments instead.
+    its weight. mcd_scale/checkpoint/universal.py passes the fp32 master weight and Adam's moments instead.
     """
     state = _stage_state(module, dims, local_of or _local_weight)
     rank = 0 if dims is None else dims.rank

@@ -8,7 +8,7 @@ their task environments, signals delivered, requeues, exit codes).
   --job-name, --signal=B:USR1@N), runs the script with the batch-step environment and waits (always, as
   ``sbatch --wait``). A requeue re-runs it with SLURM_RESTART_COUNT + 1. FAKE_SLURM_NODES /
   FAKE_SLURM_TASKS_PER_NODE override the allocation. The "time limit" is simulated by markers: every new
-  file in $FAKE_SLURM_PREEMPT_DIR (written by mcd_scale.faults.pause_for_preemption) makes sbatch deliver
+  file in $FAKE_SLURM_PREEMPT_DIR (written by mcd_scale.training.faults.pause_for_preemption) makes sbatch deliver
   the --signal the way SLURM does (B: = the batch shell only).
 - ``srun [opts] CMD``: one task per (node, task) of the allocation, each with SLURM_PROCID/LOCALID/NODEID,
   SLURM_STEP_ID, SLURMD_NODENAME, its output to ``--output=PATTERN`` (%j %s %t %n %N) when given; the

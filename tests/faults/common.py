@@ -88,7 +88,7 @@ class RankRun:
         return lines[-1][:200] if lines else ""
 
     def fault_time(self, what: str) -> float:
-        """Wall time printed by mcd_scale/fault_hooks.py when the injected fault struck ('dies'/'hangs')."""
+        """Wall time printed by mcd_scale/training/fault_hooks.py when the injected fault struck ('dies'/'hangs')."""
         m = re.search(rf"\[fault\] rank \d+ {what} in step \d+ at ([0-9.]+)", self.log)
         assert m, f"the injected fault ({what}) did not strike:\n{self.log[-4000:]}"
         return float(m.group(1))

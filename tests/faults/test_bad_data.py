@@ -116,7 +116,7 @@ def test_bad_sample_on_one_rank_stops_every_rank(corpus, tmp_path):
     traceback (before: rank 0 failed in the gradient reduction, exit 1); step 1's checkpoint stays whole."""
     import time
 
-    from mcd_scale.checkpoint import read_latest, verify_tag
+    from mcd_scale.checkpoint.store import read_latest, verify_tag
     from mcd_scale.data.loader import open_prepared
     from mcd_scale.data.sampler import GlobalBatchSampler
 

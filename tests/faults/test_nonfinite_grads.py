@@ -1,6 +1,6 @@
 """NaN/Inf in the gradients of ONE rank while every loss stays finite (docs/reliability.md, "Non-finite gradient").
 
-Without the gradient guard (mcd_scale/grad_guard.py) the data-parallel reduction spreads the NaN to every rank
+Without the gradient guard (mcd_scale/training/grad_guard.py) the data-parallel reduction spreads the NaN to every rank
 and the optimizer step -- even the lr-0 skip step -- writes it into the weights, which the next checkpoint saves.
 Both menus: data parallel (pp=1) and the pipeline (pp=2, where only the last stage ever sees a loss).
 """
@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from mcd_scale.grad_guard import GradFiniteGuard
+from mcd_scale.training.grad_guard import GradFiniteGuard
 from tests.faults import common
 
 

@@ -3,7 +3,7 @@
 marker file when unpickled; every test checks that the marker was not created.
 
 Checkpoints: DeepSpeed's own loader unpickles (``torch.load(weights_only=False)``), so every rank verifies the
-tag's completion record (size + sha256 of every file, mcd_scale/integrity.py) before DeepSpeed opens anything.
+tag's completion record (size + sha256 of every file, mcd_scale/checkpoint/integrity.py) before DeepSpeed opens anything.
 Shards: members and index sidecars are read with ``np.load(allow_pickle=False)``; the tests keep the member size
 and update the manifest's digests, so that is the only defence left standing.
 """

@@ -154,7 +154,7 @@ def main(argv=None) -> int:
 
 def _main(argv=None):
     a = build_parser().parse_args(argv)
-    from mcd_scale.cli_device import DeviceFlagError, resolve_device
+    from mcd_scale.parallel.device import DeviceFlagError, resolve_device
 
     try:
         device = resolve_device(a.device)

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ar", dest="ar", action="store_false",
                     help="skip the autoregressive KV-cache reference (measured by default)")
     a = ap.parse_args(argv)
-    from mcd_scale.cli_device import DeviceFlagError, resolve_device
+    from mcd_scale.parallel.device import DeviceFlagError, resolve_device
 
     try:
         device = resolve_device(a.device)

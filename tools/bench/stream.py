@@ -73,7 +73,7 @@ def _make_inputs(root: str, a):
 
 
 def _precompute(teacher: str, tokens: str, out: str, a) -> float:
-    from mcd_scale.distributed import shutdown
+    from mcd_scale.parallel.distributed import shutdown
     from tools.precompute_trajectories import build_parser, precompute
 
     args = build_parser().parse_args(["--teacher", teacher, "--data", tokens, "--out", out, "--no-progress",
@@ -142,8 +142,8 @@ def _distill_wait(cfg, root: str, a) -> dict:
     import json as _json
     import statistics
 
-    from mcd_scale.distributed import shutdown
-    from mcd_scale.trainer import run_training
+    from mcd_scale.parallel.distributed import shutdown
+    from mcd_scale.training.trainer import run_training
 
     c = copy.deepcopy(cfg)
     c.run.dir = os.path.join(root, "distill")
@@ -212,7 +212,7 @@ def _main(argv=None):
     ap.add_argument("--distill-workers", type=int, default=1, help="data.num_workers of that run")
     ap.add_argument("--device", default=None, help="student device: cpu, cuda or cuda:N (default: cuda when present)")
     a = ap.parse_args(argv)
-    from mcd_scale.cli_device import DeviceFlagError, resolve_device
+    from mcd_scale.parallel.device import DeviceFlagError, resolve_device
 
     try:
         device = resolve_device(a.device)

@@ -108,9 +108,9 @@ class _Plain:
     def __init__(self, cfg, dims):
         import torch
 
-        from mcd_scale.engine import lr_lambda
+        from mcd_scale.training.engine import lr_lambda
         from mcd_scale.model.build import build_model
-        from mcd_scale.optim import adamw_options
+        from mcd_scale.training.optim import adamw_options
 
         self.cfg, self.dims = cfg, dims
         model = build_model(cfg, None, init=True).to(dims.device)
@@ -150,9 +150,9 @@ class _BareDeepSpeed:
         import torch
 
         from mcd_scale.config import deepspeed_config
-        from mcd_scale.engine import lr_lambda
+        from mcd_scale.training.engine import lr_lambda
         from mcd_scale.model.build import build_model
-        from mcd_scale.optim import adamw_options
+        from mcd_scale.training.optim import adamw_options
 
         ds_cfg = deepspeed_config(cfg, dims.world_size)
         model = build_model(cfg, dims, ds_config=ds_cfg, init=True)
@@ -185,10 +185,10 @@ def _profile(fn, n: int) -> list[dict]:
 def worker(a) -> int:
     import torch
 
-    from mcd_scale import collectives
-    from mcd_scale.distributed import init_distributed, shutdown
-    from mcd_scale.engine import TrainEngine
-    from mcd_scale.objectives import MdlmObjective
+    from mcd_scale.parallel import collectives
+    from mcd_scale.parallel.distributed import init_distributed, shutdown
+    from mcd_scale.training.engine import TrainEngine
+    from mcd_scale.training.objectives import MdlmObjective
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -18,9 +18,9 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from mcd_scale import collectives
+from mcd_scale.parallel import collectives
 from mcd_scale.config import Config, deepspeed_config
-from mcd_scale.distributed import ParallelDims, to_device
+from mcd_scale.parallel.distributed import ParallelDims, to_device
 
 
 def lr_lambda(cfg: Config) -> Callable[[int], float]:
@@ -85,16 +85,16 @@ class TrainEngine:
         module = self._build_module(ds_cfg, init=init_state is None)
         self._load_init_state(module, init_state)
         trainable = [p for p in module.parameters() if p.requires_grad]
-        from mcd_scale.optim import build_optimizer
+        from mcd_scale.training.optim import build_optimizer
 
-        optimizer = build_optimizer(cfg, trainable, dims.device)  # fused kernel on CUDA (mcd_scale/optim.py)
+        optimizer = build_optimizer(cfg, trainable, dims.device)  # fused kernel on CUDA (mcd_scale/training/optim.py)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
             mpu=None if self.pipeline else dims.mpu(), dist_init_required=False)
         self.module = module
-        from mcd_scale import fault_hooks
-        from mcd_scale.grad_guard import GradFiniteGuard
+        from mcd_scale.training import fault_hooks
+        from mcd_scale.training.grad_guard import GradFiniteGuard
 
         # Fault injection first (tests/faults): a hook registered earlier runs earlier, so the guard sees it.
         fault_hooks.install(module, dims.rank, lambda: int(self.engine.global_steps) + 1)
@@ -102,7 +102,7 @@ class TrainEngine:
         self.grad_guard = GradFiniteGuard(trainable, dims.device)
         self.guard = None
         if self.pipeline:
-            from mcd_scale.pipeline_guard import PipelineNonFiniteGuard
+            from mcd_scale.training.pipeline_guard import PipelineNonFiniteGuard
 
             self.guard = PipelineNonFiniteGuard(self.engine, loss_fn, dims.device, self.set_lr_scale,
                                                 self.restore_lr, self.grad_guard)
@@ -156,10 +156,10 @@ class TrainEngine:
         the agreed step then runs at lr 0 on every rank. ``stop_requested`` (this rank's preemption signal)
         rides on the same collective, and so does ``bad_input`` (the error line of a sample this rank could not
         read; a stand-in filled its place): when any rank has one, every rank raises
-        :class:`mcd_scale.bad_input.BadInput` before the optimizer update. ``poison`` (fault injection) turns this
+        :class:`mcd_scale.data.bad_input.BadInput` before the optimizer update. ``poison`` (fault injection) turns this
         step's losses into NaN."""
         self.engine.train()
-        if self.pipeline:  # the same policy inside the pipeline schedule (mcd_scale/pipeline_guard.py)
+        if self.pipeline:  # the same policy inside the pipeline schedule (mcd_scale/training/pipeline_guard.py)
             self.guard.begin(poison, stop_requested, bad_input)
             try:
                 self.engine.train_batch(data_iter=iter(self._on_device(micro_batches)))
@@ -186,8 +186,8 @@ class TrainEngine:
                 summary = torch.stack([n_bad, loss_sum, torch.full_like(loss_sum, float(stop_requested)),
                                        torch.full_like(loss_sum, float(bad_input is not None))])
                 bad_total, loss_total, stop_total, bad_inputs = collectives.all_reduce(summary, "sum").tolist()
-                if bad_inputs > 0:  # every rank, before any update (mcd_scale/bad_input.py)
-                    from mcd_scale.bad_input import stop_every_rank
+                if bad_inputs > 0:  # every rank, before any update (mcd_scale/data/bad_input.py)
+                    from mcd_scale.data.bad_input import stop_every_rank
 
                     stop_every_rank(bad_input)
                 skipped = bad_total > 0

@@ -366,7 +366,7 @@ def shutdown(drain: bool = True) -> None:
     """
     import torch.distributed as dist
 
-    from mcd_scale import collectives
+    from mcd_scale.parallel import collectives
 
     try:
         from megatron.core import parallel_state as ps
@@ -386,7 +386,7 @@ def all_ranks_agree_ok(ok: bool, message: str = "") -> None:
     """Raise on every rank if any rank failed (so errors never leave peers hanging in a collective)."""
     import torch
 
-    from mcd_scale import collectives
+    from mcd_scale.parallel import collectives
 
     if not collectives.initialized():
         if not ok:
@@ -401,7 +401,7 @@ def all_ranks_agree_ok(ok: bool, message: str = "") -> None:
 def to_device(obj: Any, device: "torch.device") -> Any:
     """``obj`` (tensors in nested tuples/lists/dicts) on ``device``: the one place a micro-batch's data moves.
 
-    Called once per micro-batch by the engine (mcd_scale/engine.py). To a CUDA device the host tensors go
+    Called once per micro-batch by the engine (mcd_scale/training/engine.py). To a CUDA device the host tensors go
     through pinned memory with ``non_blocking=True``, so the copy overlaps the previous micro-batch's compute;
     tensors already there are returned as they are (no copy)."""
     import torch
@@ -421,7 +421,7 @@ def to_device(obj: Any, device: "torch.device") -> Any:
 
 def backend_device() -> "torch.device":
     """cuda:<current> when the process group's backend is NCCL, else the host (gloo, or no group)."""
-    from mcd_scale.collectives import comm_device
+    from mcd_scale.parallel.collectives import comm_device
 
     return comm_device()
 

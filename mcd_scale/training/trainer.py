@@ -16,13 +16,14 @@ import signal
 import time
 from typing import Iterator, Optional
 
-from mcd_scale import bad_input, collectives
+from mcd_scale.data import bad_input
+from mcd_scale.parallel import collectives
 from mcd_scale import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
-from mcd_scale.checkpoint import (TrainState, checkpoint_root, load_rng_states, load_train_state,
+from mcd_scale.checkpoint.store import (TrainState, checkpoint_root, load_rng_states, load_train_state,
                                   resolve_load_tag, restore_rng, save_checkpoint, verify_tag)
 from mcd_scale.config import Config, ConfigError, save_resolved, to_yaml
-from mcd_scale.distributed import ParallelDims, init_distributed, shutdown
-from mcd_scale.metrics import MetricsLogger, format_eta, plot_loss_curves
+from mcd_scale.parallel.distributed import ParallelDims, init_distributed, shutdown
+from mcd_scale.training.telemetry import MetricsLogger, format_eta, plot_loss_curves
 
 
 class _Preemption:
@@ -88,9 +89,9 @@ def run_training(cfg: Config, dims: Optional[ParallelDims] = None) -> int:
 
 class Trainer:
     def __init__(self, cfg: Config, dims: ParallelDims):
-        from mcd_scale.engine import TrainEngine
-        from mcd_scale.faults import Faults
-        from mcd_scale.objectives import MdlmObjective, build_objective
+        from mcd_scale.training.engine import TrainEngine
+        from mcd_scale.training.faults import Faults
+        from mcd_scale.training.objectives import MdlmObjective, build_objective
 
         self.cfg, self.dims = cfg, dims
         self.rank = collectives.rank()
@@ -109,7 +110,7 @@ class Trainer:
         self.eval_objective = MdlmObjective(cfg, dims)  # validation NELBO for every stage
         init_state = teacher_state
         if self.universal is not None:
-            from mcd_scale.universal import weights_of
+            from mcd_scale.checkpoint.universal import weights_of
 
             init_state = weights_of(self.universal)
         self.engine = TrainEngine(cfg, dims, self.objective.loss, init_state=init_state)
@@ -146,7 +147,7 @@ class Trainer:
     def _universal_resume(self) -> Optional[str]:
         """The universal file to resume from when the checkpoint to resume was written by another layout (None when the
         layout is the same or there is nothing to resume); a ConfigError naming the fix when it cannot be."""
-        from mcd_scale.universal import FILE, layout_of, native_resume_ok, refuse_reason, saved_layout
+        from mcd_scale.checkpoint.universal import FILE, layout_of, native_resume_ok, refuse_reason, saved_layout
 
         if self.resume_tag is None:
             return None
@@ -175,7 +176,7 @@ class Trainer:
             return
         self.state = load_train_state(self.root, tag)  # layout-independent: step, data cursor, round
         if self.universal is not None:  # another layout: no per-rank RNG or EMA files apply; EMA from the file
-            from mcd_scale.universal import load_universal
+            from mcd_scale.checkpoint.universal import load_universal
 
             load_universal(self.engine, self.universal, global_batch=self.cfg.parallel.global_batch,
                            train_step=self.state.step, ema=self.ema,
@@ -220,7 +221,7 @@ class Trainer:
                 if self.rank == 0:
                     extra_files["model_ema.safetensors"] = ema_full
         if self.cfg.checkpoint.universal:
-            from mcd_scale.universal import FILE, gather_universal
+            from mcd_scale.checkpoint.universal import FILE, gather_universal
 
             tensors = gather_universal(self.engine, self.ema)  # collective; the whole state on rank 0 only
             if self.rank == 0:
@@ -243,7 +244,7 @@ class Trainer:
                              self.dims.dp, cfg.parallel.micro_batch, stand_in=True)
         losses, bad = [], None
         for b, micro in enumerate(step_batches(loader)):
-            bad = bad or bad_input.of_step(micro)  # a stand-in took a bad sample's place (mcd_scale/bad_input.py)
+            bad = bad or bad_input.of_step(micro)  # a stand-in took a bad sample's place (mcd_scale/data/bad_input.py)
             prepared = [self.eval_objective.prepare(m, step=10 ** 9 + b) for m in micro]
             losses.append(self.engine.eval_loss(prepared, self.eval_objective.loss))
         if collectives.any_rank(bad is not None):  # once per validation pass: every rank stops, nothing logged
@@ -262,7 +263,7 @@ class Trainer:
         loader = MicroBatchLoader(self.train_set, sampler, self.dims.dp_rank, self.dims.dp, cfg.parallel.micro_batch,
                                   start_step=state.step, num_workers=cfg.data.num_workers, stand_in=True)
         it = step_batches(loader)
-        from mcd_scale.fault_hooks import SampleLog
+        from mcd_scale.training.fault_hooks import SampleLog
 
         sample_log = SampleLog.from_env(self.rank)  # MCD_FAULT_SAMPLE_LOG (soak tests): None otherwise
         tokens_per_step = cfg.parallel.global_batch * cfg.model.seq_len
@@ -276,8 +277,8 @@ class Trainer:
                 wait_acc += time.time() - t_wait
                 if sample_log is not None:
                     sample_log.record(state.step + 1, micro)
-                if cfg.data.skip_corrupt:  # opt-in skips are named, never silent (mcd_scale/skip_log.py)
-                    from mcd_scale import skip_log
+                if cfg.data.skip_corrupt:  # opt-in skips are named, never silent (mcd_scale/data/skip_log.py)
+                    from mcd_scale.data import skip_log
 
                     skip_log.report(self.rank, state.step + 1, micro, sampler, self.dims.dp_rank, self.dims.dp,
                                     cfg.parallel.micro_batch, loader.skipped)

@@ -3,14 +3,14 @@
 Every rank rebuilds the engine at the layout that wrote the tag (its config.resolved.yaml), lets
 DeepSpeed load its own shards of the tag (after the integrity check: DeepSpeed unpickles them), reads
 its EMA shard when the run has one, and then streams logical tensors to global rank 0, one parameter at
-a time (mcd_scale/consolidate.py), which writes them:
+a time (mcd_scale/checkpoint/consolidate.py), which writes them:
 
 * ``weights``: the model weights (``raw``, or ``ema``) in ``dtype`` -> ``model.safetensors``;
 * ``universal``: fp32 masters, both Adam moments, the EMA shadow and Adam's step / LR position ->
-  ``universal.safetensors`` (mcd_scale/universal.py), which resumes at any layout.
+  ``universal.safetensors`` (mcd_scale/checkpoint/universal.py), which resumes at any layout.
 
 Rank 0 prints one JSON line with what it wrote and its peak RSS. Input errors: one line, exit 2.
-Usage (internal): ``python -m mcd_scale.ckpt_worker JSON`` with the launcher variables of every rank.
+Usage (internal): ``python -m mcd_scale.checkpoint.worker JSON`` with the launcher variables of every rank.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import resource
 import sys
 
 if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def _rss_mb() -> float:
@@ -43,8 +43,8 @@ def _no_loss(*_args):  # the engine is never stepped here; the pipeline module s
 
 def _load_engine(ckpt: str):
     from mcd_scale.config import load_config
-    from mcd_scale.distributed import init_distributed
-    from mcd_scale.engine import TrainEngine
+    from mcd_scale.parallel.distributed import init_distributed
+    from mcd_scale.training.engine import TrainEngine
 
     cfg = load_config([os.path.join(ckpt, "config.resolved.yaml")])
     dims = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
@@ -71,9 +71,9 @@ def _write(engine, dims, ema, order, job: dict) -> dict:
     """One output file, streamed from every rank to rank 0."""
     import torch
 
-    from mcd_scale.consolidate import DTYPE_NAMES, StreamWriter, iter_full
+    from mcd_scale.checkpoint.consolidate import DTYPE_NAMES, StreamWriter, iter_full
     from mcd_scale.model.weights import _local_weight
-    from mcd_scale.universal import ema_getter, local_getters, meta_tensors
+    from mcd_scale.checkpoint.universal import ema_getter, local_getters, meta_tensors
 
     if job["what"] == "weights":
         getters = [(None, ema_getter(ema, dims) if job.get("weights") == "ema" else _local_weight)]
@@ -112,8 +112,8 @@ def _write(engine, dims, ema, order, job: dict) -> dict:
 
 
 def convert(ckpt: str, jobs: list[dict]) -> dict:
-    from mcd_scale import collectives
-    from mcd_scale.consolidate import global_parameters
+    from mcd_scale.parallel import collectives
+    from mcd_scale.checkpoint.consolidate import global_parameters
 
     cfg, dims, engine, ema = _load_engine(ckpt)
     rss_loaded = _rss_mb()
@@ -128,7 +128,7 @@ def convert(ckpt: str, jobs: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     from mcd_scale.cli import input_errors_exit
-    from mcd_scale.distributed import shutdown
+    from mcd_scale.parallel.distributed import shutdown
 
     job = json.loads((argv or sys.argv[1:])[0])
     with input_errors_exit("convert_ckpt"):

@@ -126,7 +126,7 @@ def local_getters(ds_engine, ema=None, dims=None) -> list[tuple[str, Callable]]:
 def ema_getter(ema, dims) -> Callable:
     """local_of for the EMA shadow: this TP rank's whole fp32 tensor (the ZeRO-3 partitions of the shadow,
     which are laid out like the parameter's ``ds_tensor``, are all-gathered over the DP group)."""
-    from mcd_scale import collectives
+    from mcd_scale.parallel import collectives
 
     index = {id(p): i for i, p in enumerate(ema.params)}
 

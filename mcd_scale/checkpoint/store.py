@@ -11,7 +11,7 @@ Layout of ``<run.dir>/checkpoints/``::
         model_ema.safetensors     the same for the EMA weights (train.ema_decay > 0)
         ema_rank{r}.safetensors   per-rank EMA shadow (sharded like the weights under ZeRO-3)
         COMPLETE                  marker written last inside the staged directory: JSON with every
-                                  file's size and sha256 (mcd_scale/integrity.py; verified on read)
+                                  file's size and sha256 (mcd_scale/checkpoint/integrity.py; verified on read)
     latest                        text file with the newest complete tag, replaced atomically last
 
 Atomicity: every rank writes into ``.staging/<tag>``; after a barrier rank 0 renames it to
@@ -160,7 +160,7 @@ def save_checkpoint(engine, run_dir: str, state: TrainState, config_yaml: str, r
     if on_staged is not None:
         on_staged()
     if rank == 0:
-        from mcd_scale.integrity import record_files
+        from mcd_scale.checkpoint.integrity import record_files
 
         # Every rank's files are staged (barrier above): record each one's size and sha256 so readers can
         # verify what they read before anything (DeepSpeed's unpickler included) opens it.
@@ -187,7 +187,7 @@ def _prune(root: str, keep_last: int) -> None:
 def verify_tag(root: str, tag: str) -> str:
     """Every file of a tag against its integrity record, before any of it is read (IntegrityError names
     the bad file). Returns "ok" or "unrecorded" (a marker written before records existed)."""
-    from mcd_scale.integrity import verify
+    from mcd_scale.checkpoint.integrity import verify
 
     return verify(os.path.join(root, tag))
 

@@ -8,7 +8,7 @@ when a module outside this one calls ``torch.distributed`` collectives directly.
 
 Host reads (``.item()``, ``bool(tensor)``) are syncs on a GPU: functions that return Python values say so
 in their names' docstrings; the ``*_tensor`` forms keep the result on the device for callers that defer
-the read (one sync per optimizer step, see mcd_scale/engine.py).
+the read (one sync per optimizer step, see mcd_scale/training/engine.py).
 
 A call without an initialised process group is the single-process identity (world size 1).
 """

@@ -13,7 +13,7 @@ import torch
 
 from mcd_scale.config import Config
 from mcd_scale.diffusion.schedules import get_schedule
-from mcd_scale.distributed import ParallelDims
+from mcd_scale.parallel.distributed import ParallelDims
 
 
 class MdlmObjective:

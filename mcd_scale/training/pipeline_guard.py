@@ -1,7 +1,7 @@
 """The non-finite policy (loss and gradient) for DeepSpeed's pipeline engine (the PP menu).
 
 The plain engine checks each micro-batch's loss before its backward and each gradient in a hook
-(mcd_scale/engine.py, mcd_scale/grad_guard.py). The pipeline engine runs forward, backward and the optimizer step
+(mcd_scale/training/engine.py, mcd_scale/training/grad_guard.py). The pipeline engine runs forward, backward and the optimizer step
 inside one ``train_batch`` schedule, and only the last stage ever sees a loss, so the same policy needs two hooks
 (plus the gradient guard, which works unchanged on a stage's parameters: its tensor hooks run on each micro-batch's
 local gradient before DeepSpeed accumulates it, reduces tied weights across stages or over data parallelism):
@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from mcd_scale import collectives
+from mcd_scale.parallel import collectives
 
 
 class PipelineNonFiniteGuard:
@@ -48,7 +48,7 @@ class PipelineNonFiniteGuard:
                                    torch.full_like(self.n_bad, float(self.bad_input is not None))])
             bad, loss_sum, n_losses, stop, bad_inputs = collectives.all_reduce(summary, "sum").tolist()
             if bad_inputs > 0:  # a rank read a bad sample: every rank stops here, before the update
-                from mcd_scale.bad_input import stop_every_rank
+                from mcd_scale.data.bad_input import stop_every_rank
 
                 stop_every_rank(self.bad_input)
             self.skip, self.stop = bad > 0, stop > 0
@@ -70,7 +70,7 @@ class PipelineNonFiniteGuard:
         self.skip, self.stop, self.loss_mean = False, False, float("nan")
 
     def guarded_loss(self, logits: torch.Tensor, labels) -> torch.Tensor:
-        from mcd_scale.engine import guard_nonfinite, poisoned
+        from mcd_scale.training.engine import guard_nonfinite, poisoned
 
         loss = self.loss_fn(logits, labels)
         if self.poison:

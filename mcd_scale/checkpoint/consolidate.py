@@ -7,7 +7,7 @@ yields it there; other ranks get ``None``. :class:`StreamWriter` writes the safe
 (names, dtypes and shapes are known before any data) and then each tensor as it arrives, so the peak
 memory of a conversion is the engine's own shards plus one logical tensor on rank 0, never a whole model.
 
-Used by ``tools/convert_ckpt.py consolidate`` / ``reshard`` (mcd_scale/ckpt_worker.py).
+Used by ``tools/convert_ckpt.py consolidate`` / ``reshard`` (mcd_scale/checkpoint/worker.py).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from mcd_scale import collectives
+from mcd_scale.parallel import collectives
 from mcd_scale.model.logical import logical_parameters
 
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",

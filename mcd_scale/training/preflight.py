@@ -13,7 +13,7 @@ from mcd_scale.cli import InputError
 
 def check_inputs(cfg, verify_checkpoint: bool = False) -> dict:
     """What the launch will read, checked; returns {what: path} for the dry-run report."""
-    from mcd_scale.checkpoint import checkpoint_root, resolve_load_tag, verify_tag
+    from mcd_scale.checkpoint.store import checkpoint_root, resolve_load_tag, verify_tag
     from mcd_scale.data.loader import open_prepared
 
     checked: dict = {}

@@ -1,6 +1,6 @@
 """Non-finite gradients with a finite loss: detected on the rank that made them, skipped on every rank.
 
-Why a gradient hook and not only the loss guard (mcd_scale/engine.py ``guard_nonfinite``): a backward can
+Why a gradient hook and not only the loss guard (mcd_scale/training/engine.py ``guard_nonfinite``): a backward can
 produce NaN/Inf from a finite loss (an overflowing matmul, a bad kernel, a bit flip on one device). The
 data-parallel reduction then spreads it to every rank, and an optimizer step -- even at lr 0, since
 ``p - 0 * NaN`` is NaN -- writes NaN into the weights and Adam's moments, which the next checkpoint saves.

@@ -1,6 +1,6 @@
 """Faults injected inside a step on ONE rank (tests/faults, tools/faults.py); all off by default.
 
-``mcd_scale/faults.py`` injects faults between steps on every rank; these act in the middle of a step's
+``mcd_scale/training/faults.py`` injects faults between steps on every rank; these act in the middle of a step's
 backward on one chosen rank, where a real failure strikes (the peers are then inside, or about to enter,
 the gradient reduction and the step's collective). Each variable is ``RANK:STEP[,STEP...]`` with 1-based
 optimizer steps:

@@ -106,7 +106,7 @@ class ParallelConfig:
     """ZeRO optimizer-state offload to CPU (JIT-builds DeepSpeedCPUAdam on first use)."""
     fused_optimizer: bool = True
     """Use torch AdamW's fused CUDA kernel (one kernel per step instead of a loop over parameters). Applies
-    on CUDA only; on the host the single-tensor AdamW is used whatever this says (mcd_scale/optim.py)."""
+    on CUDA only; on the host the single-tensor AdamW is used whatever this says (mcd_scale/training/optim.py)."""
     overlap_comm: bool = True
     """ZeRO-2/3: overlap the gradient reduce-scatter (and ZeRO-3 parameter prefetch) with backward/forward
     compute. Costs pinned bucket buffers of reduce_bucket_elements (docs/performance.md)."""
@@ -262,7 +262,7 @@ class CheckpointConfig:
     """Also write layout-independent full weights (model.safetensors) with each checkpoint."""
     universal: bool = False
     """Also write universal.safetensors (fp32 master weights and Adam moments as full logical tensors), so
-    the run can resume at another TP/DP/ZeRO layout (mcd_scale/universal.py). Costs one gather of ~3x the
+    the run can resume at another TP/DP/ZeRO layout (mcd_scale/checkpoint/universal.py). Costs one gather of ~3x the
     fp32 model on rank 0 per checkpoint."""
 
 

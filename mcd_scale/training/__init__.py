@@ -1,0 +1,1 @@
+"""The training loop, its engine and optimizer, the non-finite policy, telemetry, fault injection."""
