@@ -140,37 +140,42 @@ def sample(loaded: LoadedModel, steps: int, num_samples: int, seed: int, tempera
 # ------------------------------------------------------------------------------------------------
 # Tokenizer: decode rows with the run's own tokenizer unless told otherwise
 # ------------------------------------------------------------------------------------------------
-def check_tokenizer(path: str) -> None:
-    """A --tokenizer that is not a SentencePiece model is bad input (one line, before any sampling)."""
+def check_tokenizer(source: str):
+    """The tokenizer named by --tokenizer (a prepared data / run / tokenizer directory or a tokenizer.model);
+    a bad one is bad input (one line naming it, before any sampling)."""
     from mcd_scale.cli import InputError
-    from mcd_scale.data.tokenizer import Tokenizer
+    from mcd_scale.data.tokenizer import TokenizerError, load_tokenizer
 
-    if not os.path.isfile(path):
-        raise InputError(f"--tokenizer {path}: no such file; pass the tokenizer.model of the prepared data")
     try:
-        Tokenizer.from_file(path)
-    except Exception as exc:  # SentencePiece raises plain RuntimeError/OSError for a corrupt model
-        raise InputError(f"--tokenizer {path} is not a SentencePiece model ({' '.join(str(exc).split())[:200]}); "
-                         f"pass the tokenizer.model of the prepared data") from None
+        return load_tokenizer(source)
+    except TokenizerError as exc:
+        raise InputError(f"--tokenizer: {' '.join(str(exc).split())[:300]}") from None
 
 
-def run_tokenizer(loaded: LoadedModel) -> Optional[str]:
-    """The tokenizer the model was trained with, if it can be found: beside the weights (an export ships
-    ``tokenizer.model``), else in the prepared data directory the run's config names (``data.path``)."""
-    for directory in (os.path.dirname(loaded.weights_path), loaded.cfg.data.path):
-        path = os.path.join(directory, "tokenizer.model")
-        if directory and os.path.isfile(path):
-            return path
-    return None
+def run_tokenizer(loaded: LoadedModel):
+    """The tokenizer the model was trained with, if there is one: beside the weights (an export ships it) or
+    the prepared data its resolved config names (``data.path``). None for a run on data without a tokenizer
+    (the synthetic benchmark); a note on stderr when the config names data that is not here."""
+    from mcd_scale.data.tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        return load_tokenizer(os.path.dirname(os.path.abspath(loaded.weights_path)))
+    except TokenizerError as exc:
+        if "does not exist here" in str(exc):
+            print(f"sample: note: rows carry ids as text ({' '.join(str(exc).split())}); pass --tokenizer",
+                  file=sys.stderr, flush=True)
+        return None
 
 
-def decode_rows(tokens: torch.Tensor, tokenizer_path: Optional[str]) -> list[str]:
-    """Texts of the rows (with the SentencePiece model), else the ids space-separated (synthetic data)."""
-    if tokenizer_path:
-        from mcd_scale.data.tokenizer import Tokenizer
+def decode_rows(tokens: torch.Tensor, tokenizer=None) -> list[str]:
+    """Texts of the rows with ``tokenizer`` (a loaded tokenizer or a source for load_tokenizer), else the ids
+    space-separated (synthetic data)."""
+    if tokenizer is not None:
+        if isinstance(tokenizer, str):
+            from mcd_scale.data.tokenizer import load_tokenizer
 
-        tok = Tokenizer.from_file(tokenizer_path)
-        return [tok.decode(row.tolist()) for row in tokens]
+            tokenizer = load_tokenizer(tokenizer)
+        return [tokenizer.decode(row.tolist()) for row in tokens]
     return [" ".join(str(int(i)) for i in row) for row in tokens]
 
 
@@ -200,8 +205,10 @@ def sampler_name(sampler: str, reveal_order: str) -> str:
 
 def build_rows(loaded: LoadedModel, res: SampleResult, texts: Sequence[str], *, first_sample: int, steps: int,
                temperature: float, sampler: str, reveal_order: str, seed: int, benchmark: str,
-               weights: str, model: Optional[str] = None, round_: Optional[int] = None) -> list[dict]:
-    """One evaluate.py row per sample (``index`` = global sample id)."""
+               weights: str, model: Optional[str] = None, round_: Optional[int] = None,
+               tokenizer: Optional[str] = None) -> list[dict]:
+    """One evaluate.py row per sample (``index`` = global sample id; ``tokenizer``: what decoded ``text``,
+    which evaluate.py --gen-ppl reloads to map the model's EOS onto the evaluator's)."""
     ident = model_identity(loaded)
     if model is not None:
         ident["model"] = model
@@ -210,7 +217,7 @@ def build_rows(loaded: LoadedModel, res: SampleResult, texts: Sequence[str], *, 
     n = max(len(texts), 1)
     common = {"benchmark": benchmark, **ident, "steps": int(steps), "temperature": float(temperature),
               "sampler": sampler_name(sampler, reveal_order), "weights": weights, "seed": int(seed),
-              "nfe": float(res.nfe), "seconds_per_sample": res.seconds / n}
+              "nfe": float(res.nfe), "seconds_per_sample": res.seconds / n, "tokenizer": tokenizer}
     return [{"index": first_sample + i, **common, "text": text, "ids": row.tolist()}
             for i, (text, row) in enumerate(zip(texts, res.tokens))]
 
@@ -286,9 +293,9 @@ def launch_world() -> tuple[int, int, int]:
     return le.rank, le.world_size, le.local_rank
 
 
-def prepare(job: SampleJob) -> tuple[LoadedModel, Optional[str], str, tuple[int, int, int]]:
+def prepare(job: SampleJob) -> tuple[LoadedModel, Any, str, tuple[int, int, int]]:
     """Check every input and load the model (before any sampling: bad input costs nothing).
-    Returns (model, tokenizer path or None, benchmark, (rank, world, local rank))."""
+    Returns (model, tokenizer or None, benchmark, (rank, world, local rank))."""
     from mcd_scale.parallel.device import DeviceFlagError, resolve_device
 
     if job.steps < 1 or job.num_samples < 1 or job.temperature <= 0:
@@ -311,12 +318,15 @@ def prepare(job: SampleJob) -> tuple[LoadedModel, Optional[str], str, tuple[int,
     if job.precision == "bf16" and device.type != "cuda":
         raise ValueError("--precision bf16 is for CUDA devices (a CPU samples in fp32); drop it or pass --device cuda")
     ids_only = job.tokenizer in ("", "none")
-    tokenizer = None if ids_only else job.tokenizer
-    if tokenizer:  # before sampling: a bad tokenizer must not cost the whole run's output
-        check_tokenizer(tokenizer)
+    tokenizer = None
+    if job.tokenizer and not ids_only:  # before sampling: a bad tokenizer must not cost the whole run's output
+        tokenizer = check_tokenizer(job.tokenizer)
     loaded = load_model(job.checkpoint, job.config_files, job.overrides, job.weights, device, job.precision)
     if tokenizer is None and not ids_only:
         tokenizer = run_tokenizer(loaded)
+    if tokenizer is not None and tokenizer.vocab_size > loaded.vocab_size:
+        raise ValueError(f"--tokenizer {tokenizer.name}: {tokenizer.vocab_size} tokens, but the model has "
+                         f"model.vocab_size {loaded.vocab_size}; pass the tokenizer of the model's data")
     benchmark = job.benchmark or ("text" if tokenizer else "synthetic")
     return loaded, tokenizer, benchmark, (rank, world, local_rank)
 
@@ -341,7 +351,7 @@ def run_sampling(job: SampleJob, prepared: Optional[tuple] = None) -> Optional[l
         rows = build_rows(loaded, res, decode_rows(res.tokens, tokenizer), first_sample=first, steps=job.steps,
                           temperature=job.temperature, sampler=job.sampler, reveal_order=job.reveal_order,
                           seed=job.seed, benchmark=benchmark, weights=job.weights, model=job.model,
-                          round_=job.round)
+                          round_=job.round, tokenizer=tokenizer.name if tokenizer is not None else None)
     else:
         rows = []
     merged = gather_rows(rows, world)
@@ -354,6 +364,6 @@ def run_sampling(job: SampleJob, prepared: Optional[tuple] = None) -> Optional[l
                "world_size": world, "temperature": job.temperature, "seed": job.seed,
                "num_samples": job.num_samples, "seq_len": loaded.seq_len, "nfe": nfe,
                "seconds_per_sample": sum(r["seconds_per_sample"] for r in merged) / len(merged),
-               "tokenizer": tokenizer, "benchmark": benchmark}
+               "tokenizer": tokenizer.name if tokenizer is not None else None, "benchmark": benchmark}
     write_rows(merged, job.out, summary)
     return merged
