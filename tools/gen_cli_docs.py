@@ -26,7 +26,7 @@ WIDTH = "100"  # COLUMNS for argparse: the page must not depend on the terminal 
 
 # The user-facing entry points, in pipeline order (README "Entry points").
 TOOLS = ["mcd_scale/train.py", "tools/prepare_data.py", "tools/precompute_trajectories.py", "tools/distill_rounds.py",
-         "tools/sample.py", "tools/evaluate.py", "tools/convert_ckpt.py", "tools/demo.py", "tools/ideal_rows.py"]
+         "tools/sample.py", "tools/evaluate.py", "tools/nelbo.py", "tools/convert_ckpt.py", "tools/demo.py", "tools/ideal_rows.py"]
 
 CONVENTIONS = """\
 Every tool follows one convention (helpers in `mcd_scale/cli.py`):

@@ -29,6 +29,9 @@ from mcd_scale.eval.metrics import speedup
 ROW_KEYS = ("benchmark", "model", "round", "steps", "temperature", "quality", "quality_metric", "entropy", "nfe",
             "seconds_per_sample", "evaluator")
 BENCHMARKS = {"synthetic": "true_nll", "text": "gen_ppl"}
+# Beside the headline quality when both were asked for: the Gen PPL of MDLM/SDTT/DUO's convention
+# (mcd_scale/eval/gen_ppl.py, tools/evaluate.py --gen-ppl) and its evaluator, so a paper's table reads next to ours.
+OPTIONAL_ROW_KEYS = ("gen_ppl_mdlm", "gen_ppl_evaluator")
 # The ideal students (mcd_scale/eval/ideal_student.py, tools/ideal_rows.py): each loss's population optimum,
 # sampled like a student, so a trained student is read against its own ceiling as well as the teacher.
 MODELS = ("teacher", "mcd", "sdtt", "mcd-ideal", "mcd-ideal-fkl", "sdtt-ideal")
@@ -41,7 +44,7 @@ Row = Mapping[str, Any]
 
 def validate_row(row: Row, where: str = "row") -> dict:
     """The row as a dict with exactly ROW_KEYS; a clear error naming the field otherwise."""
-    keys = set(row) - {"sampler"}
+    keys = set(row) - {"sampler", *OPTIONAL_ROW_KEYS}
     if keys != set(ROW_KEYS):
         raise ValueError(f"{where}: fields {sorted(keys)} differ from {list(ROW_KEYS)} (+ optional 'sampler') "
                          f"(missing {sorted(set(ROW_KEYS) - keys)}, unknown {sorted(keys - set(ROW_KEYS))})")
@@ -58,6 +61,9 @@ def validate_row(row: Row, where: str = "row") -> dict:
         if not isinstance(row[k], (int, float)) or not math.isfinite(row[k]):
             raise ValueError(f"{where}: {k} must be a finite number, got {row[k]!r}")
     out = {k: row[k] for k in ROW_KEYS}
+    for k in OPTIONAL_ROW_KEYS:
+        if row.get(k) is not None:
+            out[k] = row[k]
     if sampler_of(row) != DEFAULT_SAMPLER:
         out["sampler"] = row["sampler"]
     return out
@@ -203,10 +209,11 @@ def render_markdown(rows: Sequence[Row], summary: Sequence[Mapping[str, Any]],
         cols = list(ROW_KEYS[1:])
         if any(sampler_of(r) != DEFAULT_SAMPLER for r in bench_rows):
             cols.insert(cols.index("steps") + 1, "sampler")
+        cols += [k for k in OPTIONAL_ROW_KEYS if any(r.get(k) is not None for r in bench_rows)]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in sorted(bench_rows, key=lambda r: (MODELS.index(r["model"]), r["round"], -r["steps"],
                                                    SAMPLERS.index(sampler_of(r)), r["temperature"])):
-            lines.append("| " + " | ".join(_fmt(sampler_of(r) if k == "sampler" else r[k]) for k in cols) + " |")
+            lines.append("| " + " | ".join(_fmt(sampler_of(r) if k == "sampler" else r.get(k)) for k in cols) + " |")
         lines.append("")
         lines += render_summary_table([s for s in summary if s["benchmark"] == bench])
     return "\n".join(lines)
