@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from typing import Optional, Sequence
@@ -44,6 +43,7 @@ import torch  # noqa: E402
 
 from mcd_scale.data.manifest import (ManifestError, dumps_manifest, load_manifest, manifest_path,  # noqa: E402
                                      sha256_file, write_manifest)
+from mcd_scale.training.signals import PreemptionFlag  # noqa: E402
 from mcd_scale.data.trajectories import (THRESHOLD_PURPOSE, TIME_PURPOSE, TRAJ_FORMAT,  # noqa: E402
                                          TRAJ_FORMAT_VERSION, sample_time, threshold_K,
                                          thresholds_for)
@@ -381,38 +381,41 @@ def precompute(args) -> dict:
     # Preemption (SIGUSR1/SIGTERM, e.g. SLURM's --signal): finish the current shard, agree at the shard
     # boundary, exit 4. DP ranks may own different numbers of shards: every rank takes part in the same
     # number of boundary agreements (the longest work list), idle ranks just vote.
-    preempted = []
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: preempted.append(signum))
-    rounds = int(collectives.all_reduce(torch.tensor([float(len(todo))], dtype=torch.float64, device=dims.device),
-                                         op="max").item())
-    pause_after = int(os.environ.get("MCD_FAULT_PAUSE_AFTER_SHARDS", "0") or 0)
-    with torch.no_grad():
-        for i in range(rounds):
-            if collectives.any_rank(bool(preempted)):
-                raise Preempted(f"preemption signal: stopped after {written} shard(s) of this rank; rerun to resume")
-            if i >= len(todo):
-                continue
-            j, first, last = todo[i]
-            if writer:
-                compute_shard(model, cfg, params, train, dims, split_dir, j, first, last, args.batch_size, progress)
-                written += 1
-                if fault and written >= fault:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(9)
-            else:  # a TP peer: same forward passes, nothing written
-                for lo in range(first, last + 1, args.batch_size):
-                    hi = min(lo + args.batch_size, last + 1)
-                    x = torch.from_numpy(np.stack([train[g]["ids"] for g in range(lo, hi)]).astype(np.int64))
-                    trajectory_batch(model, cfg, params, x, torch.arange(lo, hi), dims)
-            done += last - first + 1
-            if pause_after and rank == 0 and i + 1 == pause_after:
-                from mcd_scale.training.faults import pause_for_preemption
+    # The handlers only set a flag, so they are put back when this loop ends, however it ends (a handler left
+    # behind would make the process immune to SIGTERM afterwards: a caller's timeout could not stop it).
+    preempt = PreemptionFlag()
+    try:
+        rounds = int(collectives.all_reduce(torch.tensor([float(len(todo))], dtype=torch.float64, device=dims.device),
+                                             op="max").item())
+        pause_after = int(os.environ.get("MCD_FAULT_PAUSE_AFTER_SHARDS", "0") or 0)
+        with torch.no_grad():
+            for i in range(rounds):
+                if collectives.any_rank(preempt.requested):
+                    raise Preempted(f"preemption signal: stopped after {written} shard(s) of this rank; rerun to resume")
+                if i >= len(todo):
+                    continue
+                j, first, last = todo[i]
+                if writer:
+                    compute_shard(model, cfg, params, train, dims, split_dir, j, first, last, args.batch_size, progress)
+                    written += 1
+                    if fault and written >= fault:
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                        os._exit(9)
+                else:  # a TP peer: same forward passes, nothing written
+                    for lo in range(first, last + 1, args.batch_size):
+                        hi = min(lo + args.batch_size, last + 1)
+                        x = torch.from_numpy(np.stack([train[g]["ids"] for g in range(lo, hi)]).astype(np.int64))
+                        trajectory_batch(model, cfg, params, x, torch.arange(lo, hi), dims)
+                done += last - first + 1
+                if pause_after and rank == 0 and i + 1 == pause_after:
+                    from mcd_scale.training.faults import pause_for_preemption
 
-                pause_for_preemption(f"precompute-shard{pause_after}")
-        if collectives.any_rank(bool(preempted)):
-            raise Preempted(f"preemption signal: stopped after {written} shard(s) of this rank; rerun to resume")
+                    pause_for_preemption(f"precompute-shard{pause_after}")
+            if collectives.any_rank(preempt.requested):
+                raise Preempted(f"preemption signal: stopped after {written} shard(s) of this rank; rerun to resume")
+    finally:
+        preempt.restore()
     elapsed = time.perf_counter() - t0
     if progress is not None:
         progress.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from types import SimpleNamespace
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -89,8 +90,11 @@ class TrainEngine:
 
         optimizer = build_optimizer(cfg, trainable, dims.device)  # fused kernel on CUDA (mcd_scale/training/optim.py)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        # DeepSpeed would put its engine on cuda:LOCAL_RANK; under a one-GPU-per-rank binding that is not the
+        # device init_distributed chose (mcd_scale.parallel.distributed.cuda_device_index), so name it.
+        args = SimpleNamespace(device_rank=dims.device.index) if dims.device.type == "cuda" else None
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
+            args=args, model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
             mpu=None if self.pipeline else dims.mpu(), dist_init_required=False)
         self.module = module
         from mcd_scale.training import fault_hooks

@@ -12,7 +12,6 @@ saves and returns EXIT_PREEMPTED so a SLURM script can requeue; divergence retur
 from __future__ import annotations
 
 import os
-import signal
 import time
 from typing import Iterator, Optional
 
@@ -23,23 +22,8 @@ from mcd_scale.checkpoint.store import (TrainState, checkpoint_root, load_rng_st
                                   resolve_load_tag, restore_rng, save_checkpoint, verify_tag)
 from mcd_scale.config import Config, ConfigError, save_resolved, to_yaml
 from mcd_scale.parallel.distributed import ParallelDims, init_distributed, shutdown
+from mcd_scale.training.signals import PreemptionFlag
 from mcd_scale.training.telemetry import MetricsLogger, format_eta, plot_loss_curves
-
-
-class _Preemption:
-    """SIGTERM/SIGUSR1 set a flag; the step's one collective carries it (TrainEngine.train_step), so the
-    ranks agree at a step boundary (never mid-step) without a collective of its own."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. in-process tests)
-                pass
-
-    def _handler(self, signum, frame):
-        self.requested = True
 
 
 def _barrier():
@@ -255,7 +239,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> int:
         cfg, state = self.cfg, self.state
-        preempt, faults = _Preemption(), self.faults
+        faults = self.faults
         from mcd_scale.data.loader import MicroBatchLoader
         from mcd_scale.data.sampler import GlobalBatchSampler
 
@@ -270,6 +254,9 @@ class Trainer:
         exit_code = EXIT_OK
         last_log_t, last_log_step, wait_acc = time.time(), state.step, 0.0
         val = None
+        # SIGTERM/SIGUSR1 set a flag; the step's one collective carries it (TrainEngine.train_step), so the ranks
+        # agree at a step boundary (never mid-step). The handlers are put back when fit() returns, whatever way.
+        preempt = PreemptionFlag()
         try:
             while state.step < cfg.train.steps:
                 t_wait = time.time()
@@ -336,6 +323,7 @@ class Trainer:
             if exit_code in (EXIT_OK, EXIT_PREEMPTED):
                 self._save()
         finally:
+            preempt.restore()
             self.logger.close()
             if self.rank == 0:
                 plot_loss_curves(self.run_dir)
