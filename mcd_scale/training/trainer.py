@@ -86,8 +86,8 @@ class Trainer:
         # verifies the tag's integrity record before anything reads it (DeepSpeed unpickles its .pt files),
         # so a bad file is one line naming it on every rank.
         self.resume_tag = resolve_load_tag(self.root, cfg.checkpoint.load)
-        if self.resume_tag is not None:
-            verify_tag(self.root, self.resume_tag)
+        if self.resume_tag is not None:  # the ranks split the hashing and agree (a 1B tag is ~17 GB)
+            verify_tag(self.root, self.resume_tag, self.rank, dims.world_size, collectives.all_gather_object)
         self.universal = self._universal_resume()  # path of universal.safetensors when the layout changed
         teacher_state = self._teacher_state()
         self.objective = build_objective(cfg, dims, teacher_state)
@@ -172,6 +172,9 @@ class Trainer:
 
     def _load_native(self, tag: str) -> None:
         """DeepSpeed's own checkpoint, this rank's RNG streams and EMA shard (same layout)."""
+        from mcd_scale.checkpoint.deepspeed_files import use_safe_loader
+
+        use_safe_loader(self.engine.engine)  # DeepSpeed's .pt files: weights_only=True with an explicit allowlist
         self.engine.engine.load_checkpoint(self.root, tag=tag)
         rest = restore_rng(load_rng_states(self.root, tag, self.rank))
         if self.ema is not None:
@@ -213,7 +216,8 @@ class Trainer:
         save_checkpoint(self.engine.engine, self.run_dir, self.state, to_yaml(self.cfg), self.rank,
                         self.dims.world_size, self.cfg.checkpoint.keep_last,
                         full_weights=full if self.rank == 0 else None, rng_extra=extra, barrier=_barrier,
-                        extra_files=extra_files, on_staged=lambda: self.faults.in_save(self.state.step))
+                        extra_files=extra_files, on_staged=lambda: self.faults.in_save(self.state.step),
+                        gather_object=collectives.all_gather_object)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> dict:
@@ -269,11 +273,13 @@ class Trainer:
 
                     skip_log.report(self.rank, state.step + 1, micro, sampler, self.dims.dp_rank, self.dims.dp,
                                     cfg.parallel.micro_batch, loader.skipped)
-                prepared = [self.objective.prepare(m, state.step) for m in micro]
+                # Lazily: each micro-batch is prepared just before its forward (an online teacher's fp32 target is
+                # [B, L, V], ~0.8 GB for the 1B recipe; grad_accum of them at once would not fit the plan).
+                prepared = (self.objective.prepare(m, state.step) for m in micro)
                 # A sample this rank could not read (a stand-in took its place): every rank stops at this step.
                 loss, skipped, stop = self.engine.train_step(prepared, poison=faults.poison(state.step + 1),
                                                              stop_requested=preempt.requested,
-                                                             bad_input=bad_input.of_step(micro))
+                                                             bad_input=bad_input.of_step(micro), n_micro=len(micro))
                 state.step += 1
                 state.consumed_samples += cfg.parallel.global_batch
                 if skipped or not (loss == loss and abs(loss) != float("inf")):
