@@ -1,6 +1,7 @@
 """The CPU device-mixing sanitizer (mcd_scale/testing/device_sanitizer.py): what it catches, and one step of every
-objective (MDLM, MCD online and offline, SDTT) and the trajectory precompute run under it on both parallel
-menus at world size 2 with tiny models (online MCD and SDTT need pp = 1: the TP + ZeRO-3 menu only)."""
+objective (MDLM, MCD online and offline, SDTT), the trajectory precompute and both samplers run under it, on
+both parallel menus at world size 2 with tiny models (online MCD and SDTT need pp = 1: the TP + ZeRO-3 menu
+only; offline MCD is the 3D menu's distillation; sampling is single-process)."""
 from __future__ import annotations
 
 import os
@@ -114,12 +115,42 @@ def run_objectives(root: str, menu: str) -> dict:
     return {"codes": codes, "violations": [str(v) for v in s.violations], "ops_seen": s.ops_checked}
 
 
-def test_tp_zero3_menu_mdlm_mcd_online_and_sdtt_under_the_sanitizer(tmp_path):
+def sample_under_sanitizer(teacher: str) -> dict:
+    """One process without model-parallel groups (the weights load whole): both samplers on the stand-in
+    device from the teacher's consolidated weights, as tools/sample.py runs them (the network built
+    single-process and moved to the device; keyed draws on the host, moved once per step)."""
+    from mcd_scale.config import load_config
+    from mcd_scale.diffusion.sampling import ancestral_sample, coupled_sample
+    from mcd_scale.diffusion.schedules import get_schedule
+    from mcd_scale.distill.checkpoints import resolve_teacher_file
+    from mcd_scale.model.build import build_model
+    from mcd_scale.model.weights import load_full_state_dict, load_safetensors
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config([os.path.join(repo, "configs/tiny/teacher.yaml")], TINY + ["parallel.tp=1", "parallel.pp=1"])
+    model = build_model(cfg, None, init=False, dtype=torch.float32).eval()
+    load_full_state_dict(model, load_safetensors(resolve_teacher_file(teacher)), None)
+    model = DeviceSanitizer.on_device(model.to(STAND_IN))
+    m = cfg.model
+    schedule = get_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
+    shapes = []
+    with DeviceSanitizer() as s, torch.no_grad():
+        for fn in (ancestral_sample, coupled_sample):
+            res = fn(lambda z, t: model(z, t), 2, m.seq_len, 4, m.vocab_size, schedule, 0,
+                     time_conditioned=m.time_conditioning, device=STAND_IN)
+            shapes.append(tuple(res.tokens.shape))
+    return {"shapes": shapes, "violations": [str(v) for v in s.violations]}
+
+
+def test_tp_zero3_menu_mdlm_mcd_online_sdtt_and_sampling_under_the_sanitizer(tmp_path):
     results = run_ranks("tests.test_device_sanitizer:run_objectives", world_size=2,
                         kwargs={"root": str(tmp_path), "menu": "tp_zero3"}, timeout=240)
     for rank, res in enumerate(results):
         assert res["codes"] == {"mdlm": 0, "mcd_online": 0, "sdtt": 0}, (rank, res)
         assert res["violations"] == [], (rank, res["violations"])
+    (sampled,) = run_ranks("tests.test_device_sanitizer:sample_under_sanitizer", world_size=1,
+                           kwargs={"teacher": str(tmp_path / "teacher")}, timeout=120)
+    assert sampled == {"shapes": [(2, 16), (2, 16)], "violations": []}, sampled
 
 
 def test_3d_menu_mdlm_precompute_and_offline_mcd_under_the_sanitizer(tmp_path):

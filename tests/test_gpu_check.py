@@ -63,12 +63,13 @@ def test_under_timeout_the_check_ends_and_keeps_the_rows_it_finished():
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     t0 = time.monotonic()
-    proc = subprocess.run(["timeout", "-k", "10", "45", sys.executable, os.path.join(REPO, "tools", "gpu_check.py"),
-                           "--device", "cpu", "--tiny", "--rows", "bf16_vs_fp32", "teacher_tp_zero3", "teacher_3d",
-                           "sampling", "step_time"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    # The whole check takes ~50 s here; 35 s stops it part-way (the first row ends ~20 s in).
+    proc = subprocess.run(["timeout", "-k", "10", "35", sys.executable, os.path.join(REPO, "tools", "gpu_check.py"),
+                           "--device", "cpu", "--tiny"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
     elapsed = time.monotonic() - t0
-    assert proc.returncode in (124, 137, 1, 0), proc.returncode
-    assert elapsed < 45 + 10 + 15, elapsed
+    assert proc.returncode in (124, 137), (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert elapsed < 35 + 10 + 15, elapsed
     lines = _lines(proc.stdout)  # every line that made it out is whole JSON
     assert lines and all("check" in r or r.get("summary") for r in lines), proc.stdout
 
