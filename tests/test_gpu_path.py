@@ -144,3 +144,14 @@ def test_micro_batches_are_prepared_one_at_a_time_and_fit_restores_signal_handle
     assert res["code"] == 0
     assert res["events"] == ["prepare", "forward", "prepare", "forward"], res["events"]
     assert res["handlers_restored"], "Trainer.fit left its SIGTERM/SIGUSR1 handlers installed"
+
+
+def test_preemption_flag_sets_on_signal_and_puts_the_old_handlers_back():
+    from mcd_scale.training.signals import PreemptionFlag
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    with PreemptionFlag() as flag:
+        assert signal.getsignal(signal.SIGUSR1) != before[signal.SIGUSR1]
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert flag.requested and flag.signum == signal.SIGUSR1
+    assert {s: signal.getsignal(s) for s in before} == before
