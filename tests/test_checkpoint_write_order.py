@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from mcd_scale.checkpoint.store import store as ckpt
+from mcd_scale.checkpoint import store as ckpt
 
 
 class FakeEngine:
