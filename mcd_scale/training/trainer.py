@@ -321,7 +321,11 @@ class Trainer:
                         f"eta {format_eta(self.logger.eta_s(state.step))}")
                     last_log_t, last_log_step, wait_acc = now, state.step, 0.0
                 if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
-                    val = self.validate()
+                    if cfg.train.eval_ema and self.ema is not None:  # MDLM reports the EMA weights' NELBO
+                        with self.ema.swap_in():
+                            val = self.validate()
+                    else:
+                        val = self.validate()
                     self.logger.log(state.step, val, prefix="val")
                     self.logger.console(f"step {state.step} validation NELBO {val['nelbo']:.4f} "
                                         f"(ppl <= {val['ppl_bound']:.1f})")
