@@ -179,7 +179,7 @@ CARD = """---
 
 # {name}
 
-A masked diffusion language model trained with [mcd_scale](docs/method.md of the mcd_scale repository):
+A masked diffusion language model trained with mcd_scale (the method: docs/method.md in its repository):
 objective `{objective}`, step {step}, {params:,} parameters, {weights} weights, sequence length {seq_len},
 vocabulary {vocab_size} tokens (id {mask_id} is [MASK]).
 
