@@ -484,8 +484,13 @@ class Demo:
                     how = dict(sampler="ancestral")
                 res = sample_cli.sample(loaded, job["steps"], n, seed=0, temperature=job["temperature"],
                                         batch_size=self.plan.sample_batch, **how)
-                tok = (os.path.join(self.text_data, "tokenizer.model") if job["benchmark"] == "text" else None)
-                texts = sample_cli.decode_rows(res.tokens, tok)
+                if job["benchmark"] == "text":
+                    from mcd_scale.data.tokenizer import load_tokenizer
+
+                    tok = load_tokenizer(self.text_data)  # the prepared data's tokenizer, whichever kind
+                    texts = [tok.decode(row.tolist()) for row in res.tokens]
+                else:
+                    texts = sample_cli.decode_rows(res.tokens, None)
                 extra = {} if job["sampler"] == DEFAULT_SAMPLER else {"sampler": job["sampler"]}
                 rows = [{k: job[k] for k in ("benchmark", "model", "round", "steps", "temperature", "trained_steps")
                          if k in job}
@@ -532,7 +537,7 @@ class Demo:
         if "text" in self.plan.benchmarks:
             cmd += ["--ar-evaluator", os.path.join(self.run, "ar_evaluator"), "--train-ar-evaluator",
                     "--ar-steps", str(self.plan.ar_steps), "--tokenizer",
-                    os.path.join(self.text_data, "tokenizer.model"), "--data", self.text_data]
+                    self.text_data, "--data", self.text_data]
         self.sh(cmd, "evaluate")
 
     def evaluate_strided(self) -> None:
@@ -553,7 +558,7 @@ class Demo:
             cmd += ["--synthetic-chain", os.path.join(self.syn_data, "chain.json")]
         if "text" in benches:
             cmd += ["--ar-evaluator", os.path.join(self.run, "ar_evaluator"), "--tokenizer",
-                    os.path.join(self.text_data, "tokenizer.model"), "--data", self.text_data]
+                    self.text_data, "--data", self.text_data]
         self.sh(cmd, "evaluate_strided")
         with open(os.path.join(out, "summary.json"), encoding="utf-8") as fh:
             summary = json.load(fh)["summary"]
@@ -579,7 +584,7 @@ class Demo:
         with open(self.samples_path, encoding="utf-8") as src, open(text_rows, "w", encoding="utf-8") as dst:
             dst.writelines(line for line in src if json.loads(line)["benchmark"] == "text")
         self.sh([sys.executable, "tools/evaluate.py", "--samples", text_rows, "--out", out, "--smollm2",
-                 "--tokenizer", os.path.join(self.text_data, "tokenizer.model"), "--data", self.text_data,
+                 "--tokenizer", self.text_data, "--data", self.text_data,
                  "--reference-samples", "64"], "evaluate_smollm2")
         with open(os.path.join(self.run, "report.md"), "a", encoding="utf-8") as fh:
             fh.write(f"\nText rows under SmolLM2-135M: {os.path.join(out, 'report.md')}\n")

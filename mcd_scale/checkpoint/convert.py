@@ -253,6 +253,21 @@ def tag_step(ckpt: str) -> int:
         return json.load(fh)["step"]
 
 
+def run_tokenizer(cfg: dict):
+    """The tokenizer of the run's prepared data (its manifest's entry), or None for data without one
+    (the synthetic benchmark)."""
+    from mcd_scale.data.tokenizer import load_tokenizer
+
+    data = (cfg.get("data") or {}).get("path") or ""
+    manifest = os.path.join(data, "manifest.json")
+    if not os.path.isfile(manifest):
+        return None
+    with open(manifest, encoding="utf-8") as fh:
+        if not (json.load(fh).get("tokenizer") or {}).get("path"):
+            return None
+    return load_tokenizer(data)
+
+
 def export(path: str, out: str, ema: bool, force: bool = False) -> str:
     import yaml
 
@@ -272,6 +287,9 @@ def export(path: str, out: str, ema: bool, force: bool = False) -> str:
     text = yaml.safe_dump(cfg, sort_keys=False)
     o.text("config.yaml", text)
     o.text("config.resolved.yaml", text)  # sample.py and distill.teacher look for the resolved config beside the weights
+    tokenizer = run_tokenizer(cfg)
+    for fname, tok_src in sorted(tokenizer.files.items() if tokenizer else ()):
+        o.copy(fname, tok_src)  # whichever kind: the directory then resolves with load_tokenizer(out)
     o.finish({"weights_format": "mcd_scale-logical-v1", "source": os.path.abspath(src), "step": step, "ema": ema,
               "sha256": o.files["model.safetensors"]["sha256"]})
     return out
