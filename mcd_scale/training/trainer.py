@@ -234,23 +234,14 @@ class Trainer:
     # ------------------------------------------------------------------ validation
     def validate(self) -> dict:
         """Validation NELBO on a fixed set (the first eval_batches global batches of the val split) with
-        a fixed corruption key, so the figure is comparable across steps, runs and layouts."""
-        import math
-
-        from mcd_scale.data.loader import eval_loader
+        a fixed corruption key, so the figure is comparable across steps, runs and layouts. The loop is
+        mcd_scale/eval/nelbo_eval.py's, which tools/nelbo.py runs on a saved checkpoint."""
+        from mcd_scale.eval.nelbo_eval import validation_nelbo
 
         cfg = self.cfg
-        loader = eval_loader(self.val_set, cfg.train.eval_batches, cfg.parallel.global_batch, self.dims.dp_rank,
-                             self.dims.dp, cfg.parallel.micro_batch, stand_in=True)
-        losses, bad = [], None
-        for b, micro in enumerate(step_batches(loader)):
-            bad = bad or bad_input.of_step(micro)  # a stand-in took a bad sample's place (mcd_scale/data/bad_input.py)
-            prepared = [self.eval_objective.prepare(m, step=10 ** 9 + b) for m in micro]
-            losses.append(self.engine.eval_loss(prepared, self.eval_objective.loss))
-        if collectives.any_rank(bad is not None):  # once per validation pass: every rank stops, nothing logged
-            bad_input.stop_every_rank(bad)
-        nelbo = sum(losses) / len(losses)
-        return {"nelbo": nelbo, "ppl_bound": math.exp(min(nelbo, 50.0))}
+        out = validation_nelbo(self.engine.eval_loss, self.eval_objective, self.val_set, cfg.train.eval_batches,
+                               cfg.parallel.global_batch, cfg.parallel.micro_batch, self.dims.dp_rank, self.dims.dp)
+        return {"nelbo": out["nelbo"], "ppl_bound": out["ppl_bound"]}
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> int:
