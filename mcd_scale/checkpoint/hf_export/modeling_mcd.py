@@ -16,10 +16,11 @@ writes. The logits are the raw network output: token ``vocab_size`` is the [MASK
 
 Samplers (:func:`sample`, ``MCDModel.sample``): a copy of mcd_scale's ``mcd_scale/diffusion/sampling.py``
 at export time: the MDLM ancestral sampler and the deterministic coupled sampler (random or strided reveal
-order), ``steps`` on the grid ``linspace(1, 1e-5, steps + 1)``, Gumbel-max draws in float64 at temperature T,
-every random draw keyed by (purpose, seed, sample index[, position]) exactly as mcd_scale keys it. On the
-same device and weights they return mcd_scale's tokens for the same seed, token for token (up to float64
-ties in an argmax); a sample does not depend on the batch size.
+order), ``steps`` on the grid ``linspace(1, 1e-5, steps + 1)``, each revealed token drawn by inverse CDF in
+float64 at temperature T from one uniform per (sample, position), every random draw keyed by (purpose, seed,
+sample index[, position]) exactly as mcd_scale keys it. On the same device and weights they return mcd_scale's
+tokens for the same seed, token for token (up to a uniform within float64 rounding of a CDF boundary); a sample
+does not depend on the batch size.
 """
 from __future__ import annotations
 
@@ -242,15 +243,22 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def token_gumbel_rows(seed: int, sample_index: int, positions, vocab_size: int, purpose: str) -> torch.Tensor:
-    """Gumbel(0,1) noise [len(positions), V] (float64), keyed by (purpose, seed, sample, position, token)."""
+def token_uniforms(seed: int, sample_index: int, positions, purpose: str) -> torch.Tensor:
+    """Uniform(0, 1) numbers [len(positions)] (float64), one per token, keyed by (purpose, seed, sample,
+    position): the SplitMix64 stream of the sample's key read at index ``position``."""
     key = np.uint64(key_to_seed(purpose, seed, sample_index))
-    pos = np.asarray(positions, dtype=np.uint64).reshape(-1, 1)
-    counter = pos * np.uint64(vocab_size) + np.arange(vocab_size, dtype=np.uint64).reshape(1, -1) + np.uint64(1)
+    counter = np.asarray(positions, dtype=np.uint64).reshape(-1) + np.uint64(1)
     with np.errstate(over="ignore"):
         bits = _splitmix64(key + counter * _GAMMA)
-    u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 9007199254740992.0)
-    return torch.from_numpy(-np.log(-np.log(u)))
+    return torch.from_numpy(((bits >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 9007199254740992.0))
+
+
+def inverse_cdf_draw(log_probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``log_probs`` [R, V] (float64) from its uniform ``u`` [R]: the smallest k with
+    u * total < cdf[k] (exact inverse-CDF sampling; runs where ``log_probs`` lives)."""
+    cdf = torch.cumsum(torch.exp(log_probs - log_probs.amax(dim=-1, keepdim=True)), dim=-1)
+    x = (u.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_(max=log_probs.shape[-1] - 1)
 
 
 def reveal_thresholds(order: str, seed: int, sample_index: int, seq_len: int, schedule: str, eps: float,
@@ -271,16 +279,22 @@ def reveal_thresholds(order: str, seed: int, sample_index: int, seq_len: int, sc
 
 
 def _fill(z, reveal, logits, ids, seed, vocab_size, temperature, purpose, greedy) -> None:
+    """Set every position in ``reveal`` to a draw from softmax(log p / T) (argmax when ``greedy``), in place."""
     rows, pos = reveal.nonzero(as_tuple=True)
     if rows.numel() == 0:
         return
     dev = logits.device
     score = torch.log_softmax(logits[rows.to(dev), pos.to(dev)][..., :vocab_size].double() / temperature, dim=-1)
-    if not greedy:
-        noise = [token_gumbel_rows(seed, ids[b], pos[rows == b].numpy(), vocab_size, purpose)
-                 for b in range(len(ids)) if bool((rows == b).any())]
-        score = score + torch.cat(noise).to(dev)
-    z[rows, pos] = score.argmax(-1).cpu().to(z.dtype)
+    if greedy:
+        chosen = score.argmax(-1)
+    else:
+        u = torch.empty(rows.numel(), dtype=torch.float64)
+        for b in range(len(ids)):
+            sel = rows == b
+            if bool(sel.any()):
+                u[sel] = token_uniforms(seed, ids[b], pos[sel].numpy(), purpose)
+        chosen = inverse_cdf_draw(score, u.to(dev))
+    z[rows, pos] = chosen.cpu().to(z.dtype)
 
 
 def sample(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_samples: int, seq_len: int,
@@ -291,9 +305,9 @@ def sample(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_s
     """Unconditional samples [num_samples, seq_len] from ``denoiser(z [B, L], t [B]) -> logits [B, L, >= V+1]``.
 
     ``ancestral`` (MDLM): at t -> s each masked token is revealed with probability (alpha_s - alpha_t) /
-    (1 - alpha_t), its value drawn from softmax(logits / T) (Gumbel-max, float64). ``coupled``: per-token
-    thresholds u and Gumbel noise drawn once; at t -> s exactly the tokens with alpha_t <= u < alpha_s are
-    revealed, each to argmax(log p / T + g); ``reveal_order`` 'strided' puts positions j = j' (mod stride) in
+    (1 - alpha_t), its value drawn from softmax(logits / T) by inverse CDF (float64) from one keyed uniform per
+    token. ``coupled``: per-token thresholds and value uniforms drawn once; at t -> s exactly the tokens with
+    alpha_t <= u < alpha_s are revealed, each drawn the same way; ``reveal_order`` 'strided' puts positions j = j' (mod stride) in
     separate bands (stride default min(steps, seq_len)). The network is called only on samples with a token
     to reveal. Masks left after the last step are filled greedily (``greedy_tail``) or sampled."""
     if sampler not in ("ancestral", "coupled"):
@@ -308,7 +322,7 @@ def sample(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_s
     alphas = schedule_alpha(schedule, eps, times)
     batch_size = batch_size or num_samples
     mask_id = vocab_size
-    purpose = sampler + "-gumbel"
+    purpose = sampler + "-token"
 
     def logits_of(sub, t):
         t_vec = torch.full((sub.shape[0],), t, dtype=torch.float32, device=device)
