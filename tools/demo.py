@@ -462,8 +462,7 @@ class Demo:
         return jobs + strided
 
     def sample_all(self) -> None:
-        sys.path.insert(0, os.path.join(ROOT, "tools"))
-        import sample as sample_cli  # tools/sample.py
+        from mcd_scale import inference as sample_cli
 
         sdir = os.path.join(self.run, "samples")
         os.makedirs(sdir, exist_ok=True)
@@ -653,8 +652,7 @@ def trained_steps_of(run: str) -> Optional[int]:
     from mcd_scale.config import from_dict
     from mcd_scale.distill.rounds import checkpoint_trained_steps
 
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from sample import resolve_weights  # tools/sample.py
+    from mcd_scale.inference import resolve_weights
 
     path = os.path.join(os.path.dirname(resolve_weights(run)), "config.resolved.yaml")
     with open(path, encoding="utf-8") as fh:

@@ -231,16 +231,17 @@ def check_distill(ctx: Ctx, name: str, extra: Sequence[str]) -> dict:
 def check_sampling(ctx: Ctx) -> dict:
     import torch
 
-    import sample as sample_cli  # tools/sample.py
+    from mcd_scale import inference as sample_cli
 
     from mcd_scale.parallel import collectives
 
     if collectives.rank() != 0:
         return {"ok": True}
     out = os.path.join(ctx.root, "samples.jsonl")
-    argv = ["--checkpoint", ctx.teacher_dir, "--steps", "8", "--num-samples", "4", "--sampler", "coupled",
-            "--device", str(ctx.device), "--quiet", "--out", out]
-    rc = sample_cli.main(argv)
+    # rank 0 alone samples here (single_process): the other ranks are not in this call
+    job = sample_cli.SampleJob(checkpoint=ctx.teacher_dir, steps=8, num_samples=4, sampler="coupled",
+                               device=str(ctx.device), out=out, progress=False, single_process=True)
+    rc = 0 if sample_cli.run_sampling(job) else 1
     with open(out + ".summary.json", encoding="utf-8") as fh:
         summary = json.load(fh)
     row = {"ok": rc == 0 and summary["device"] == str(ctx.device), "exit_code": rc, "device": summary["device"],

@@ -92,8 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"--chain {args.chain}: the ideal rows need a synthetic source with exact posterior "
                              f"sampling (order-2 or switching chain); this is a {type(chain).__name__}")
         if args.teacher_checkpoint:
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-            import sample as sample_cli  # tools/sample.py
+            from mcd_scale import inference as sample_cli
 
             loaded = sample_cli.load_model(args.teacher_checkpoint)
             if loaded.vocab_size != chain.num_symbols:

@@ -222,23 +222,14 @@ class Trainer:
     # ------------------------------------------------------------------ validation
     def validate(self) -> dict:
         """Validation NELBO on a fixed set (the first eval_batches global batches of the val split) with
-        a fixed corruption key, so the figure is comparable across steps, runs and layouts."""
-        import math
-
-        from mcd_scale.data.loader import eval_loader
+        a fixed corruption key, so the figure is comparable across steps, runs and layouts. The loop is
+        mcd_scale/eval/nelbo_eval.py's, which tools/nelbo.py runs on a saved checkpoint."""
+        from mcd_scale.eval.nelbo_eval import validation_nelbo
 
         cfg = self.cfg
-        loader = eval_loader(self.val_set, cfg.train.eval_batches, cfg.parallel.global_batch, self.dims.dp_rank,
-                             self.dims.dp, cfg.parallel.micro_batch, stand_in=True)
-        losses, bad = [], None
-        for b, micro in enumerate(step_batches(loader)):
-            bad = bad or bad_input.of_step(micro)  # a stand-in took a bad sample's place (mcd_scale/data/bad_input.py)
-            prepared = [self.eval_objective.prepare(m, step=10 ** 9 + b) for m in micro]
-            losses.append(self.engine.eval_loss(prepared, self.eval_objective.loss))
-        if collectives.any_rank(bad is not None):  # once per validation pass: every rank stops, nothing logged
-            bad_input.stop_every_rank(bad)
-        nelbo = sum(losses) / len(losses)
-        return {"nelbo": nelbo, "ppl_bound": math.exp(min(nelbo, 50.0))}
+        out = validation_nelbo(self.engine.eval_loss, self.eval_objective, self.val_set, cfg.train.eval_batches,
+                               cfg.parallel.global_batch, cfg.parallel.micro_batch, self.dims.dp_rank, self.dims.dp)
+        return {"nelbo": out["nelbo"], "ppl_bound": out["ppl_bound"]}
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> int:
@@ -314,7 +305,11 @@ class Trainer:
                         f"eta {format_eta(self.logger.eta_s(state.step))}")
                     last_log_t, last_log_step, wait_acc = now, state.step, 0.0
                 if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
-                    val = self.validate()
+                    if cfg.train.eval_ema and self.ema is not None:  # MDLM reports the EMA weights' NELBO
+                        with self.ema.swap_in():
+                            val = self.validate()
+                    else:
+                        val = self.validate()
                     self.logger.log(state.step, val, prefix="val")
                     self.logger.console(f"step {state.step} validation NELBO {val['nelbo']:.4f} "
                                         f"(ppl <= {val['ppl_bound']:.1f})")

@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from sample import load_model  # noqa: E402
+from mcd_scale.inference import load_model  # noqa: E402
 
 from mcd_scale.diffusion.sampling import coupled_sample  # noqa: E402
 from mcd_scale.diffusion.schedules import get_schedule  # noqa: E402

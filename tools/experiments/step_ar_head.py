@@ -47,7 +47,7 @@ sys.path.insert(0, HERE)
 
 from noise_conditioned import (_chunk_sample, batch_inputs, fine_order, load_pool, reveal_steps,  # noqa: E402
                                sampler_noise)
-from sample import load_model  # noqa: E402
+from mcd_scale.inference import load_model  # noqa: E402
 
 from mcd_scale.diffusion.sampling import coupled_sample, sampling_times  # noqa: E402
 from mcd_scale.diffusion.schedules import get_schedule  # noqa: E402
