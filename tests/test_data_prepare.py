@@ -126,9 +126,11 @@ def test_bad_inputs_name_the_file(tmp_path):
     latin.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     badgz = tmp_path / "bad.txt.gz"
     badgz.write_bytes(b"not gzip at all")
+    truncgz = tmp_path / "trunc.txt.gz"
+    truncgz.write_bytes(b"\x1f\x8b\x08\x00truncated gzip")  # zlib.error, not OSError
     emptydir = tmp_path / "nothing"
     emptydir.mkdir()
-    cases = [(tmp_path / "missing.txt", "does not exist"), (empty, "hold no document"),
+    cases = [(tmp_path / "missing.txt", "does not exist"), (empty, "hold no document"), (truncgz, "cannot read input"),
              (latin, "latin.txt:1: not UTF-8 (byte 3"), (badgz, "cannot read input"), (emptydir, "holds no .txt")]
     for path, words in cases:
         with pytest.raises(PrepareError) as err:

@@ -2,7 +2,9 @@
 crash at a checkpoint, after a kill -9 at a random point; other flags on the same directory are refused."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,17 +98,22 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_bytes(corpus, smol, reference,
     proc = subprocess.Popen(args, env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = out / ".prepare-state" / "state.json"
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:  # kill once a few shards exist
-        if state.exists() and len([n for n in os.listdir(out / "train") if n.endswith(".tar")]) >= 2 \
-                if (out / "train").exists() else False:
+    while time.time() < deadline and proc.poll() is None:  # kill after a few checkpoints that kept shards
+        try:
+            st = json.loads(state.read_text())  # replaced atomically: never half-written
+        except (OSError, ValueError):
+            st = {}
+        if st.get("generation", 0) >= 3 and st["records"]["train"]:
             break
-        time.sleep(0.02)
+        time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
     done = subprocess.run(args, env=base_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    resumed_at = re.search(r"resuming at document (\d+)", done.stderr)
+    assert resumed_at and int(resumed_at.group(1)) > 0, done.stderr
     assert _files(str(out)) == reference
 
 

@@ -170,7 +170,13 @@ class TrainConfig:
     log_every: int = 10
     """Console / TensorBoard / metrics.jsonl logging interval in steps."""
     ema_decay: float = 0.0
-    """EMA of the trained weights (0 disables; distillation uses 0.999)."""
+    """EMA of the trained weights (0 disables): written as model_ema.safetensors beside model.safetensors, for
+    a teacher (objective mdlm; MDLM uses 0.9999) as for a student (distillation uses 0.999). Sampling, export
+    and distillation choose EMA or raw (tools/sample.py --weights, convert_ckpt export-hf --weights,
+    distill.teacher pointing at model_ema.safetensors)."""
+    eval_ema: bool = False
+    """Validate with the EMA weights (as MDLM reports its validation perplexity) instead of the trained ones;
+    needs train.ema_decay > 0. Training is unchanged (the EMA is swapped in for validation only)."""
     max_nonfinite_in_a_row: int = 5
     """Abort with exit code 3 (diverged) after this many consecutive non-finite losses."""
 
@@ -469,6 +475,8 @@ def validate_fields(cfg: Config) -> None:
              f"got {p.zero3_persistence_threshold}.")
     _require(t.steps >= 0, f"'train.steps' must be >= 0, got {t.steps}.")
     _require(0.0 <= t.ema_decay < 1.0, f"'train.ema_decay' must be in [0, 1), got {t.ema_decay}.")
+    _require(not t.eval_ema or t.ema_decay > 0, "'train.eval_ema: true' validates the EMA weights: set "
+                                                "'train.ema_decay' > 0 (e.g. 0.9999) or 'train.eval_ema: false'.")
     _require(t.log_every >= 1, f"'train.log_every' must be >= 1, got {t.log_every}.")
     _require(0.0 < cfg.diffusion.eps < 1.0, f"'diffusion.eps' must be in (0, 1), got {cfg.diffusion.eps}.")
     _require(0.0 < cfg.diffusion.t_min < 1.0, f"'diffusion.t_min' must be in (0, 1), got {cfg.diffusion.t_min}.")
@@ -576,6 +584,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         ds["bf16"] = {"enabled": True}
         if p.zero_stage == 3:  # DeepSpeed's default under bf16 is a bf16 reduction; state the decided one
             ds["communication_data_type"] = p.reduce_dtype
+            # Without it ZeRO-3 adds every micro-batch's reduced partition into a bf16 buffer (the model dtype):
+            # grad_accum additions rounded to 8 mantissa bits would undo the fp32 reduction above.
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if p.pp > 1:
         ds["pipeline"] = {"activation_checkpoint_interval": 1 if p.activation_checkpointing else 0}
     return ds

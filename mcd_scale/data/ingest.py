@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -103,6 +104,11 @@ def find_sources(inputs: Sequence[str], exclude: str = "") -> list[SourceInfo]:
         else:
             raise IngestError(f"input '{item}' does not exist (pass files, directories or a datasets directory)")
     return out
+
+
+def _read_error(exc: BaseException) -> bool:
+    """An error of reading or decompressing a file (as opposed to a bug)."""
+    return isinstance(exc, (OSError, EOFError, ValueError, zlib.error)) or "zstd" in type(exc).__name__.lower()
 
 
 class _HashingReader(io.RawIOBase):
@@ -198,14 +204,21 @@ def _parquet_docs(src: SourceInfo, text_field: str) -> Iterator[RawDoc]:
     try:
         if src.path.endswith((".gz", ".zst")):  # parquet needs a seekable file: decompress to a temporary one
             raw = _HashingReader(src.path)
-            with _open_stream(src.path, raw) as stream, tempfile.NamedTemporaryFile(suffix=".parquet", delete=False) as t:
-                tmp = path = t.name
-                while True:
-                    block = stream.read(1 << 20)
-                    if not block:
-                        break
-                    t.write(block)
-            raw.drain()
+            try:
+                with _open_stream(src.path, raw) as stream, \
+                        tempfile.NamedTemporaryFile(suffix=".parquet", delete=False) as t:
+                    tmp = path = t.name
+                    while True:
+                        block = stream.read(1 << 20)
+                        if not block:
+                            break
+                        t.write(block)
+                    raw.drain()
+            except Exception as exc:  # noqa: BLE001 - see _read_error
+                if not _read_error(exc):
+                    raise
+                raise IngestError(f"cannot read input '{src.path}': {' '.join(str(exc).split())[:200]} (a truncated "
+                                  "or corrupt compressed file?)") from None
             src.sha256, src.bytes = raw.sha.hexdigest(), raw.nbytes
             raw.close()
         else:
@@ -281,9 +294,8 @@ def iter_documents(sources: Sequence[SourceInfo], text_field: str = "text", doc_
                 raw.drain()  # the bytes after the last document still count in the digest
         except IngestError:
             raise
-        except Exception as exc:  # noqa: BLE001 - gzip/zstd/OS errors: the file, not the tool, is at fault
-            if not isinstance(exc, (OSError, EOFError, ValueError)) and "zstd" not in type(exc).__module__.lower() \
-                    and "Zstd" not in type(exc).__name__:
+        except Exception as exc:  # noqa: BLE001 - gzip/zlib/zstd/OS errors: the file, not the tool, is at fault
+            if not _read_error(exc):
                 raise
             raise IngestError(f"cannot read input '{src.path}': {' '.join(str(exc).split())[:200]} (a truncated "
                               "or corrupt compressed file?)") from None

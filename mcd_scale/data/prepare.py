@@ -426,9 +426,8 @@ def _prepare(o: PrepareOptions) -> dict:
                 p = os.path.join(w.dir, rec["name"])
                 if not os.path.isfile(p) or os.path.getsize(p) != rec["bytes"] or sha256_file(p) != rec["sha256"]:
                     raise PrepareError(f"shard '{p}' of the interrupted run is missing or changed; rerun with --force")
-        if o.progress:
-            print(f"prepare_data: resuming at document {next_doc} ({sum(len(w.records) for w in writers.values())} "
-                  "shards kept)", file=sys.stderr)
+        print(f"prepare_data: resuming at document {next_doc} ({sum(len(w.records) for w in writers.values())} "
+              "shards kept)", file=sys.stderr)  # also under --quiet
     for s in SPLITS:  # temporaries of a killed run: ours, rewritten from the checkpoint
         d = os.path.join(o.out, s)
         if os.path.isdir(d):

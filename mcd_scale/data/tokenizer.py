@@ -246,6 +246,9 @@ class HFTokenizer(TextTokenizer):
             return None if content is None else backend.token_to_id(content)
 
         eos = tid("eos_token")
+        if eos is None:  # BERT-style: [SEP] closes a sequence, [CLS] opens it
+            eos = tid("sep_token")
+            special.setdefault("bos_token", special.get("cls_token"))
         if eos is None:  # GPT-2-style files without a config: the document separator is the EOS
             for content in ("<|endoftext|>", "</s>", "<eos>"):
                 eos = backend.token_to_id(content)
@@ -295,7 +298,7 @@ class HFTokenizer(TextTokenizer):
             raise TokenizerError(f"tokenizer '{name}' is neither a file, a directory nor a loadable hub name "
                                  f"({' '.join(str(exc).split())[:160]}); pass a tokenizer directory holding "
                                  "tokenizer.json, a tokenizer.model, a prepared data or run directory") from None
-        special = {k: getattr(hf, k, None) for k in ("bos_token", "eos_token", "pad_token")}
+        special = {k: getattr(hf, k, None) for k in ("bos_token", "eos_token", "pad_token", "cls_token", "sep_token")}
         tok = cls(backend, name, special, {})
         tok._hub = hf
         return tok

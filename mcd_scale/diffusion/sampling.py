@@ -199,7 +199,8 @@ def _run(mode: str, denoiser: Denoiser, num_samples: int, seq_len: int, steps: i
     ids come back, once per step. Same key -> same tokens on any device, up to float64 ties in argmax."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    device = torch.device(device or "cpu")
+    # A torch.device is kept as given (the same object: the CPU device sanitizer recognises its stand-in device so).
+    device = device if isinstance(device, torch.device) else torch.device(device or "cpu")
     stride = min(steps, seq_len) if stride is None else stride
     times = sampling_times(steps)
     alphas = schedule.alpha(times)

