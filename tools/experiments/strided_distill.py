@@ -158,7 +158,7 @@ def main() -> int:
                     help="the students' weights to sample: the trained ones, or their EMA (needs --set "
                          "train.ema_decay=D; the next round's teacher is still the raw weights, MCD.md section 5)")
     args = ap.parse_args()
-    from demo import make_plan  # tools/demo.py: the same sizes as the demo
+    from mcd_scale.demo import make_plan  # the same sizes as the demo
 
     plan = make_plan(quick=False)
     if args.steps_per_round:
