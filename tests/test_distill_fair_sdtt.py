@@ -1,4 +1,4 @@
-"""Fair SDTT: every objective's last round learns the jump its student is sampled with (MCD.md section 5),
+"""Fair SDTT: every objective's last round learns the jump its student is sampled with (docs/method.md section 5),
 the step count a student was distilled for is read back from its checkpoint, and the demo / evaluate
 refuse or flag a student sampled at another step count."""
 from __future__ import annotations

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "required with the exact chain)")
     ap.add_argument("--num-samples", type=int, default=40)
     ap.add_argument("--draws", type=int, default=12, help="K: coupled continuations per state and step")
-    ap.add_argument("--tau", type=float, default=1.0, help="the teacher's temperature in the loss (MCD.md section 5)")
+    ap.add_argument("--tau", type=float, default=1.0, help="the teacher's temperature in the loss (docs/method.md section 5)")
     ap.add_argument("--sdtt-teacher-steps", type=int, default=2, help="SDTT's teacher steps per jump")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16, help="rows per sampler call")

@@ -258,7 +258,7 @@ class Demo:
                  f"exact posterior draws of x ~ p(x | z_t), K = {self.plan.ideal_draws} coupled continuations per "
                  f"step, the teacher's temperature 1 in the loss), {self.plan.ideal_samples} samples per "
                  "temperature; 'ideal gap closed' is the best of the ideal's temperatures whose entropy lies within "
-                 "the teacher curves, and 'share' the student's gap closed over it (issue 17's goal for MCD: "
+                 "the teacher curves, and 'share' the student's gap closed over it (the goal set for MCD: "
                  ">= 0.75), defined only where the ideal closes a positive part of the gap.", "",
                  "| student | ideal | ideal gap closed | student T | student gap closed | share of the ideal's |",
                  "|---|---|---|---|---|---|"]

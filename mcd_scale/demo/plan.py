@@ -56,7 +56,7 @@ class Plan:
     sample_batch: int = 16
     distill_benchmarks: tuple = ("synthetic", "text")
     distill_overrides: list = field(default_factory=list)
-    # The distillation losses' population optima on the synthetic teacher (tools/ideal_rows.py; MCD.md
+    # The distillation losses' population optima on the synthetic teacher (tools/ideal_rows.py; docs/method.md
     # section 5, docs/results.md "ideal"): each trained student is read against its own ceiling. One process
     # per (kind, temperature), one thread each, --nproc at a time. Per sample at L = 256 (posterior draws, K
     # teacher calls and the per-token solver per step), two processes side by side on 2 cores: mcd-ideal 9.9 s
@@ -99,7 +99,7 @@ class Plan:
 
     def distill_schedule(self, bench: str, objective: str) -> tuple[int, float, int]:
         """(rounds, dt0, steps per round) of one benchmark's distillation by ``objective``: dt0 is the one
-        whose last round learns the few-step jump (fair SDTT, MCD.md section 5)."""
+        whose last round learns the few-step jump (fair SDTT, docs/method.md section 5)."""
         from mcd_scale.distill.rounds import dt0_for_sampler_steps
 
         rounds, steps = ((self.rounds, self.distill_steps) if bench == "synthetic"

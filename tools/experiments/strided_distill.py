@@ -156,7 +156,7 @@ def main() -> int:
                     help="distill.times of the students: uniform t, or the sampler's own grid steps")
     ap.add_argument("--weights", choices=("model", "ema"), default="model",
                     help="the students' weights to sample: the trained ones, or their EMA (needs --set "
-                         "train.ema_decay=D; the next round's teacher is still the raw weights, MCD.md section 5)")
+                         "train.ema_decay=D; the next round's teacher is still the raw weights, docs/method.md section 5)")
     args = ap.parse_args()
     from mcd_scale.demo import make_plan  # the same sizes as the demo
 
