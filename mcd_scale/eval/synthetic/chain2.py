@@ -31,15 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mcd_scale.rng import key_to_seed
+from mcd_scale.eval.synthetic.common import SourceFile, inverse_cdf, inverse_cdf_rows, keyed_rng
 
 FORMAT = "mcd_scale.synthetic.MarkovChain2"
 FORMAT_VERSION = 1
-
-
-def _rng(purpose: str, *ids: int) -> np.random.Generator:
-    """A numpy generator keyed by (purpose, ids): same numbers whatever ran before."""
-    return np.random.default_rng(key_to_seed(purpose, *ids))
 
 
 @dataclass(frozen=True)
@@ -53,29 +48,7 @@ class ChainSpec:
     seed: int = 0
 
 
-class _SourceFile:
-    """File round trip and the symbol/mask ids shared by the synthetic sources (``self.spec.num_symbols``;
-    ``to_json``/``from_json`` are each source's own)."""
-
-    @classmethod
-    def load(cls, path: str):
-        with open(path, encoding="utf-8") as f:
-            return cls.from_json(f.read())
-
-    def save(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-
-    @property
-    def num_symbols(self) -> int:
-        return self.spec.num_symbols
-
-    @property
-    def mask_id(self) -> int:
-        return self.spec.num_symbols
-
-
-class MarkovChain2(_SourceFile):
+class MarkovChain2(SourceFile):
     """A sparse order-2 Markov chain with a uniform leak; exact sampling, NLL, entropy and posteriors."""
 
     def __init__(self, num_symbols: int = 64, branching: int = 3, seed: int = 0, fanout: int = 8,
@@ -112,7 +85,7 @@ class MarkovChain2(_SourceFile):
     @staticmethod
     def _draw_tables(spec: ChainSpec) -> tuple[np.ndarray, np.ndarray]:
         S, F, K = spec.num_symbols, spec.fanout, spec.branching
-        gen = _rng("synthetic.chain", spec.seed, S, F, K)
+        gen = keyed_rng("synthetic.chain", spec.seed, S, F, K)
         successors = np.stack([gen.permutation(S)[:F] for _ in range(S)])
         probs = np.zeros((S, S, F))
         for a in range(S):
@@ -245,14 +218,14 @@ class MarkovChain2(_SourceFile):
         if n < 0 or length < 2:
             raise ValueError(f"need n >= 0 and length >= 2, got n={n}, length={length}")
         S, f = self.num_symbols, self.spec.floor
-        gen = _rng("synthetic.sample", seed, n, length)
+        gen = keyed_rng("synthetic.sample", seed, n, length)
         out = np.empty((n, length), dtype=np.int64)
-        pair = _inverse_cdf(np.cumsum(self.pair_stationary.ravel()), gen.random(n))
+        pair = inverse_cdf(np.cumsum(self.pair_stationary.ravel()), gen.random(n))
         out[:, 0], out[:, 1] = pair // S, pair % S
         for pos in range(2, length):
             a, b = out[:, pos - 2], out[:, pos - 1]
             u_leak, u_slot, u_sym = gen.random(n), gen.random(n), gen.integers(0, S, n)
-            slot = _inverse_cdf_rows(np.cumsum(self.probs[a, b], axis=1), u_slot)
+            slot = inverse_cdf_rows(np.cumsum(self.probs[a, b], axis=1), u_slot)
             # The leak is a mixture component: with probability S * floor the next symbol is uniform.
             out[:, pos] = np.where(u_leak < S * f, u_sym, self.successors[b, slot])
         return out
@@ -350,17 +323,6 @@ class MarkovChain2(_SourceFile):
         return torch.log(marg.permute(2, 0, 1))
 
 
-def _inverse_cdf(cdf: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Index i with cdf[i-1] < u <= cdf[i] (clipped: the last cdf entry may fall short of 1 by rounding)."""
-    return np.minimum(np.searchsorted(cdf, u * cdf[-1], side="left"), len(cdf) - 1)
-
-
-def _inverse_cdf_rows(cdf: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Row-wise inverse CDF: cdf [n, K], u [n] -> index [n] (zero-probability slots are never chosen)."""
-    idx = (cdf < (u * cdf[:, -1])[:, None]).sum(1)
-    return np.minimum(idx, cdf.shape[1] - 1)
-
-
 def affected_windows(z: torch.Tensor, new: torch.Tensor, mask_id: int) -> list[tuple[int, int, int]]:
     """Windows (row, lo, hi) (hi exclusive) whose oracle marginals change when ``new`` tokens are revealed.
 
@@ -432,7 +394,7 @@ def oracle_ancestral_sample(chain, n: int, length: int, steps: int, seed: int,
         raise ValueError(f"need steps >= 1, temperature > 0, length >= 2; got steps={steps}, "
                          f"temperature={temperature}, length={length}")
     S = chain.num_symbols
-    gen = _rng("synthetic.oracle_sample", seed, n, length, steps)
+    gen = keyed_rng("synthetic.oracle_sample", seed, n, length, steps)
     z = torch.full((n, length), S, dtype=torch.long)
     # All rows start fully masked, so one row's marginals serve every row.
     logp = chain.oracle_log_marginals(z[:1], S).expand(n, -1, -1).clone()
@@ -453,23 +415,3 @@ def oracle_ancestral_sample(chain, n: int, length: int, steps: int, seed: int,
             rows = reveal.any(1).nonzero().flatten()
             logp[rows] = chain.oracle_log_marginals(z[rows], S, chunk=chunk)
     return z.numpy(), evaluations / max(n, 1)
-
-
-def load_source(path: str):
-    """The exact source saved at ``path``: a :class:`MarkovChain2` or a
-    :class:`~mcd_scale.eval.synthetic_switching.SwitchingChain`, by the document's ``format``. Both offer
-    ``nll``, ``sample``, ``expected_nll``, ``entropy_rate``, ``oracle_log_marginals``, ``num_symbols``."""
-    from mcd_scale.eval import synthetic_switching
-
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        fmt = json.loads(text).get("format")
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise ValueError(f"{path}: not a synthetic source document ({exc})") from None
-    if fmt == FORMAT:
-        return MarkovChain2.from_json(text)
-    if fmt == synthetic_switching.FORMAT:
-        return synthetic_switching.SwitchingChain.from_json(text)
-    raise ValueError(f"{path}: format {fmt!r} is not one of {[FORMAT, synthetic_switching.FORMAT]} "
-                     f"(write it with tools/prepare_synthetic.py)")

@@ -1,6 +1,6 @@
 """A second exact benchmark whose dependencies span the sampler's stride: a regime-switching chain.
 
-Why: on the order-2 chain (:mod:`mcd_scale.eval.synthetic`) every dependency is local,
+Why: on the order-2 chain (:mod:`mcd_scale.eval.synthetic.chain2`) every dependency is local,
 so the strided reveal order (no two tokens closer than the stride revealed in one step) removes most of
 the few-step loss without any distillation. Here a hidden regime h_l in {0..H-1} persists for ~1/rho
 tokens (``switch_prob`` rho, default 1/1024, far longer than the demo's stride of 16) and selects which sparse
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mcd_scale.eval.synthetic import _inverse_cdf_rows, _rng, _SourceFile
+from mcd_scale.eval.synthetic.common import SourceFile, inverse_cdf_rows, keyed_rng
 
 FORMAT = "mcd_scale.synthetic.SwitchingChain"
 FORMAT_VERSION = 1
@@ -46,7 +46,7 @@ class SwitchingSpec:
     seed: int = 0
 
 
-class SwitchingChain(_SourceFile):
+class SwitchingChain(SourceFile):
     """Regime-switching sparse order-1 chain (module docstring): exact sampling, NLL and posteriors."""
 
     def __init__(self, num_symbols: int = 64, regimes: int = 4, seed: int = 0, fanout: int = 4,
@@ -91,7 +91,7 @@ class SwitchingChain(_SourceFile):
         disagree on it, and the sequence must then pay a regime switch (~log(rho / (H - 1))) between them."""
         H, S, F = spec.regimes, spec.num_symbols, spec.fanout
         blocks = np.array_split(np.arange(S), H)
-        gen = _rng("synthetic.switching", spec.seed, H, S, F)
+        gen = keyed_rng("synthetic.switching", spec.seed, H, S, F)
         successors = np.stack([np.stack([gen.permutation(blocks[h])[:F] for _ in range(S)]) for h in range(H)])
         probs = gen.dirichlet(np.full(F, spec.concentration), size=(H, S))
         return successors, probs
@@ -151,7 +151,7 @@ class SwitchingChain(_SourceFile):
         if n < 0 or length < 2:
             raise ValueError(f"need n >= 0 and length >= 2, got n={n}, length={length}")
         H, S = self.spec.regimes, self.num_symbols
-        gen = _rng("synthetic.switching.sample", seed, n, length)
+        gen = keyed_rng("synthetic.switching.sample", seed, n, length)
         out = np.empty((n, length), dtype=np.int64)
         h = gen.integers(0, H, n)
         out[:, 0] = gen.integers(0, S, n)
@@ -160,7 +160,7 @@ class SwitchingChain(_SourceFile):
             switch = gen.random(n) < self.spec.switch_prob
             other = (h + 1 + gen.integers(0, H - 1, n)) % H               # uniform over the other regimes
             h = np.where(switch, other, h)
-            out[:, pos] = _inverse_cdf_rows(cum[h, out[:, pos - 1]], gen.random(n))
+            out[:, pos] = inverse_cdf_rows(cum[h, out[:, pos - 1]], gen.random(n))
         return out
 
     def _mc_nll(self, length: int, n: int, seed: int) -> np.ndarray:
