@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Run the fault suite (tests/faults) and print its measured figures as one JSON object.
 
-    python tools/faults.py                 # the CI variant (what `pytest tests/faults` runs)
-    python tools/faults.py --long          # the long variants: 10 forced restarts of a teacher AND a distill run,
+    python tools/dev/faults.py                 # the CI variant (what `pytest tests/faults` runs)
+    python tools/dev/faults.py --long          # the long variants: 10 forced restarts of a teacher AND a distill run,
                                            # 1,500 + 1,500 fuzzed configs / --set strings, the student's dead rank,
                                            # every bad-data case through the CLI
-    python tools/faults.py --long -k soak  # a subset (pytest -k expression)
+    python tools/dev/faults.py --long -k soak  # a subset (pytest -k expression)
 
 The figures are those the tests record (tests/faults/common.py ``record``); docs/reliability.md quotes them.
 Exit code: pytest's (0 = every fault behaved as documented).
@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:

@@ -3,10 +3,10 @@
 
 Run it exactly the way you would run training, with the layout you plan to use::
 
-    torchrun --standalone --nproc_per_node 8 tools/launch_probe.py --tp 2 --pp 2
-    deepspeed --num_gpus 8 tools/launch_probe.py --tp 2 --pp 2
-    srun -N 2 --ntasks-per-node 8 python tools/launch_probe.py --tp 8 --pp 2
-    mpirun -np 8 python tools/launch_probe.py --tp 2          # or MPICH: mpiexec -n 8 ...
+    torchrun --standalone --nproc_per_node 8 tools/dev/launch_probe.py --tp 2 --pp 2
+    deepspeed --num_gpus 8 tools/dev/launch_probe.py --tp 2 --pp 2
+    srun -N 2 --ntasks-per-node 8 python tools/dev/launch_probe.py --tp 8 --pp 2
+    mpirun -np 8 python tools/dev/launch_probe.py --tp 2          # or MPICH: mpiexec -n 8 ...
 
 Each rank calls ``mcd_scale.parallel.distributed.init_distributed(tp, pp)`` (the same start-up as training),
 then runs an all-reduce on its tensor-, data- and pipeline-parallel groups and on the world:
@@ -33,7 +33,7 @@ import sys
 import time
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 PROBE_TAG = "mcd_scale.launch_probe"
 

@@ -1,7 +1,7 @@
 """Plot the Gaussian–masked duality: reveal rate vs t for both threshold forms against alpha_t, and the
 masking times of the tokens along one coupled trajectory.
 
-    python tools/plot_duality.py [--out docs/duality.png] [--K 50258] [--schedule loglinear]
+    python tools/dev/plot_duality.py [--out docs/duality.png] [--K 50258] [--schedule loglinear]
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import matplotlib  # noqa: E402
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Mutation check of the test suite: apply realistic one-line bugs one at a time, report caught/survived.
 
-    .venv/bin/python tools/mutate.py                      # every mutation in MUTATIONS, JSON on stdout
-    .venv/bin/python tools/mutate.py --only sdpa-scale-1 --only teacher-fed-z_t
-    .venv/bin/python tools/mutate.py --list               # names, files and test files
-    .venv/bin/python tools/mutate.py --mutations my.json  # another list (same fields as MUTATIONS)
-    .venv/bin/python tools/mutate.py --source worktree    # the working tree as it is, not HEAD
+    .venv/bin/python tools/dev/mutate.py                      # every mutation in MUTATIONS, JSON on stdout
+    .venv/bin/python tools/dev/mutate.py --only sdpa-scale-1 --only teacher-fed-z_t
+    .venv/bin/python tools/dev/mutate.py --list               # names, files and test files
+    .venv/bin/python tools/dev/mutate.py --mutations my.json  # another list (same fields as MUTATIONS)
+    .venv/bin/python tools/dev/mutate.py --source worktree    # the working tree as it is, not HEAD
 
 Each mutation is (name, file, old, new, tests): ``old`` must occur exactly once in ``file`` (else the
 mutation is reported ``stale``: the code moved, update the list). The repository is copied ONCE to a
@@ -36,7 +36,7 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The five survivors of the first mutation run first, then realistic bugs across the core modules. Each entry's tests
 # are the files that should catch it (kept short: the run is one pytest per mutation).
