@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Distil for the sampler's order (issue 17 item 5): does an MCD student trained on strided-order trajectories
+"""Distil for the sampler's order: does an MCD student trained on strided-order trajectories
 beat the strided teacher at a few steps, at matched entropy?
 
 On a finished demo run (its synthetic teacher, data and exact chain), for a few-step budget n (default 4):
@@ -18,7 +18,7 @@ sampler's teacher@N vs teacher@n gap, at matched entropy) and ``gain_vs_same_sam
 beats its teacher drawn by the same sampler at the same steps; the goal of item 5), with the strided teacher's
 own gap closed for reference. Every stage is skipped when its output exists (rerun to resume).
 
-    .venv/bin/python tools/experiments/strided_distill.py --demo runs/demo --out runs/strided_distill [--steps 4] [--times grid]
+    .venv/bin/python experiments/strided_distill/strided_distill.py --demo runs/demo --out runs/strided_distill [--steps 4] [--times grid]
 """
 from __future__ import annotations
 

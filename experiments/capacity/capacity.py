@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Capacity (issue 17 item 4): the synthetic-only demo with a bigger model for teacher and students alike.
+"""Capacity: the synthetic-only demo with a bigger model for teacher and students alike.
 
 The student is the teacher's architecture, initialised from its weights (tools/distill_rounds.py), so a student
 with more capacity means a bigger teacher too. This runs tools/demo.py's plan (``--benchmarks synthetic``: data,
@@ -7,7 +7,7 @@ teacher, MCD and SDTT rounds, the ideal rows, sampling, evaluation) with ``--set
 teacher and the distillation alike, into its own directory; report.md then holds the trained students' share of
 their ideal's gain on that bigger teacher, to set against the demo's (same data seed, same schedule, same steps).
 
-    .venv/bin/python tools/experiments/capacity.py --out runs/capacity_l4 --set model.layers=4 [--teacher-seed 1]
+    .venv/bin/python experiments/capacity/capacity.py --out runs/capacity_l4 --set model.layers=4 [--teacher-seed 1]
 """
 from __future__ import annotations
 

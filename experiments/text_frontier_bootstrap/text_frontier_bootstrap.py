@@ -7,8 +7,8 @@ the report, nats/token). With 32 samples per point that figure has a standard er
 This tool adds samples and a denser teacher temperature grid on a finished demo run directory and
 bootstraps over samples:
 
-    python tools/experiments/text_frontier_bootstrap.py --run-dir runs/demo --evaluator ar
-    python tools/experiments/text_frontier_bootstrap.py --run-dir runs/demo --evaluator smollm2  # ~12 min
+    python experiments/text_frontier_bootstrap/text_frontier_bootstrap.py --run-dir runs/demo --evaluator ar
+    python experiments/text_frontier_bootstrap/text_frontier_bootstrap.py --run-dir runs/demo --evaluator smollm2  # ~12 min
 
 Per configuration: the demo's own seed-0 rows when it sampled that configuration (else 32 fresh rows at
 seed 0, identical to what the demo would have drawn: sampling is keyed per sample), plus

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The spread of the demo's synthetic figures over teacher seeds (issue 17 item 8): which figures are stable.
+"""The spread of the demo's synthetic figures over teacher seeds: which figures are stable.
 
 Reads finished demo run directories (``tools/demo.py [--benchmarks synthetic] --teacher-seed N --out DIR``, one
 per seed) and prints, per run and as mean / sample standard deviation / range over the runs:
@@ -10,7 +10,7 @@ per seed) and prints, per run and as mean / sample standard deviation / range ov
   sampler (``strided/summary.json``): gap closed and the gain over teacher@n (same sampler), with the bootstrap
   95% intervals of each run.
 
-    .venv/bin/python tools/experiments/seed_spread.py runs/demo_seed1 runs/syn_seed2 runs/syn_seed1234 [--json]
+    .venv/bin/python experiments/seed_spread/seed_spread.py runs/demo_seed1 runs/syn_seed2 runs/syn_seed1234 [--json]
 
 A figure missing in some run (e.g. a student outside the teacher curves at T = 1) is averaged over the runs that
 have it, and the count is printed.
