@@ -38,15 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def dry_run_report(cfg, world: int, device_type: str) -> dict:
     """What ``--dry-run`` derives for ``world`` ranks: the layout, the DeepSpeed dict, the optimizer
-    options on ``device_type`` and the per-rank memory plan (no torch model is built)."""
+    options on ``device_type``, the per-rank memory plan and the disk plan (checkpoints, a round's
+    trajectories; no torch model is built)."""
     from mcd_scale.config import grad_accum
     from mcd_scale.parallel.deepspeed import deepspeed_config
+    from mcd_scale.parallel.disk_plan import disk_plan
     from mcd_scale.parallel.memory_plan import memory_plan
     from mcd_scale.training.optim import adamw_options
 
+    memory = memory_plan(cfg, world)
     return {"dp": world // (cfg.parallel.tp * cfg.parallel.pp), "grad_accum": grad_accum(cfg, world),
             "deepspeed": deepspeed_config(cfg, world), "optimizer": adamw_options(cfg, device_type),
-            "memory_plan": memory_plan(cfg, world)}
+            "memory_plan": memory, "disk_plan": disk_plan(cfg, memory["parameters_total"])}
 
 
 def main(argv=None) -> int:

@@ -58,3 +58,18 @@ def test_sampling_bench_bad_device_exits_2(capsys):
     assert bench.main(["--config", "configs/tiny/teacher.yaml", "--device", "gpu0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--device" in err[0]
+
+
+def test_large_vocab_row_reports_ours_against_the_bare_draw(capsys):
+    """--large-vocab: our per-step sampler work against softmax + multinomial on the same logits (shape only
+    here; the V = 50,257 figure is measured by the bench itself, docs/performance.md)."""
+    rc = bench.main(["--large-vocab", "--vocab", "300", "--length", "16", "--repeats", "1", "--device", "cpu"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["vocab_size"], out["seq_len"], out["target_ratio"]) == (300, 16, 1.2)
+    assert out["all_positions"]["reveals_per_step"] == 16 and out["steps_16"]["reveals_per_step"] == 1
+    for key in ("all_positions", "steps_16"):
+        assert out[key]["ours_s_per_step"] > 0
+        assert out[key]["ratio_vs_bare"] == pytest.approx(out[key]["ours_s_per_step"]
+                                                          / out["bare_softmax_multinomial_s"], rel=1e-2, abs=2e-3)
+    assert out["meets_target"] == (out["all_positions"]["ratio_vs_bare"] <= 1.2)

@@ -68,4 +68,4 @@ def test_defaults_are_shown_once(gen, parsers):
         for block in re.split(r"\n(?=  -)", gen.help_text(p)):  # one option's help block
             assert len(re.findall(r"\(default", block)) <= 1, f"{rel}: {block}"
     prep = gen.help_text(parsers["tools/prepare_data.py"])
-    assert re.search(r"--val-frac VAL_FRAC\s+\(default: 0\.05\)", prep), prep  # an option without help text too
+    assert re.search(r"--samples-per-shard SAMPLES_PER_SHARD\s+\(default: 1024\)", prep), prep  # an option without help text too

@@ -119,6 +119,7 @@ def test_invalid_choice_lists_the_options(override, field, options):
     (["distill.dt0=0"], "'distill.dt0' must be in (0, 1)"),
     (["distill.temperature.floor=0.99"], "'distill.temperature.floor'"),
     (["train.ema_decay=1.0"], "'train.ema_decay' must be in [0, 1)"),
+    (["train.eval_ema=true"], "'train.eval_ema: true' validates the EMA weights"),
     (["checkpoint.keep_last=-1"], "'checkpoint.keep_last' must be in [0, 2147483648], got -1"),
     (["train.objective=mcd", "distill.teacher_mode=online", "parallel.pp=2"], "needs 'parallel.pp: 1'"),
     (["train.objective=sdtt", "parallel.pp=2"], "needs 'parallel.pp: 1'"),

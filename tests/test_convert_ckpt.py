@@ -255,14 +255,10 @@ def test_export_hf_loads_with_automodel_and_matches_our_logits(base, tmp_path):
 def test_hf_modeling_matches_a_time_conditioned_tied_model(tmp_path):
     """The modeling file's adaLN time conditioning and tied head (paths the tiny run does not use), on random
     weights (modulation made non-zero, or adaLN-Zero would hide it): logits equal ours within 1e-5."""
-    import sys
-
     import torch
     from transformers import AutoModel
 
-    sys.path.insert(0, os.path.join(tiny_run.REPO, "tools"))
-    import convert_ckpt
-
+    from mcd_scale.checkpoint.export_hf import HF_MODELING, hf_config
     from mcd_scale.config import ModelConfig
     from mcd_scale.model.init import init_weights
     from mcd_scale.model.transformer import DiffusionTransformer
@@ -277,8 +273,8 @@ def test_hf_modeling_matches_a_time_conditioned_tied_model(tmp_path):
             if "modulation" in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
     save_safetensors(full_state_dict(ours), str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(convert_ckpt.hf_config(vars(m), "float32")))
-    shutil.copy(convert_ckpt.HF_MODELING, tmp_path / "modeling_mcd.py")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(vars(m), "float32")))
+    shutil.copy(HF_MODELING, tmp_path / "modeling_mcd.py")
     model = AutoModel.from_pretrained(str(tmp_path), trust_remote_code=True).eval()
     ids = torch.randint(0, 61, (3, 16), generator=torch.Generator().manual_seed(0))
     t = torch.rand(3, generator=torch.Generator().manual_seed(1))

@@ -1,8 +1,8 @@
-"""tools/prepare_data.py: determinism, no lost text, named input errors, the real Austen run."""
+"""The data tool with a trained SentencePiece tokenizer (the embedded default): determinism, no lost text,
+named input errors, the real Austen run through the CLI."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,14 +16,13 @@ import webdataset
 from mcd_scale.data.loader import open_prepared
 from mcd_scale.data.manifest import ManifestError, load_manifest, sha256_file
 from mcd_scale.data.shards import ShardedDataset
+from mcd_scale.data.prepare import PrepareError, PrepareOptions, prepare
 from mcd_scale.data.tokenizer import Tokenizer, split_long_line, train_tokenizer, training_lines
+from mcd_scale.rng import key_to_seed
+from tests.data_fixtures import read_split_docs
 from tests.mp import REPO, base_env
 
 TOOL = os.path.join(REPO, "tools", "prepare_data.py")
-_spec = importlib.util.spec_from_file_location("prepare_data", TOOL)
-prep = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("prepare_data", prep)  # dataclasses look their module up while it loads
-_spec.loader.exec_module(prep)
 
 # A word that occurs only inside one 20 kB line: SentencePiece would skip that line unless we cut it.
 LONG_WORD = "zqxjvorpal"
@@ -46,11 +45,19 @@ def _run(tmp_path, name: str, **kw) -> str:
     if not src.exists():
         src.write_bytes(gzip.compress(_corpus().encode("utf-8"), mtime=0))
     out = str(tmp_path / name)
-    args = dict(inputs=[str(src)], out=out, vocab_size=320, seq_len=32, seed=5, val_frac=0.1,
-                heldout_frac=0.1, samples_per_shard=16, progress=False)
+    args = dict(inputs=[str(src)], out=out, vocab_size=320, seq_len=32, seed=5, val=0.1,
+                heldout=0.1, samples_per_shard=16, progress=False)
     args.update(kw)
-    prep.prepare(**args)
+    prepare(PrepareOptions(**args))
     return out
+
+
+def _paragraphs(text: str) -> list[str]:
+    """The documented document rule, independently: blocks between lines that hold only spaces/tabs."""
+    import re
+
+    text = text.replace("\r\n", "\n")
+    return [b.strip("\n") for b in re.split(r"\n(?:[ \t]*\n)+", text) if b.strip()]
 
 
 def _all_files(d: str) -> dict[str, bytes]:
@@ -78,32 +85,26 @@ def test_deterministic_and_lossless(tmp_path):
         for rec in m["splits"][split]["shards"]:
             assert rec["sha256"] == sha256_file(os.path.join(a, split, rec["name"]))
 
-    # Reassemble the corpus from the three splits: every document comes back exactly.
-    counts = {s: m["splits"][s]["num_samples"] for s in ("train", "val", "heldout")}
-    rows = prep.assign_splits(sum(counts.values()), 5, 0.1, 0.1)
-    seqs = np.zeros((sum(counts.values()), 32), dtype=np.int64)
-    for split in counts:
+    # Every document comes back exactly, whole, in corpus order, in the split its keyed hash names.
+    docs = _paragraphs(_corpus())
+    assert len(docs) == 60 and m["num_documents"] == 60
+    for split in ("train", "val", "heldout"):
+        want = [d for i, d in enumerate(docs) if _split_of(5, i, 0.1, 0.1) == split]
+        got = read_split_docs(a, split)
+        assert [tok.sp.decode(g) for g in got] == want and len(want) > 0, split
         ds = open_prepared(a, split, vocab_size=320, seq_len=32)
-        assert len(ds) == counts[split] == len(rows[split])
-        for gid in range(len(ds)):
-            ids = ds[gid]["ids"]
-            assert ids.dtype == np.uint16 and ids.shape == (32,) and ids.max() < 320
-            seqs[rows[split][gid]] = ids
-    stream = seqs.reshape(-1).tolist()
-    docs, cur = [], []
-    for t in stream:
-        if t == tok.eos_id:
-            if cur:
-                docs.append(tok.sp.decode(cur))
-            cur = []
-        else:
-            cur.append(t)
-    text = _corpus().replace("\r\n", "\n")
-    assert docs == prep.split_documents(text) and len(docs) == 60
-    assert tok.sp.unk_id() not in stream
+        assert len(ds) == m["splits"][split]["num_samples"]
+        ids = ds[0]["ids"]
+        assert ids.dtype == np.uint16 and ids.shape == (32,) and ids.max() < 320 and ids[0] == tok.bos_id
+        assert tok.sp.unk_id() not in np.concatenate([ds[i]["ids"] for i in range(len(ds))]).tolist()
     heldout = open(os.path.join(a, "heldout.txt"), encoding="utf-8").read()
-    first = seqs[rows["heldout"][0]].tolist()
+    first = open_prepared(a, "heldout", vocab_size=320, seq_len=32)[0]["ids"].tolist()
     assert heldout.startswith(tok.decode(first))
+
+
+def _split_of(seed: int, index: int, heldout: float, val: float) -> str:
+    u = key_to_seed("data-split", seed, index) / float(1 << 63)
+    return "heldout" if u < heldout else "val" if u < heldout + val else "train"
 
 
 def test_long_lines_are_cut_not_skipped():
@@ -118,26 +119,28 @@ def test_long_lines_are_cut_not_skipped():
     assert len(tok.encode([LONG_WORD])[0]) <= 2, "the long line was skipped by SentencePiece"
 
 
-def test_bad_inputs_name_the_file(tmp_path, capsys):
+def test_bad_inputs_name_the_file(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n\n")
     latin = tmp_path / "latin.txt"
     latin.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     badgz = tmp_path / "bad.txt.gz"
     badgz.write_bytes(b"not gzip at all")
+    truncgz = tmp_path / "trunc.txt.gz"
+    truncgz.write_bytes(b"\x1f\x8b\x08\x00truncated gzip")  # zlib.error, not OSError
     emptydir = tmp_path / "nothing"
     emptydir.mkdir()
-    cases = [(tmp_path / "missing.txt", "does not exist"), (empty, "is empty"), (latin, "is not UTF-8 (byte 3"),
-             (badgz, "cannot read input"), (emptydir, "no .txt or .txt.gz")]
+    cases = [(tmp_path / "missing.txt", "does not exist"), (empty, "hold no document"), (truncgz, "cannot read input"),
+             (latin, "latin.txt:1: not UTF-8 (byte 3"), (badgz, "cannot read input"), (emptydir, "holds no .txt")]
     for path, words in cases:
-        rc = prep.main([str(path), "--out", str(tmp_path / "out"), "--no-progress"])
-        err = capsys.readouterr().err
-        assert rc == 2 and str(path) in err and words in err, err
+        with pytest.raises(PrepareError) as err:
+            prepare(PrepareOptions(inputs=[str(path)], out=str(tmp_path / "out"), progress=False))
+        assert str(path) in str(err.value) and words in str(err.value), str(err.value)
     assert not os.path.exists(tmp_path / "out" / "manifest.json")
     small = tmp_path / "small.txt"
     small.write_text("a tiny corpus\n\nwith few pieces\n")
-    assert prep.main([str(small), "--vocab-size", "5000", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
-    assert "--vocab-size 5000 is too large" in capsys.readouterr().err
+    with pytest.raises(PrepareError, match="--vocab-size 5000 is too large"):
+        prepare(PrepareOptions(inputs=[str(small)], out=str(tmp_path / "out"), vocab_size=5000, progress=False))
     # The real CLI exits with code 2 and one clear line (no traceback).
     proc = subprocess.run([sys.executable, TOOL, str(latin), "--out", str(tmp_path / "o2")], env=base_env(),
                           capture_output=True, text=True, timeout=120)
@@ -157,7 +160,9 @@ def test_austen_cli_and_webdataset(tmp_path):
     n = {s: m["splits"][s]["num_samples"] for s in ("train", "val", "heldout")}
     total = sum(n.values())
     assert m["vocab_size"] == 4096 == m["mask_id"] and m["seq_len"] == 128
-    assert total == -(-(m["num_tokens"]) // 128) and abs(n["val"] - 0.05 * total) <= 1 and n["train"] > 7000
+    assert m["pack"] == "wrap" and m["tokenizer"]["kind"] == "sentencepiece"
+    assert total * 128 == m["num_tokens"] + m["pad_tokens"] and m["pad_tokens"] < 3 * 128  # one padded tail per split
+    assert abs(n["val"] - 0.05 * total) <= 0.01 * total and n["train"] > 7000
     assert m["sources"][0]["path"] == "data/austen.txt.gz"
     urls = [os.path.join(out, "val", r["name"]) for r in m["splits"]["val"]["shards"]]
     wds = list(webdataset.WebDataset(urls, shardshuffle=False).decode())
@@ -172,7 +177,7 @@ def test_austen_cli_and_webdataset(tmp_path):
 
 
 def test_index_sidecars_and_legacy_refusal(tmp_path):
-    """Every shard gets its index sidecar (in the manifest, with its digest); a re-run with fewer
+    """Every shard gets its index sidecar (in the manifest, with its digest); a forced re-run with fewer
     shards leaves no stale sidecar behind; a manifest written before indexes is refused, naming the fix."""
     out = _run(tmp_path, "a", samples_per_shard=4)
     m = load_manifest(out)
@@ -180,7 +185,9 @@ def test_index_sidecars_and_legacy_refusal(tmp_path):
         for rec in m["splits"][split]["shards"]:
             assert rec["index_sha256"] == sha256_file(os.path.join(out, split, rec["index"]))
     many = set(os.listdir(os.path.join(out, "train")))
-    _run(tmp_path, "a", samples_per_shard=64)
+    with pytest.raises(PrepareError, match="--force"):
+        _run(tmp_path, "a", samples_per_shard=64)
+    _run(tmp_path, "a", samples_per_shard=64, force=True)
     m = load_manifest(out)
     left = set(os.listdir(os.path.join(out, "train")))
     assert left == {n for r in m["splits"]["train"]["shards"] for n in (r["name"], r["index"])} and left < many

@@ -6,6 +6,10 @@
    without ``device=``: such a tensor lands on the host, and under CUDA it meets device tensors mid-step.
    ``*_like`` factories inherit their argument's device and are fine.
 
+What reading cannot see: ``device=t.device`` passes rule 2 whatever side ``t`` is on (the SDTT target was made on
+the host that way and written from the teacher's device). The runtime complement is the device sanitizer
+(mcd_scale/testing/device_sanitizer.py, tests/test_device_sanitizer.py), which follows every tensor's side.
+
 Scanned: every module under mcd_scale/, tools/ and experiments/ (research scripts call the
 same collectives and would fail the same way on a GPU).
 """

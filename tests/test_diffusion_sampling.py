@@ -277,3 +277,61 @@ def test_strided_order_beats_random_order_with_exact_marginals():
     assert out["strided"][0] < ref_nll + 0.5, (out, ref_nll)
     # Not bought with entropy: the strided samples are at least as diverse as the random-order ones.
     assert out["strided"][1] > out["random"][1] - 0.1, out
+
+
+def test_inverse_cdf_draw_matches_an_independent_reference():
+    """inverse_cdf_draw picks the smallest k with u < F(k) (F: the row's CDF), never a zero-probability token."""
+    import numpy as np
+
+    from mcd_scale.diffusion.sampling import inverse_cdf_draw
+
+    gen = torch.Generator().manual_seed(3)
+    logp = torch.log_softmax(2.0 * torch.randn(64, 37, generator=gen, dtype=torch.float64), -1)
+    logp[:, ::5] = float("-inf")  # zero-probability tokens, including the first one
+    u = torch.rand(64, generator=gen, dtype=torch.float64)
+    got = inverse_cdf_draw(logp, u)
+    for r in range(64):
+        p = np.exp(logp[r].numpy())
+        cdf = np.cumsum(p / p.sum())
+        expected = int(np.argmax(cdf > float(u[r])))
+        assert int(got[r]) == expected, r
+        assert p[int(got[r])] > 0
+    # at the edges: u -> 0 gives the first possible token, u -> 1 the last one
+    edge = inverse_cdf_draw(logp[:2], torch.tensor([1e-300, 1.0 - 1e-16], dtype=torch.float64))
+    assert int(edge[0]) == 1 and int(edge[1]) == 36
+
+
+def test_samplers_draw_one_host_uniform_per_token_whatever_the_vocabulary(monkeypatch):
+    """The host's random work per revealed token is one number, not V (no positions x V noise): every token's
+    value comes from exactly one keyed uniform, each drawn once, and the Gumbel rows are never built."""
+    import mcd_scale.diffusion.sampling as sampling
+
+    big_v, L, n = 3000, 12, 3
+    drawn = []
+    real = sampling.token_uniforms
+
+    def counting(seed, sample_index, positions, purpose):
+        drawn.extend((sample_index, int(p)) for p in positions)
+        return real(seed, sample_index, positions, purpose)
+
+    def forbidden(*a, **k):
+        raise AssertionError("host Gumbel noise of positions x V was drawn")
+
+    monkeypatch.setattr(sampling, "token_uniforms", counting)
+    monkeypatch.setattr(sampling, "token_gumbel_rows", forbidden)
+    logits = torch.randn(1, L, big_v + 8, generator=torch.Generator().manual_seed(0))
+    for sampler in (ancestral_sample, coupled_sample):
+        drawn.clear()
+        res = sampler(lambda z, t: logits.expand(z.shape[0], -1, -1), n, L, 5, big_v, _sched(), seed=1,
+                      greedy_tail=False)
+        assert int(res.tokens.max()) < big_v
+        assert sorted(drawn) == sorted((i, p) for i in range(n) for p in range(L)), sampler.__name__
+
+
+def test_first_sample_gives_the_same_rows_as_one_call():
+    """Ranks sample blocks of ids (first_sample): the rows equal the same ids of one call."""
+    den = ContextDenoiser()
+    for sampler in (ancestral_sample, coupled_sample):
+        whole = sampler(den, 5, 10, 4, V, _sched(), seed=9).tokens
+        tail = sampler(den, 3, 10, 4, V, _sched(), seed=9, first_sample=2).tokens
+        assert torch.equal(whole[2:], tail), sampler.__name__

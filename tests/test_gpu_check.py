@@ -12,19 +12,25 @@ ROWS = {"teacher_tp_zero3", "teacher_3d", "precompute", "mcd_online", "mcd_offli
         "bf16_vs_fp32", "step_time"}
 
 
-def test_gpu_check_cpu_tiny_prints_one_json_with_every_row_ok(tmp_path):
+def _lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]  # every stdout line is one JSON row
+
+
+def test_gpu_check_cpu_tiny_streams_one_json_line_per_row_every_row_ok(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "report.jsonl"
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "gpu_check.py"), "--device", "cpu", "--tiny",
-                           "--out", str(tmp_path / "report.json")], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    report = json.loads(proc.stdout)  # stdout is the JSON and nothing else
-    assert json.loads((tmp_path / "report.json").read_text()) == report
-    rows = {r["check"]: r for r in report["rows"]}
-    assert set(rows) == ROWS and len(report["rows"]) == len(ROWS)
+    lines = _lines(proc.stdout)
+    assert _lines(out.read_text()) == lines
+    summary = lines[-1]
+    assert summary["summary"] is True and summary["ok"] is True and summary["failed"] == []
+    assert (summary["device"], summary["world_size"]) == ("cpu", 1)
+    rows = {r["check"]: r for r in lines[:-1]}
+    assert set(rows) == ROWS | {"step_time/step_mb2_nockpt", "step_time/step_mb2_ckpt"}
     bad = {name: r for name, r in rows.items() if r["ok"] is not True}
-    assert not bad and report["ok"] is True, bad
-    assert (report["device"], report["world_size"]) == ("cpu", 1)
+    assert not bad, bad
     for name in ("teacher_tp_zero3", "teacher_3d", "mcd_online", "mcd_offline", "sdtt"):
         assert rows[name]["exit_code"] == 0 and len(rows[name]["losses"]) == 3, (name, rows[name])
     assert rows["teacher_tp_zero3"]["zero_stage"] == 3 and rows["teacher_3d"]["zero_stage"] == 1
@@ -35,6 +41,37 @@ def test_gpu_check_cpu_tiny_prints_one_json_with_every_row_ok(tmp_path):
     assert {(r["micro_batch"], r["activation_checkpointing"]) for r in timing} == {(2, False), (2, True)}
     for r in timing:
         assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["plan_total_bytes"] > 0, r
+
+
+def test_a_failing_row_does_not_lose_the_others_and_rows_filters():
+    """mcd_offline without the precompute row has no trajectory shards: it fails alone, the rows around it report."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "gpu_check.py"), "--device", "cpu", "--tiny",
+                           "--rows", "teacher_tp_zero3", "mcd_offline", "bf16_vs_fp32"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]
+    lines = _lines(proc.stdout)
+    assert [r.get("check") for r in lines[:-1]] == ["teacher_tp_zero3", "mcd_offline", "bf16_vs_fp32"]
+    assert [r["ok"] for r in lines[:-1]] == [True, False, True]
+    assert lines[-1]["failed"] == ["mcd_offline"] and lines[-1]["ok"] is False
+
+
+def test_under_timeout_the_check_ends_and_keeps_the_rows_it_finished():
+    """timeout -k as tools/gpu_check.sh runs it: SIGTERM during a training row (the trainer's preemption handler
+    turns it into save + exit) or between rows (default action) ends the run; the printed rows stay."""
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    t0 = time.monotonic()
+    # The whole check takes ~50 s here; 35 s stops it part-way (the first row ends ~20 s in).
+    proc = subprocess.run(["timeout", "-k", "10", "35", sys.executable, os.path.join(REPO, "tools", "gpu_check.py"),
+                           "--device", "cpu", "--tiny"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode in (124, 137), (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert elapsed < 35 + 10 + 15, elapsed
+    lines = _lines(proc.stdout)  # every line that made it out is whole JSON
+    assert lines and all("check" in r or r.get("summary") for r in lines), proc.stdout
 
 
 def test_gpu_check_bad_flags_exit_2():

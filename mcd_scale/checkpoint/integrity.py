@@ -36,17 +36,40 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def record_files(ckpt_dir: str) -> dict[str, dict]:
-    """{relative path: {size, sha256}} of every file under ``ckpt_dir`` except the marker itself."""
-    out: dict[str, dict] = {}
+def list_files(ckpt_dir: str) -> list[str]:
+    """Relative paths of every file under ``ckpt_dir`` except the marker, sorted (the same list on every rank)."""
+    out = []
     for dirpath, _dirs, files in os.walk(ckpt_dir):
-        for name in sorted(files):
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, ckpt_dir)
-            if rel == MARKER:
-                continue
-            out[rel] = {"size": os.path.getsize(full), "sha256": sha256_file(full)}
-    return dict(sorted(out.items()))
+        for name in files:
+            rel = os.path.relpath(os.path.join(dirpath, name), ckpt_dir)
+            if rel != MARKER:
+                out.append(rel)
+    return sorted(out)
+
+
+def share_of(names: list[str], ckpt_dir: str, index: int, count: int) -> list[str]:
+    """This rank's part of ``names`` when ``count`` ranks split the hashing: files dealt largest first to the
+    least-loaded rank (bytes balanced: a 1B ZeRO-3 tag is a few multi-GB files among many small ones), the
+    same deal on every rank."""
+    if count <= 1:
+        return list(names)
+    loads, mine = [0] * count, []
+    sized = sorted(((os.path.getsize(os.path.join(ckpt_dir, n)) if os.path.isfile(os.path.join(ckpt_dir, n)) else 0, n)
+                    for n in names), key=lambda x: (-x[0], x[1]))
+    for size, name in sized:
+        r = min(range(count), key=lambda i: (loads[i], i))
+        loads[r] += size
+        if r == index:
+            mine.append(name)
+    return sorted(mine)
+
+
+def record_files(ckpt_dir: str, share: tuple[int, int] = (0, 1)) -> dict[str, dict]:
+    """{relative path: {size, sha256}} of every file under ``ckpt_dir`` except the marker itself; with
+    ``share=(index, count)`` only this rank's part (:func:`share_of`): the parts of all ranks merge into the whole."""
+    names = share_of(list_files(ckpt_dir), ckpt_dir, *share)
+    return {rel: {"size": os.path.getsize(os.path.join(ckpt_dir, rel)),
+                  "sha256": sha256_file(os.path.join(ckpt_dir, rel))} for rel in names}
 
 
 def read_marker(ckpt_dir: str) -> dict:
@@ -64,8 +87,9 @@ def read_marker(ckpt_dir: str) -> dict:
     return data
 
 
-def verify(ckpt_dir: str, names: Optional[Iterable[str]] = None) -> str:
-    """Check ``names`` (relative paths; default: every recorded file) against the tag's record.
+def verify(ckpt_dir: str, names: Optional[Iterable[str]] = None, share: tuple[int, int] = (0, 1)) -> str:
+    """Check ``names`` (relative paths; default: every recorded file) against the tag's record; with
+    ``share=(index, count)`` only this rank's part of them (the ranks of a resume split the hashing).
 
     Returns "ok" or "unrecorded" (an old marker without a file list); raises IntegrityError naming the
     first bad file. A name absent from the record is refused too (a file added after the save)."""
@@ -73,6 +97,7 @@ def verify(ckpt_dir: str, names: Optional[Iterable[str]] = None) -> str:
     if record is None:
         return "unrecorded"
     wanted = list(record) if names is None else list(names)
+    wanted = share_of(wanted, ckpt_dir, *share) if share[1] > 1 else wanted
     for rel in wanted:
         full = os.path.join(ckpt_dir, rel)
         entry = record.get(rel)

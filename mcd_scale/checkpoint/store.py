@@ -124,8 +124,13 @@ def save_checkpoint(engine, run_dir: str, state: TrainState, config_yaml: str, r
                     keep_last: int, full_weights: Optional[dict[str, torch.Tensor]] = None,
                     rng_extra: Optional[dict[str, torch.Tensor]] = None, barrier=None,
                     extra_files: Optional[dict[str, dict[str, torch.Tensor]]] = None,
-                    on_staged: Optional[Callable[[], None]] = None) -> str:
+                    on_staged: Optional[Callable[[], None]] = None,
+                    gather_object: Optional[Callable[[Any], list]] = None) -> str:
     """Save engine + TrainState atomically. Collective: every rank must call it.
+
+    ``gather_object`` (``collectives.all_gather_object`` in a job): every rank hashes its share of the staged
+    files (balanced by bytes) and rank 0 merges the records, instead of rank 0 hashing them all while the
+    others wait. Without it rank 0 hashes everything.
 
     ``on_staged`` runs on every rank once all files are staged and before COMPLETE (fault injection:
     ``MCD_FAULT_EXIT_IN_SAVE``)."""
@@ -159,13 +164,18 @@ def save_checkpoint(engine, run_dir: str, state: TrainState, config_yaml: str, r
     barrier()
     if on_staged is not None:
         on_staged()
-    if rank == 0:
-        from mcd_scale.checkpoint.integrity import record_files
+    from mcd_scale.checkpoint.integrity import record_files
 
-        # Every rank's files are staged (barrier above): record each one's size and sha256 so readers can
-        # verify what they read before anything (DeepSpeed's unpickler included) opens it.
+    # Every rank's files are staged (barrier above): record each one's size and sha256 so readers can
+    # verify what they read before anything (DeepSpeed's unpickler included) opens it.
+    if gather_object is not None:
+        parts = gather_object(record_files(staged, share=(rank, world_size)))
+        files = dict(sorted(kv for part in parts for kv in part.items()))
+    else:
+        files = record_files(staged) if rank == 0 else {}
+    if rank == 0:
         _atomic_write(os.path.join(staged, "COMPLETE"),
-                      json.dumps({"tag": tag, "world_size": world_size, "files": record_files(staged)}, indent=1))
+                      json.dumps({"tag": tag, "world_size": world_size, "files": files}, indent=1))
         final = os.path.join(root, tag)
         if os.path.exists(final):
             shutil.rmtree(final)
@@ -184,12 +194,26 @@ def _prune(root: str, keep_last: int) -> None:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
 
 
-def verify_tag(root: str, tag: str) -> str:
+def verify_tag(root: str, tag: str, rank: int = 0, world_size: int = 1,
+               gather_object: Optional[Callable[[Any], list]] = None) -> str:
     """Every file of a tag against its integrity record, before any of it is read (IntegrityError names
-    the bad file). Returns "ok" or "unrecorded" (a marker written before records existed)."""
-    from mcd_scale.checkpoint.integrity import verify
+    the bad file). Returns "ok" or "unrecorded" (a marker written before records existed).
 
-    return verify(os.path.join(root, tag))
+    With ``gather_object`` (collective) the ranks split the hashing (each its share, balanced by bytes) and
+    agree: every rank raises the same IntegrityError when any share has a bad file."""
+    from mcd_scale.checkpoint.integrity import IntegrityError, verify
+
+    ckpt = os.path.join(root, tag)
+    if gather_object is None:
+        return verify(ckpt)
+    try:
+        result, error = verify(ckpt, share=(rank, world_size)), None
+    except IntegrityError as exc:
+        result, error = None, str(exc)
+    errors = [e for e in gather_object(error) if e]
+    if errors:
+        raise IntegrityError(errors[0])
+    return result
 
 
 def load_train_state(root: str, tag: str) -> TrainState:

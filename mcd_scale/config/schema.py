@@ -144,7 +144,13 @@ class TrainConfig:
     log_every: int = 10
     """Console / TensorBoard / metrics.jsonl logging interval in steps."""
     ema_decay: float = 0.0
-    """EMA of the trained weights (0 disables; distillation uses 0.999)."""
+    """EMA of the trained weights (0 disables): written as model_ema.safetensors beside model.safetensors, for
+    a teacher (objective mdlm; MDLM uses 0.9999) as for a student (distillation uses 0.999). Sampling, export
+    and distillation choose EMA or raw (tools/sample.py --weights, convert_ckpt export-hf --weights,
+    distill.teacher pointing at model_ema.safetensors)."""
+    eval_ema: bool = False
+    """Validate with the EMA weights (as MDLM reports its validation perplexity) instead of the trained ones;
+    needs train.ema_decay > 0. Training is unchanged (the EMA is swapped in for validation only)."""
     max_nonfinite_in_a_row: int = 5
     """Abort with exit code 3 (diverged) after this many consecutive non-finite losses."""
 

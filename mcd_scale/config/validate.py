@@ -36,6 +36,8 @@ def validate_fields(cfg: Config) -> None:
         _require(bool(str(get_field(cfg, dotted)).strip()),
                  f"'{dotted}' is empty; give a path, e.g. --set {dotted}=runs/my_run.")
     m, p, t = cfg.model, cfg.parallel, cfg.train
+    _require(not t.eval_ema or t.ema_decay > 0, "'train.eval_ema: true' validates the EMA weights: set "
+                                                "'train.ema_decay' > 0 (e.g. 0.9999) or 'train.eval_ema: false'.")
     _require(m.hidden % m.heads == 0,
              f"'model.hidden' ({m.hidden}) must be divisible by 'model.heads' ({m.heads}).")
     _require((m.hidden // m.heads) % 2 == 0,

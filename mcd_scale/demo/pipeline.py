@@ -19,7 +19,6 @@ from typing import Optional
 from mcd_scale.demo.paths import BIN, ROOT
 from mcd_scale.demo.plan import STRIDED, Plan
 from mcd_scale.eval.report import DEFAULT_SAMPLER
-from mcd_scale.eval.sampler_bridge import tools_sampler
 
 
 class Demo:
@@ -301,7 +300,7 @@ class Demo:
         return jobs + strided
 
     def sample_all(self) -> None:
-        sample_cli = tools_sampler()
+        from mcd_scale import inference as sample_cli
 
         sdir = os.path.join(self.run, "samples")
         os.makedirs(sdir, exist_ok=True)
@@ -322,8 +321,13 @@ class Demo:
                     how = dict(sampler="ancestral")
                 res = sample_cli.sample(loaded, job["steps"], n, seed=0, temperature=job["temperature"],
                                         batch_size=self.plan.sample_batch, **how)
-                tok = (os.path.join(self.text_data, "tokenizer.model") if job["benchmark"] == "text" else None)
-                texts = sample_cli.decode_rows(res.tokens, tok)
+                if job["benchmark"] == "text":
+                    from mcd_scale.data.tokenizer import load_tokenizer
+
+                    tok = load_tokenizer(self.text_data)  # the prepared data's tokenizer, whichever kind
+                    texts = [tok.decode(row.tolist()) for row in res.tokens]
+                else:
+                    texts = sample_cli.decode_rows(res.tokens, None)
                 extra = {} if job["sampler"] == DEFAULT_SAMPLER else {"sampler": job["sampler"]}
                 rows = [{k: job[k] for k in ("benchmark", "model", "round", "steps", "temperature", "trained_steps")
                          if k in job}
@@ -370,7 +374,7 @@ class Demo:
         if "text" in self.plan.benchmarks:
             cmd += ["--ar-evaluator", os.path.join(self.run, "ar_evaluator"), "--train-ar-evaluator",
                     "--ar-steps", str(self.plan.ar_steps), "--tokenizer",
-                    os.path.join(self.text_data, "tokenizer.model"), "--data", self.text_data]
+                    self.text_data, "--data", self.text_data]
         self.sh(cmd, "evaluate")
 
     def evaluate_strided(self) -> None:
@@ -391,7 +395,7 @@ class Demo:
             cmd += ["--synthetic-chain", os.path.join(self.syn_data, "chain.json")]
         if "text" in benches:
             cmd += ["--ar-evaluator", os.path.join(self.run, "ar_evaluator"), "--tokenizer",
-                    os.path.join(self.text_data, "tokenizer.model"), "--data", self.text_data]
+                    self.text_data, "--data", self.text_data]
         self.sh(cmd, "evaluate_strided")
         with open(os.path.join(out, "summary.json"), encoding="utf-8") as fh:
             summary = json.load(fh)["summary"]
@@ -417,7 +421,7 @@ class Demo:
         with open(self.samples_path, encoding="utf-8") as src, open(text_rows, "w", encoding="utf-8") as dst:
             dst.writelines(line for line in src if json.loads(line)["benchmark"] == "text")
         self.sh([sys.executable, "tools/evaluate.py", "--samples", text_rows, "--out", out, "--smollm2",
-                 "--tokenizer", os.path.join(self.text_data, "tokenizer.model"), "--data", self.text_data,
+                 "--tokenizer", self.text_data, "--data", self.text_data,
                  "--reference-samples", "64"], "evaluate_smollm2")
         with open(os.path.join(self.run, "report.md"), "a", encoding="utf-8") as fh:
             fh.write(f"\nText rows under SmolLM2-135M: {os.path.join(out, 'report.md')}\n")
@@ -486,6 +490,8 @@ def trained_steps_of(run: str) -> Optional[int]:
     from mcd_scale.config import from_dict
     from mcd_scale.distill.rounds import checkpoint_trained_steps
 
-    path = os.path.join(os.path.dirname(tools_sampler().resolve_weights(run)), "config.resolved.yaml")
+    from mcd_scale.inference import resolve_weights
+
+    path = os.path.join(os.path.dirname(resolve_weights(run)), "config.resolved.yaml")
     with open(path, encoding="utf-8") as fh:
         return checkpoint_trained_steps(from_dict(yaml.safe_load(fh), source=path))

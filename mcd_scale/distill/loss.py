@@ -212,7 +212,7 @@ def mcd_loss(student_logits: torch.Tensor, x: torch.Tensor, z_t: torch.Tensor, z
     Returns:
         loss: scalar, (sum of CE + sum of divergences) / (B * L).
         stats (detached): 'ce' and 'kl' (their parts of the loss), 'ce_per_token' and 'kl_per_token'
-            (means over their own tokens), 'n_revealed_t', 'n_ce', 'n_kl', 'n_tokens'.
+            (means over their own tokens), 'n_revealed_t', 'n_ce', 'n_kl' (device tensors), 'n_tokens' (an int).
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence {divergence!r} is not one of {DIVERGENCES} (config 'distill.divergence').")
@@ -263,6 +263,6 @@ def mcd_loss(student_logits: torch.Tensor, x: torch.Tensor, z_t: torch.Tensor, z
         "n_revealed_t": (~masked_t).sum(),
         "n_ce": n_ce,
         "n_kl": n_kl,
-        "n_tokens": torch.tensor(n_tokens, device=z_t.device),
+        "n_tokens": n_tokens,  # a shape (Python int): a device tensor of it is a blocking copy per micro-batch
     }
     return loss, stats

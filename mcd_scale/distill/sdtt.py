@@ -11,8 +11,12 @@ summed and divided by B*L like the MCD loss.
 
 Randomness comes only from the caller's generators, one per sample (keyed by (purpose, seed, sample
 id, step) with :func:`mcd_scale.rng.keyed_generator`), so a sample's targets do not depend on its
-batch neighbours or the rank that computed them. Draws happen on each generator's device; the same
-keys give the same numbers on the same device type (CPU and CUDA streams differ).
+batch neighbours or the rank that computed them. Draws happen on each generator's device (the keyed CPU
+generators: the host): per teacher step and sample, L uniforms decide the reveals and L more pick the
+revealed values by inverse CDF of the teacher's prediction, so the draws are the same whatever the
+teacher's device and the whole rollout runs batched on it (targets, ids and the sampling; only the
+uniforms are copied, once per step). The same keys give the same numbers on every device up to the
+teacher's own floating-point differences.
 """
 from __future__ import annotations
 
@@ -75,30 +79,58 @@ def sdtt_rollout(teacher_denoiser: Denoiser, z_t: torch.Tensor, t: torch.Tensor,
     alpha = schedule.alpha(times)
     reveal_prob = ((alpha[1:] - alpha[:-1]) / (1.0 - alpha[:-1])).clamp(0.0, 1.0)  # [n, B]
 
+    # Everything below lives where the teacher computes (its first call tells us where): the targets are
+    # written from its predictions in place, and nothing but the keyed uniforms crosses between host and
+    # device (one [2, B, L] copy per teacher step).
     z = z_t.clone()
-    masked_t = z_t == vocab_size
-    # Carry-over point mass at tokens already revealed at t; every masked one is overwritten below.
-    target = torch.full((batch, seq_len, vocab_size), float("-inf"), device=z_t.device)
-    target.scatter_(-1, z_t.clamp(max=vocab_size - 1).unsqueeze(-1), 0.0)
-    reveal_step = torch.where(masked_t, n_steps, -1).to(torch.int64)
-    logp = target
+    logp = None
+    target = reveal_step = None
     for i in range(n_steps):
         logits = teacher_denoiser(z, times[i].to(t.dtype))
         logp = full_from_logits(logits, vocab_size, temperature)
-        still = z == vocab_size
-        for b, gen in enumerate(generators):
-            u = torch.rand(seq_len, generator=gen, dtype=torch.float64, device=gen.device)
-            reveal = still[b] & (u < reveal_prob[i, b]).to(z.device)
-            if not reveal.any():
-                continue
-            probs = logp[b, reveal].double().exp().to(gen.device)
-            values = torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(z.device)
-            z[b, reveal] = values
-            target[b, reveal] = logp[b, reveal]
-            reveal_step[b, reveal] = i
-    left = z == vocab_size
-    target[left] = logp[left]
+        if target is None:
+            dev = logp.device
+            z = z.to(dev)
+            reveal_prob = reveal_prob.to(dev)
+            masked_t = z == vocab_size
+            # Carry-over point mass at tokens already revealed at t; every masked one is overwritten below.
+            target = torch.full((batch, seq_len, vocab_size), float("-inf"), device=dev)
+            target.scatter_(-1, z.clamp(max=vocab_size - 1).unsqueeze(-1), 0.0)
+            reveal_step = torch.where(masked_t, n_steps, -1).to(torch.int64)
+        u_reveal, u_value = _keyed_uniforms(generators, seq_len, logp.device)
+        reveal = (z == vocab_size) & (u_reveal < reveal_prob[i].unsqueeze(-1))
+        values = _inverse_cdf(logp, u_value)
+        z = torch.where(reveal, values, z)
+        target = torch.where(reveal.unsqueeze(-1), logp, target)
+        reveal_step = torch.where(reveal, i, reveal_step)
+    left = (z == vocab_size).unsqueeze(-1)
+    target = torch.where(left, logp, target)
     return SDTTRollout(target, z, reveal_step, times)
+
+
+def _keyed_uniforms(generators: Sequence[torch.Generator], seq_len: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reveal uniforms, value uniforms), float64 [B, L] each on ``device``: 2 L draws per sample from its own
+    generator (on the generator's device), so a sample's stream depends on nothing but its key; one copy."""
+    draws = torch.stack([torch.rand(2, seq_len, generator=g, dtype=torch.float64, device=g.device).to(device)
+                         for g in generators], dim=1)  # [2, B, L]
+    return draws[0], draws[1]
+
+
+def _inverse_cdf(logp: torch.Tensor, u: torch.Tensor, chunk_elements: int = 1 << 25) -> torch.Tensor:
+    """One id per token drawn from exp(logp) [B, L, V] by inverse CDF with the uniforms ``u`` [B, L] (float64
+    cumulative sums, a sample's rows at a time so the working set stays ~``chunk_elements`` x 8 B; no host read).
+
+    ``searchsorted(right=True)`` returns the first id whose cumulative mass exceeds u * total, so an id with zero
+    mass is never drawn."""
+    batch, seq_len, vocab = logp.shape
+    rows = max(1, chunk_elements // max(seq_len * vocab, 1))
+    out = []
+    for b0 in range(0, batch, rows):
+        cdf = logp[b0:b0 + rows].double().exp().cumsum(-1)
+        x = (u[b0:b0 + rows] * cdf[..., -1]).unsqueeze(-1)
+        out.append(torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp(max=vocab - 1))
+    return torch.cat(out).to(torch.int64)
 
 
 def sdtt_targets(teacher_denoiser: Denoiser, z_t: torch.Tensor, t: torch.Tensor, dt: float, *,
@@ -124,6 +156,6 @@ def sdtt_loss(student_logits: torch.Tensor, z_t: torch.Tensor, target_logp: torc
     kl_sum = per_row.sum()
     n_masked = masked.sum()
     loss = kl_sum / z_t.numel()
-    stats = {"kl_per_token": kl_sum.detach() / n_masked.clamp(min=1), "n_masked": n_masked,
-             "n_tokens": torch.tensor(z_t.numel(), device=z_t.device)}
+    # n_tokens is a shape (a Python int): a device tensor of it would be a blocking host-to-device copy per step.
+    stats = {"kl_per_token": kl_sum.detach() / n_masked.clamp(min=1), "n_masked": n_masked, "n_tokens": z_t.numel()}
     return loss, stats

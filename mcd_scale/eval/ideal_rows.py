@@ -23,7 +23,6 @@ import time
 from typing import Optional, Sequence
 
 from mcd_scale.eval.ideal_student import KINDS
-from mcd_scale.eval.sampler_bridge import tools_sampler
 
 DESCRIPTION = "Sample the ideal students (the distillation losses' population optima) as report rows on the synthetic benchmark."
 
@@ -92,7 +91,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"--chain {args.chain}: the ideal rows need a synthetic source with exact posterior "
                              f"sampling (order-2 or switching chain); this is a {type(chain).__name__}")
         if args.teacher_checkpoint:
-            loaded = tools_sampler().load_model(args.teacher_checkpoint)
+            from mcd_scale import inference
+
+            loaded = inference.load_model(args.teacher_checkpoint)
             if loaded.vocab_size != chain.num_symbols:
                 raise ValueError(f"--teacher-checkpoint {args.teacher_checkpoint}: vocab_size {loaded.vocab_size} "
                                  f"!= the chain's {chain.num_symbols} symbols; pass the teacher of this benchmark")

@@ -47,12 +47,18 @@ def local_weight(param: nn.Parameter) -> torch.Tensor:
 def _stage_state(module: nn.Module, dims, local_of: Callable[[nn.Parameter], torch.Tensor]) -> dict[str, torch.Tensor]:
     """Full logical tensors of this stage's parameters (collective over the TP and ZeRO-3 DP groups)."""
     out: dict[str, torch.Tensor] = {}
+    # Only the ranks whose copy is used keep one on the host: global rank 0, and under pipeline parallelism
+    # each stage's sender (pp=s, dp=0, tp=0). Every other rank still takes part in the gathers but copies
+    # nothing: a full 1B model is ~2-4 GB of host memory per rank otherwise (8 ranks per node).
+    keep = dims is None or dims.rank == 0 or (dims.pp > 1 and dims.dp_rank == 0 and dims.tp_rank == 0)
     for name, param in logical_parameters(module):
         local = local_of(param)
         full = _gather_tp(local, param.tp_split_dim, dims)
         if tuple(full.shape) != tuple(param.logical_shape):
             raise RuntimeError(f"{name}: gathered shape {tuple(full.shape)} != logical {param.logical_shape}")
-        out.setdefault(name, full.cpu())  # a tied copy on the same stage is the same tensor
+        if keep:
+            out.setdefault(name, full.cpu())  # a tied copy on the same stage is the same tensor
+        del local, full
     return out
 
 

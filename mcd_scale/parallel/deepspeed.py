@@ -37,6 +37,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         ds["bf16"] = {"enabled": True}
         if p.zero_stage == 3:  # DeepSpeed's default under bf16 is a bf16 reduction; state the decided one
             ds["communication_data_type"] = p.reduce_dtype
+            # Without it ZeRO-3 adds every micro-batch's reduced partition into a bf16 buffer (the model dtype):
+            # grad_accum additions rounded to 8 mantissa bits would undo the fp32 reduction above.
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if p.pp > 1:
         ds["pipeline"] = {"activation_checkpoint_interval": 1 if p.activation_checkpointing else 0}
     return ds

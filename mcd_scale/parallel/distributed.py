@@ -304,10 +304,36 @@ class DeepSpeedMPU:
 # --------------------------------------------------------------------------------------------
 # Start-up
 # --------------------------------------------------------------------------------------------
-def backend_for_device() -> str:
+def backend_for_device(env: Optional[dict] = None) -> str:
+    """NCCL when CUDA is visible and DeepSpeed's accelerator is CUDA, else gloo.
+
+    ``DS_ACCELERATOR`` (set by the tests, or by anyone forcing DeepSpeed onto the host) wins over CUDA's
+    presence: DeepSpeed then keeps its tensors on the host, and an NCCL group would reject them, so a
+    test suite run on a GPU machine would fail where it passes on a CPU one."""
     import torch
 
+    env = os.environ if env is None else env
+    accelerator = env.get("DS_ACCELERATOR", "").strip().lower()
+    if accelerator not in ("", "cuda"):
+        return "gloo"
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device index of a rank with ``local_rank`` on a node where it sees ``visible`` devices.
+
+    Every GPU visible (one process per node sees them all): ``local_rank``. One visible GPU per rank (SLURM's
+    ``--gpus-per-task=1`` or a per-rank ``CUDA_VISIBLE_DEVICES``): device 0, whatever the local rank. Any
+    other count cannot be mapped without guessing (``local_rank % visible`` would put two ranks on one GPU
+    while DeepSpeed placed them on ``cuda:LOCAL_RANK``), so it is an error naming the fix."""
+    if visible < 1:
+        raise ValueError("no CUDA device is visible to this rank; check CUDA_VISIBLE_DEVICES")
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise ValueError(f"LOCAL_RANK {local_rank} sees {visible} CUDA devices: bind one GPU per rank or make every GPU "
+                     f"of the node visible to every rank (CUDA_VISIBLE_DEVICES)")
 
 
 def disable_deepspeed_shm_allreduce() -> None:
@@ -339,9 +365,10 @@ def init_distributed(tp: int = 1, pp: int = 1, timeout_s: float = 600.0) -> Para
 
     disable_deepspeed_shm_allreduce()
     le = export_launch_env(detect_launch_env())
-    if torch.cuda.is_available():
-        torch.cuda.set_device(le.local_rank % max(torch.cuda.device_count(), 1))
-    deepspeed.init_distributed(dist_backend=backend_for_device(), auto_mpi_discovery=False,
+    backend = backend_for_device()
+    if backend == "nccl":  # the engine hands the same index to DeepSpeed (TrainEngine: args.device_rank)
+        torch.cuda.set_device(cuda_device_index(le.local_rank, torch.cuda.device_count()))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
     return ParallelDims.build(tp=tp, pp=pp, timeout_s=timeout_s)
 

@@ -4,7 +4,8 @@ Byte convention (bf16 training; fp32 training replaces every 2 B by 4 B and has 
 
 * model states per parameter of this rank's TP shard: bf16 weights 2 B, fp32 master 4 B, Adam m and v
   8 B, gradients 2 B (DeepSpeed accumulates the gradient partitions in the model dtype unless
-  ``data_types.grad_accum_dtype`` says otherwise) = 16 B; ZeRO-1 divides the 12 B of optimizer states by
+  ``data_types.grad_accum_dtype`` says otherwise; under ZeRO-3 + bf16 the derived DeepSpeed config sets it
+  to fp32, so the gradient partitions there are 4 B) = 16 B (18 B under ZeRO-3 + bf16); ZeRO-1 divides the 12 B of optimizer states by
   DP, ZeRO-2 also the gradients, ZeRO-3 also the weights. DeepSpeed's own estimator
   (``estimate_zero3_model_states_mem_needs``) counts 18 B (4 B gradients) plus 4 B per element of the
   largest layer; tests/test_memory_plan.py checks that this plan equals it under that convention.
@@ -84,7 +85,8 @@ def memory_plan(cfg: Config, world_size: int, grad_bytes: int | None = None) -> 
     shard = tp_shard_parameters(cfg)
     n = shard["total"] / p.pp  # pipeline stages split the blocks (approximately evenly)
     w = 2 if bf16 else 4
-    g = grad_bytes if grad_bytes is not None else w
+    # ZeRO-3 + bf16 accumulates the gradient partitions in fp32 (config: data_types.grad_accum_dtype).
+    g = grad_bytes if grad_bytes is not None else (4 if bf16 and p.zero_stage == 3 else w)
     opt = (4 if bf16 else 0) + 8
     items = {
         "parameters": int(n * w / (dp if p.zero_stage == 3 else 1)),
@@ -102,7 +104,7 @@ def memory_plan(cfg: Config, world_size: int, grad_bytes: int | None = None) -> 
         items["online_teacher"] = int(shard["total"] * w + 4 * p.micro_batch * cfg.model.seq_len * cfg.model.vocab_size)
     total = sum(items.values())
     return {
-        "convention": ("bf16: weights 2 B, fp32 master 4 B, Adam m+v 8 B, gradients 2 B per parameter; "
+        "convention": (f"bf16: weights 2 B, fp32 master 4 B, Adam m+v 8 B, gradients {g} B per parameter; "
                        "activations s*b*h*(10+24/tp) B per block; logits 10 B per vocab-parallel element"
                        if bf16 else "fp32: weights 4 B, Adam m+v 8 B, gradients 4 B per parameter"),
         "world_size": world_size, "dp": dp,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from types import SimpleNamespace
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -68,8 +69,11 @@ class TrainEngine:
 
         optimizer = build_optimizer(cfg, trainable, dims.device)  # fused kernel on CUDA (mcd_scale/training/optim.py)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        # DeepSpeed would put its engine on cuda:LOCAL_RANK; under a one-GPU-per-rank binding that is not the
+        # device init_distributed chose (mcd_scale.parallel.distributed.cuda_device_index), so name it.
+        args = SimpleNamespace(device_rank=dims.device.index) if dims.device.type == "cuda" else None
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
+            args=args, model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
             mpu=None if self.pipeline else dims.mpu(), dist_init_required=False)
         self.module = module
         from mcd_scale.training import faults
@@ -120,9 +124,13 @@ class TrainEngine:
         for g, lr in zip(self.engine.optimizer.param_groups, old):
             g["lr"] = lr
 
-    def train_step(self, micro_batches: list, poison: bool = False, stop_requested: bool = False,
-                   bad_input: Optional[str] = None) -> tuple[float, bool, bool]:
+    def train_step(self, micro_batches: Iterable, poison: bool = False, stop_requested: bool = False,
+                   bad_input: Optional[str] = None, n_micro: Optional[int] = None) -> tuple[float, bool, bool]:
         """One optimizer step over this rank's micro-batches. Returns (mean loss, skipped, stop on any rank).
+
+        ``micro_batches`` may be a lazy iterable (``n_micro`` then gives its length): each (inputs, labels) is
+        then prepared just before its forward and dropped after its backward, so an online teacher's target
+        ([B, L, V] fp32) exists once at a time, not grad_accum times (the memory plan counts one).
 
         One collective and one host read per step, whatever the number of micro-batches (docs/architecture.md,
         "Device rule and collectives"): each micro-batch's non-finite flag and loss stay on the device, and the
@@ -142,6 +150,7 @@ class TrainEngine:
             finally:
                 skipped, loss_v, stop = self.guard.end()
             return (float("nan") if skipped else loss_v), skipped, stop
+        n = len(micro_batches) if n_micro is None else n_micro
         dev = self.dims.device
         self.grad_guard.reset()
         n_bad = torch.zeros((), dtype=torch.float64, device=dev)
@@ -157,7 +166,7 @@ class TrainEngine:
             loss_sum = loss_sum + torch.where(ok, loss.detach().double(), torch.zeros_like(loss_sum))
             self.engine.backward(loss)
             old = None
-            if i == len(micro_batches) - 1:  # the optimizer step follows: the one collective + host read
+            if i == n - 1:  # the optimizer step follows: the one collective + host read
                 n_bad = n_bad + self.grad_guard.bad.double()  # a non-finite gradient from a finite loss
                 summary = torch.stack([n_bad, loss_sum, torch.full_like(loss_sum, float(stop_requested)),
                                        torch.full_like(loss_sum, float(bad_input is not None))])
@@ -171,12 +180,13 @@ class TrainEngine:
             self.engine.step()
             if old is not None:
                 self.restore_lr(old)
-        mean = loss_total / (len(micro_batches) * collectives.world_size())
+        mean = loss_total / (n * collectives.world_size())
         return (float("nan") if skipped else mean), skipped, stop_total > 0
 
-    def _on_device(self, micro_batches: list) -> list:
-        """Pipeline menu: DeepSpeed's schedule moves inputs/labels itself only to its own device; ours first."""
-        return [to_device(mb, self.dims.device) for mb in micro_batches]
+    def _on_device(self, micro_batches: Iterable) -> Iterable:
+        """Pipeline menu: DeepSpeed's schedule moves inputs/labels itself only to its own device; ours first
+        (lazily: the schedule pulls one micro-batch when it loads it)."""
+        return (to_device(mb, self.dims.device) for mb in micro_batches)
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list, loss_fn: Optional[Callable] = None) -> float:

@@ -12,7 +12,6 @@ saves and returns EXIT_PREEMPTED so a SLURM script can requeue; divergence retur
 from __future__ import annotations
 
 import os
-import signal
 import time
 from typing import Iterator, Optional
 
@@ -23,23 +22,8 @@ from mcd_scale.checkpoint.store import (TrainState, checkpoint_root, load_rng_st
                                   resolve_load_tag, restore_rng, save_checkpoint, verify_tag)
 from mcd_scale.config import Config, ConfigError, save_resolved, to_yaml
 from mcd_scale.parallel.distributed import ParallelDims, init_distributed, shutdown
+from mcd_scale.training.signals import PreemptionFlag
 from mcd_scale.training.telemetry import MetricsLogger, format_eta, plot_loss_curves
-
-
-class _Preemption:
-    """SIGTERM/SIGUSR1 set a flag; the step's one collective carries it (TrainEngine.train_step), so the
-    ranks agree at a step boundary (never mid-step) without a collective of its own."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. in-process tests)
-                pass
-
-    def _handler(self, signum, frame):
-        self.requested = True
 
 
 def _barrier():
@@ -102,8 +86,8 @@ class Trainer:
         # verifies the tag's integrity record before anything reads it (DeepSpeed unpickles its .pt files),
         # so a bad file is one line naming it on every rank.
         self.resume_tag = resolve_load_tag(self.root, cfg.checkpoint.load)
-        if self.resume_tag is not None:
-            verify_tag(self.root, self.resume_tag)
+        if self.resume_tag is not None:  # the ranks split the hashing and agree (a 1B tag is ~17 GB)
+            verify_tag(self.root, self.resume_tag, self.rank, dims.world_size, collectives.all_gather_object)
         self.universal = self._universal_resume()  # path of universal.safetensors when the layout changed
         teacher_state = self._teacher_state()
         self.objective = build_objective(cfg, dims, teacher_state)
@@ -188,6 +172,9 @@ class Trainer:
 
     def _load_native(self, tag: str) -> None:
         """DeepSpeed's own checkpoint, this rank's RNG streams and EMA shard (same layout)."""
+        from mcd_scale.checkpoint.deepspeed_files import use_safe_loader
+
+        use_safe_loader(self.engine.engine)  # DeepSpeed's .pt files: weights_only=True with an explicit allowlist
         self.engine.engine.load_checkpoint(self.root, tag=tag)
         rest = restore_rng(load_rng_states(self.root, tag, self.rank))
         if self.ema is not None:
@@ -229,33 +216,25 @@ class Trainer:
         save_checkpoint(self.engine.engine, self.run_dir, self.state, to_yaml(self.cfg), self.rank,
                         self.dims.world_size, self.cfg.checkpoint.keep_last,
                         full_weights=full if self.rank == 0 else None, rng_extra=extra, barrier=_barrier,
-                        extra_files=extra_files, on_staged=lambda: self.faults.in_save(self.state.step))
+                        extra_files=extra_files, on_staged=lambda: self.faults.in_save(self.state.step),
+                        gather_object=collectives.all_gather_object)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> dict:
         """Validation NELBO on a fixed set (the first eval_batches global batches of the val split) with
-        a fixed corruption key, so the figure is comparable across steps, runs and layouts."""
-        import math
-
-        from mcd_scale.data.loader import eval_loader
+        a fixed corruption key, so the figure is comparable across steps, runs and layouts. The loop is
+        mcd_scale/eval/nelbo_eval.py's, which tools/nelbo.py runs on a saved checkpoint."""
+        from mcd_scale.eval.nelbo_eval import validation_nelbo
 
         cfg = self.cfg
-        loader = eval_loader(self.val_set, cfg.train.eval_batches, cfg.parallel.global_batch, self.dims.dp_rank,
-                             self.dims.dp, cfg.parallel.micro_batch, stand_in=True)
-        losses, bad = [], None
-        for b, micro in enumerate(step_batches(loader)):
-            bad = bad or bad_input.of_step(micro)  # a stand-in took a bad sample's place (mcd_scale/data/bad_input.py)
-            prepared = [self.eval_objective.prepare(m, step=10 ** 9 + b) for m in micro]
-            losses.append(self.engine.eval_loss(prepared, self.eval_objective.loss))
-        if collectives.any_rank(bad is not None):  # once per validation pass: every rank stops, nothing logged
-            bad_input.stop_every_rank(bad)
-        nelbo = sum(losses) / len(losses)
-        return {"nelbo": nelbo, "ppl_bound": math.exp(min(nelbo, 50.0))}
+        out = validation_nelbo(self.engine.eval_loss, self.eval_objective, self.val_set, cfg.train.eval_batches,
+                               cfg.parallel.global_batch, cfg.parallel.micro_batch, self.dims.dp_rank, self.dims.dp)
+        return {"nelbo": out["nelbo"], "ppl_bound": out["ppl_bound"]}
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> int:
         cfg, state = self.cfg, self.state
-        preempt, faults = _Preemption(), self.faults
+        faults = self.faults
         from mcd_scale.data.loader import MicroBatchLoader
         from mcd_scale.data.sampler import GlobalBatchSampler
 
@@ -270,6 +249,9 @@ class Trainer:
         exit_code = EXIT_OK
         last_log_t, last_log_step, wait_acc = time.time(), state.step, 0.0
         val = None
+        # SIGTERM/SIGUSR1 set a flag; the step's one collective carries it (TrainEngine.train_step), so the ranks
+        # agree at a step boundary (never mid-step). The handlers are put back when fit() returns, whatever way.
+        preempt = PreemptionFlag()
         try:
             while state.step < cfg.train.steps:
                 t_wait = time.time()
@@ -282,11 +264,13 @@ class Trainer:
 
                     skip_log.report(self.rank, state.step + 1, micro, sampler, self.dims.dp_rank, self.dims.dp,
                                     cfg.parallel.micro_batch, loader.skipped)
-                prepared = [self.objective.prepare(m, state.step) for m in micro]
+                # Lazily: each micro-batch is prepared just before its forward (an online teacher's fp32 target is
+                # [B, L, V], ~0.8 GB for the 1B recipe; grad_accum of them at once would not fit the plan).
+                prepared = (self.objective.prepare(m, state.step) for m in micro)
                 # A sample this rank could not read (a stand-in took its place): every rank stops at this step.
                 loss, skipped, stop = self.engine.train_step(prepared, poison=faults.poison(state.step + 1),
                                                              stop_requested=preempt.requested,
-                                                             bad_input=bad_input.of_step(micro))
+                                                             bad_input=bad_input.of_step(micro), n_micro=len(micro))
                 state.step += 1
                 state.consumed_samples += cfg.parallel.global_batch
                 if skipped or not (loss == loss and abs(loss) != float("inf")):
@@ -321,7 +305,11 @@ class Trainer:
                         f"eta {format_eta(self.logger.eta_s(state.step))}")
                     last_log_t, last_log_step, wait_acc = now, state.step, 0.0
                 if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
-                    val = self.validate()
+                    if cfg.train.eval_ema and self.ema is not None:  # MDLM reports the EMA weights' NELBO
+                        with self.ema.swap_in():
+                            val = self.validate()
+                    else:
+                        val = self.validate()
                     self.logger.log(state.step, val, prefix="val")
                     self.logger.console(f"step {state.step} validation NELBO {val['nelbo']:.4f} "
                                         f"(ppl <= {val['ppl_bound']:.1f})")
@@ -336,6 +324,7 @@ class Trainer:
             if exit_code in (EXIT_OK, EXIT_PREEMPTED):
                 self._save()
         finally:
+            preempt.restore()
             self.logger.close()
             if self.rank == 0:
                 plot_loss_curves(self.run_dir)

@@ -1,0 +1,1 @@
+"""Test-time instruments that ship with the package (used by tests/ and usable by anyone debugging a run)."""

