@@ -40,7 +40,8 @@ def dry_run_report(cfg, world: int, device_type: str) -> dict:
     """What ``--dry-run`` derives for ``world`` ranks: the layout, the DeepSpeed dict, the optimizer
     options on ``device_type``, the per-rank memory plan and the disk plan (checkpoints, a round's
     trajectories; no torch model is built)."""
-    from mcd_scale.config import deepspeed_config, grad_accum
+    from mcd_scale.config import grad_accum
+    from mcd_scale.parallel.deepspeed import deepspeed_config
     from mcd_scale.parallel.disk_plan import disk_plan
     from mcd_scale.parallel.memory_plan import memory_plan
     from mcd_scale.training.optim import adamw_options

@@ -41,7 +41,7 @@ def _cfg(*overrides: str):
 
 
 def test_zero3_bf16_accumulates_gradients_in_fp32_in_the_config_and_the_plan():
-    from mcd_scale.config import deepspeed_config
+    from mcd_scale.parallel.deepspeed import deepspeed_config
     from mcd_scale.parallel.memory_plan import memory_plan
 
     cfg = _cfg("train.precision=bf16", "parallel.zero_stage=3")

@@ -1,4 +1,4 @@
-"""tools/mutate.py: one mutation is applied on a scratch copy, caught by its tests, and the checkout is
+"""tools/dev/mutate.py: one mutation is applied on a scratch copy, caught by its tests, and the checkout is
 left exactly as it was; the built-in list still applies to the code (each 'old' text occurs once)."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import os
 import subprocess
 import sys
 
-from tests.mp import REPO
+from tests.mp import REPO, load_script
 
-TOOL = os.path.join(REPO, "tools", "mutate.py")
+TOOL = os.path.join(REPO, "tools", "dev", "mutate.py")
 
 
 def _digest(rel: str) -> str:
@@ -24,7 +24,7 @@ def _run(tmp_path, *args):
 
 
 def test_one_mutation_is_caught_and_the_checkout_is_untouched(tmp_path):
-    from tools.mutate import MUTATIONS
+    MUTATIONS = load_script("tools/dev/mutate.py", "dev_mutate").MUTATIONS
 
     mut = next(m for m in MUTATIONS if m["name"] == "mask-inverted")
     before = _digest(mut["file"])
@@ -59,8 +59,9 @@ def test_stale_mutation_is_reported_not_counted_and_bad_input_is_one_line(tmp_pa
 
 def test_builtin_mutations_apply_to_the_current_code():
     """Each built-in mutation's text occurs exactly once in its file and its test files exist: a refactor
-    that moves the code makes this fail, so the list (and the score in docs/architecture.md) is updated."""
-    from tools.mutate import MUTATIONS, load_mutations
+    that moves the code makes this fail, so the list (and the score in docs/testing.md) is updated."""
+    mutate = load_script("tools/dev/mutate.py", "dev_mutate")
+    MUTATIONS, load_mutations = mutate.MUTATIONS, mutate.load_mutations
 
     load_mutations(None)  # fields, unique names
     for m in MUTATIONS:

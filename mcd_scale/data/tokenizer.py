@@ -42,6 +42,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from mcd_scale.errors import InputError
+
 MAX_LINE_BYTES = 4000
 """Training lines are cut below SentencePiece's 4192-byte max_sentence_length (which it skips
 silently, losing that text from the vocabulary statistics)."""
@@ -66,7 +68,7 @@ _TRAIN_OPTIONS = dict(
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """Tokenizer training or loading failed; the message says why and what to change."""
 
 
