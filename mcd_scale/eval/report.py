@@ -31,7 +31,9 @@ ROW_KEYS = ("benchmark", "model", "round", "steps", "temperature", "quality", "q
 BENCHMARKS = {"synthetic": "true_nll", "text": "gen_ppl"}
 # The ideal students (mcd_scale/eval/ideal_student.py, tools/ideal_rows.py): each loss's population optimum,
 # sampled like a student, so a trained student is read against its own ceiling as well as the teacher.
-MODELS = ("teacher", "mcd", "sdtt", "mcd-ideal", "mcd-ideal-fkl", "sdtt-ideal")
+# "mcd-ceiling" is the honest ceiling (docs/ceiling.md): the reverse-KL optimum with the teacher's own
+# continuations as data, no oracle draws.
+MODELS = ("teacher", "mcd", "sdtt", "mcd-ideal", "mcd-ideal-fkl", "sdtt-ideal", "mcd-ceiling")
 DEFAULT_SAMPLER = "ancestral"
 # "coupled": the deterministic coupled sampler, random reveal order; "coupled-strided": its strided order.
 SAMPLERS = (DEFAULT_SAMPLER, "coupled", "coupled-strided")
