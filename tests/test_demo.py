@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
+from mcd_scale import demo
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import demo  # noqa: E402
 
 ROW_TYPES = {"benchmark": str, "model": str, "round": int, "steps": int, "temperature": float, "quality": float,
              "quality_metric": str, "entropy": float, "nfe": float, "seconds_per_sample": float, "evaluator": str}
@@ -213,11 +213,11 @@ def test_synthetic_only_switching_source_with_a_teacher_seed(tmp_path):
 
 def test_ideal_stage_failure_is_a_skip_naming_each_log(tmp_path):
     """ideal_synthetic is a reference row: a failing tools/ideal_rows.py (here: no teacher checkpoint) becomes a
-    _Skip naming every failed configuration and its log, which main() reports under "Demo stages"."""
+    StageSkipped naming every failed configuration and its log, which main() reports under "Demo stages"."""
     plan = demo.make_plan(quick=True)
     d = demo.Demo(str(tmp_path / "run"), plan, "torchrun", 2)
     os.makedirs(d.syn_data)
-    with pytest.raises(demo._Skip) as exc:
+    with pytest.raises(demo.StageSkipped) as exc:
         d.ideal()
     for kind, temp in d.ideal_jobs():
         assert f"{kind} T {temp}: exit 2 (logs/ideal_{kind}_T{temp}.log)" in str(exc.value)

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COLLECTIVES_MODULE = "mcd_scale/parallel/collectives.py"
 
-# Files whose owners are converting them to mcd_scale/parallel/collectives.py in parallel (issue 13, item 3). The lead
+# Files whose owners are converting them to mcd_scale/parallel/collectives.py in parallel. The lead
 # empties this list when their work lands; a file here is still scanned for the device rule.
 KNOWN_PENDING_COLLECTIVES: dict[str, str] = {}  # {path: whose work}; empty since precompute was converted
 

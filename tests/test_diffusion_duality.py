@@ -1,4 +1,4 @@
-"""Gaussian–masked duality (MCD.md §3–4): calibration, reveal law, nesting, the forms agree in law."""
+"""Gaussian–masked duality (docs/method.md §3–4): calibration, reveal law, nesting, the forms agree in law."""
 import math
 
 import numpy as np
@@ -18,7 +18,7 @@ TS = torch.tensor([0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95], dtype=torch.float64)
 
 def test_calibration_reference_values():
     r = F_inv(np.array([0.05, 0.5, 0.95]), K_GPT2)
-    # tolerance: MCD.md quotes the reference r values to 3 decimals (half-unit 5e-4)
+    # tolerance: docs/method.md quotes the reference r values to 3 decimals (half-unit 5e-4)
     np.testing.assert_allclose(r, [2.529, 4.229, 5.945], atol=5e-4)
     # tolerance: F(F_inv(a)) round trip through the PCHIP table; the interpolation error is ~1e-9 (float64 quadrature
     # at spacing 0.005 is spectrally accurate), 1e-8 is the table's documented accuracy

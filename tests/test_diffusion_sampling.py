@@ -1,4 +1,4 @@
-"""Samplers (MCD.md §7): reveal law, no masks left, determinism, batch-size independence, NFE, token law."""
+"""Samplers (docs/method.md §7): reveal law, no masks left, determinism, batch-size independence, NFE, token law."""
 import math
 
 import pytest
@@ -245,7 +245,7 @@ def test_strided_order_same_seed_same_tokens_and_random_order_unchanged():
     a = coupled_sample(den, 5, 40, 8, V, _sched(), seed=2, reveal_order="strided")
     b = coupled_sample(den, 5, 40, 8, V, _sched(), seed=2, reveal_order="strided", batch_size=2)
     assert torch.equal(a.tokens, b.tokens)
-    # reveal_order="random" is the default law (MCD.md §4 thresholds), bit for bit.
+    # reveal_order="random" is the default law (docs/method.md §4 thresholds), bit for bit.
     c = coupled_sample(den, 5, 40, 8, V, _sched(), seed=2)
     d = coupled_sample(den, 5, 40, 8, V, _sched(), seed=2, reveal_order="random")
     assert torch.equal(c.tokens, d.tokens) and not torch.equal(a.tokens, c.tokens)

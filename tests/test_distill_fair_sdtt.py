@@ -1,4 +1,4 @@
-"""Fair SDTT: every objective's last round learns the jump its student is sampled with (MCD.md section 5),
+"""Fair SDTT: every objective's last round learns the jump its student is sampled with (docs/method.md section 5),
 the step count a student was distilled for is read back from its checkpoint, and the demo / evaluate
 refuse or flag a student sampled at another step count."""
 from __future__ import annotations
@@ -15,11 +15,10 @@ import pytest
 from mcd_scale.config import Config, DistillConfig, to_yaml
 from mcd_scale.distill.rounds import (checkpoint_trained_steps, dt0_for_sampler_steps, plan_rounds, round_dt,
                                       student_jump, trained_sampler_steps)
+from mcd_scale import demo
 from mcd_scale.eval.synthetic import MarkovChain2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import demo  # noqa: E402
 
 
 def _d(**kw) -> DistillConfig:

@@ -1,4 +1,4 @@
-"""distill.reveal_order: coupled trajectories whose reveals follow the strided sampler's order (issue 17 item 5).
+"""distill.reveal_order: coupled trajectories whose reveals follow the strided sampler's order.
 
 The band map (mcd_scale/distill/reveal_order.py) is checked on its defining property: on the ``stride``-step grid
 one step reveals exactly one residue class j mod stride, each class once (i.i.d. thresholds, the control, do not);

@@ -1,4 +1,4 @@
-"""Stored trajectory targets are the teacher's top-k on z_s at time s (issue 17 item 2, issue 18 item 4).
+"""Stored trajectory targets are the teacher's top-k on z_s at time s.
 
 tools/precompute_trajectories.py is run in process on a tiny teacher; every stored record is read back
 through the reader the distillation uses (:func:`open_trajectories`) and recomputed here from the

@@ -1,5 +1,5 @@
-"""Carry-over (MCD.md §7, SUBS): a token keeps its value from the step that reveals it to the end, in every
-sampler of mcd_scale/diffusion/sampling.py (issue 18 item 5).
+"""Carry-over (docs/method.md §7, SUBS): a token keeps its value from the step that reveals it to the end, in every
+sampler of mcd_scale/diffusion/sampling.py.
 
 The network sees the sampler's whole state at every call, so a recording denoiser observes each sample's
 trajectory: z before every evaluated step, then the returned tokens. Between any two observations the

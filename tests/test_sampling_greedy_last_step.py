@@ -1,4 +1,4 @@
-"""The greedy last step (MCD.md section 7): the final step t_{N-1} -> t_N takes argmax p, earlier steps are
+"""The greedy last step (docs/method.md section 7): the final step t_{N-1} -> t_N takes argmax p, earlier steps are
 untouched, and the share of argmax tokens matches the schedule's last-step reveal mass."""
 from __future__ import annotations
 

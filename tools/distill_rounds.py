@@ -13,7 +13,7 @@ For each round n = 0 .. rounds-1 (DIR = --out; the old spelling --run-dir still 
    ``distill.teacher=T_n``, ``run.dir=DIR/round_n``, ``data.trajectories`` and
    ``train.steps=distill.steps_per_round``;
 3. T_{n+1} = DIR/round_n/checkpoints/latest/model.safetensors (the student's raw weights, not EMA:
-   MCD.md section 5).
+   docs/method.md section 5).
 
 T_0 is --teacher (a run dir, checkpoint dir or model.safetensors), resolved to its file. A per-round
 summary (final training loss, last validation NELBO, seconds) is printed and DIR/rounds.json rewritten

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "required with the exact chain)")
     ap.add_argument("--num-samples", type=int, default=40)
     ap.add_argument("--draws", type=int, default=12, help="K: coupled continuations per state and step")
-    ap.add_argument("--tau", type=float, default=1.0, help="the teacher's temperature in the loss (MCD.md section 5)")
+    ap.add_argument("--tau", type=float, default=1.0, help="the teacher's temperature in the loss (docs/method.md section 5)")
     ap.add_argument("--groups", type=int, default=3,
                     help="mcd-ceiling: position classes (index mod G) with independent draw sets")
     ap.add_argument("--continuation-steps", type=int, default=64,

@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The five survivors of issue 18 first, then realistic bugs across the core modules. Each entry's tests
+# The five survivors of the first mutation run first, then realistic bugs across the core modules. Each entry's tests
 # are the files that should catch it (kept short: the run is one pytest per mutation).
 MUTATIONS: list[dict] = [
     {"name": "sdpa-scale-1", "file": "mcd_scale/model/layers.py",

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Precompute one distillation round's coupled trajectories + frozen-teacher top-k targets (MCD.md §6).
+"""Precompute one distillation round's coupled trajectories + frozen-teacher top-k targets (docs/method.md §6).
 
     python tools/precompute_trajectories.py --teacher runs/tiny_teacher --data data/prepared --out traj/r0
     torchrun --nproc_per_node 8 tools/precompute_trajectories.py --teacher ... --data ... --out ...

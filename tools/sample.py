@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Sample from a trained MDLM teacher or MCD/SDTT student on one process (MCD.md §7).
+"""Sample from a trained MDLM teacher or MCD/SDTT student on one process (docs/method.md §7).
 
     python tools/sample.py --checkpoint runs/demo/text_teacher --steps 256 --num-samples 8 \
         --tokenizer data/prepared/tokenizer.model --out samples.jsonl

@@ -238,7 +238,7 @@ class DistillConfig:
     sdtt_teacher_steps: int = 2
     """SDTT baseline: number of stochastic teacher steps of size dt."""
     reveal_order: str = "random"
-    """Which tokens the MCD coupling reveals together in (s, t]: 'random' (i.i.d. thresholds, MCD.md §4) or
+    """Which tokens the MCD coupling reveals together in (s, t]: 'random' (i.i.d. thresholds, docs/method.md §4) or
     'strided' (the strided coupled sampler's order: residue classes j mod reveal_stride in separate bands; distil
     for the order the student is sampled with, mcd_scale/distill/reveal_order.py)."""
     reveal_stride: int = 0

@@ -41,7 +41,7 @@ FIELDS = ("ids", "times", "topk_pos", "topk_ids", "topk_logp", "tail_logp")
 
 
 def threshold_K(vocab_size: int) -> int:
-    """The Gaussian dimension of the duality: the V real tokens plus the mask (MCD.md §3)."""
+    """The Gaussian dimension of the duality: the V real tokens plus the mask (docs/method.md §3)."""
     return vocab_size + 1
 
 

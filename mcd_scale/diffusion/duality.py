@@ -1,4 +1,4 @@
-"""The Gaussian–masked duality and deterministic coupled trajectories (MCD.md §3–4).
+"""The Gaussian–masked duality and deterministic coupled trajectories (docs/method.md §3–4).
 
 Gaussian latent per token, noise drawn ONCE and shared by all t:  w_t = a_t onehot(x) + s_t eps,
 eps ~ N(0, I_K). Projection (max-value index): z_t = x iff w_t[x] > max_{j!=x} w_t[j]
@@ -9,7 +9,7 @@ gives exactly the MDLM law, and u = F(Y) ~ U(0,1): the uniform-threshold form re
 
 Every form here returns thresholds on the same u-scale, so a coupled pair is always
 ``z_t = where(u < alpha_t, x, m)``. (The law does not depend on K; only the r_t values do. The
-reference values in MCD.md use K = 50258, i.e. GPT-2's 50257 tokens plus the mask.)
+reference values in docs/method.md use K = 50258, i.e. GPT-2's 50257 tokens plus the mask.)
 """
 from __future__ import annotations
 

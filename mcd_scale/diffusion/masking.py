@@ -1,7 +1,7 @@
 """The MDLM forward process on the data side: diffusion times and independent per-token masking.
 
 Both functions are pure functions of (seed, step, global ids): a sample gets the same t and the same
-mask whatever rank, micro-batch or data-parallel layout it lands in (MCD.md §2, §4), so a resumed or
+mask whatever rank, micro-batch or data-parallel layout it lands in (docs/method.md §2, §4), so a resumed or
 re-sharded run reproduces the same corruption bit for bit.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The MDLM continuous-time NELBO (MCD.md §2): a reference form and the vocab-parallel training form.
+"""The MDLM continuous-time NELBO (docs/method.md §2): a reference form and the vocab-parallel training form.
 
     NELBO = E_t [ (-alpha'_t / (1 - alpha_t)) * sum_{l: z_t^l = m} -log p_theta(x^l | z_t) ] / (B L)
 

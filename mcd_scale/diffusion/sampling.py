@@ -1,4 +1,4 @@
-"""Unconditional samplers for masked diffusion (MCD.md §7): ancestral and deterministic coupled.
+"""Unconditional samplers for masked diffusion (docs/method.md §7): ancestral and deterministic coupled.
 
 Network interface: ``denoiser(z: LongTensor[B, L], t: Tensor[B]) -> logits [B, L, >= V+1]`` on the full
 vocabulary; columns >= V (mask, padding) are ignored (SUBS), probabilities are float64.
@@ -77,7 +77,7 @@ def reveal_thresholds(order: str, seed: int, sample_index: int, seq_len: int, sc
                       stride: int) -> torch.Tensor:
     """The coupled sampler's per-token thresholds u [L] (float64): a token is masked at t iff u >= alpha_t.
 
-    ``random``: i.i.d. Uniform(0, 1) (MCD.md §4), tokens revealed in one step are scattered at random.
+    ``random``: i.i.d. Uniform(0, 1) (docs/method.md §4), tokens revealed in one step are scattered at random.
     ``strided``: positions j and j' = j (mod stride) share a band of the ``stride``-step grid: residue class
     c gets u uniform in [alpha_{sigma(c)}, alpha_{sigma(c)+1}) of ``alpha(linspace(1, 1e-5, stride + 1))``,
     with sigma a random permutation of the classes (keyed per sample). Each token's reveal time keeps the
@@ -186,10 +186,10 @@ def _run(mode: str, denoiser: Denoiser, num_samples: int, seq_len: int, steps: i
             rows = reveal.any(dim=1).nonzero().flatten()
             if rows.numel() > 0:
                 # Only the samples with a token to reveal call the network: the others' outputs would
-                # be unchanged (time-agnostic caching), so NFE is counted per sample, as MCD.md §7 asks.
+                # be unchanged (time-agnostic caching), so NFE is counted per sample, as docs/method.md §7 asks.
                 sub = z[rows]
                 logits = net.logits(sub.to(device, non_blocking=True), float(times[k]))
-                # greedy_last_step: the final step t_{N-1} -> t_N argmaxes its reveals (MCD.md section 7);
+                # greedy_last_step: the final step t_{N-1} -> t_N argmaxes its reveals (docs/method.md section 7);
                 # the Gumbel noise of those tokens is simply not used, so earlier steps are unchanged.
                 _fill(sub, reveal[rows], logits, [ids[int(r)] for r in rows], seed, vocab_size, temperature,
                       mode + "-gumbel", greedy=greedy_last_step and k == steps - 1)
@@ -218,7 +218,7 @@ def ancestral_sample(denoiser: Denoiser, num_samples: int, seq_len: int, steps: 
     (alpha_s - alpha_t) / (1 - alpha_t), its value drawn from p_theta(. | z_t) / T (Gumbel-max, float64);
     revealed tokens are kept. Masks left after the last step are filled greedily (``greedy_tail``)
     or sampled. ``greedy_last_step``: the tokens the final step t_{N-1} -> t_N reveals (~1/N of them) take
-    argmax p_theta instead of a draw (MCD.md section 7's "final step: greedy"; off by default, see
+    argmax p_theta instead of a draw (docs/method.md section 7's "final step: greedy"; off by default, see
     docs/results.md "Greedy last step" for why). ``time_conditioned`` is kept for interface compatibility:
     lazy evaluation (module docstring) gives the same calls and results for both kinds of model."""
     return _run("ancestral", denoiser, num_samples, seq_len, steps, vocab_size, schedule, seed, temperature,

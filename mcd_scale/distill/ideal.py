@@ -8,7 +8,7 @@ function of the student's distribution q over V symbols, is (weights per draw, s
     F(q) = - sum_v n_v log q_v + sum_{k masked} D(q, p_k)
 
 with n_v the (weighted) count of draws revealing v. It is convex in q, so its minimiser is the
-population optimum (MCD.md section 5, docs/distill.md "What the MCD loss converges to"):
+population optimum (docs/method.md section 5, docs/distill.md "What the MCD loss converges to"):
 
 - forward KL, D = KL(p_k || q): q = (n + sum_k p_k) / (sum n + m), the mixture: the teacher's marginal;
 - reverse KL, D = KL(q || p_k): stationarity -n_v / q_v + m (log q_v + 1) - G_v + lambda = 0 with

@@ -1,4 +1,4 @@
-"""The Masked Consistency Distillation loss (docs/distill.md, design MCD.md section 5).
+"""The Masked Consistency Distillation loss (docs/distill.md, design docs/method.md section 5).
 
 Given a clean x and a coupled pair (z_t, z_s) with s < t (every token masked at s is masked at t),
 the student sees z_t and the frozen teacher's target describes z_s. Per token:

@@ -9,7 +9,7 @@ Like :class:`~mcd_scale.training.objectives.MdlmObjective`, each objective split
 * ``loss(logits_shard, labels) -> scalar``: a pure function of the student's vocab-parallel logits
   [B, L, padded_vocab / tp] (gathered over TP with a differentiable all-gather) and the labels.
 
-MCD (``train.objective: mcd``, design MCD.md section 5/6), round n = ``distill.round``:
+MCD (``train.objective: mcd``, design docs/method.md section 5/6), round n = ``distill.round``:
 
 * times: t from :func:`~mcd_scale.diffusion.masking.sample_times` (antithetic over the global batch),
   then (t, s) = :func:`~mcd_scale.distill.rounds.coupled_times` (t, dt_n), s = t - dt_n;
@@ -28,7 +28,7 @@ MCD (``train.objective: mcd``, design MCD.md section 5/6), round n = ``distill.r
 * loss: :func:`~mcd_scale.distill.loss.mcd_loss` with ``distill.divergence`` (top-k targets use the
   'bucket' tail model).
 
-SDTT (``train.objective: sdtt``, MCD.md section 5b): z_t = independent MDLM masking at t; the frozen
+SDTT (``train.objective: sdtt``, docs/method.md section 5b): z_t = independent MDLM masking at t; the frozen
 teacher runs ``distill.sdtt_teacher_steps`` stochastic steps of size dt_n (generators keyed by
 ("sdtt", seed, sample id, step)); loss = :func:`~mcd_scale.distill.sdtt.sdtt_loss`.
 """

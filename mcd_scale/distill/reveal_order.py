@@ -1,6 +1,6 @@
-"""The reveal order of the coupled trajectories a student is distilled on (issue 17, "distil for the sampler's order").
+"""The reveal order of the coupled trajectories a student is distilled on.
 
-MCD couples (z_t, z_s) through one threshold per token: revealed at time t iff u < alpha_t (MCD.md §4). With i.i.d.
+MCD couples (z_t, z_s) through one threshold per token: revealed at time t iff u < alpha_t (docs/method.md §4). With i.i.d.
 uniform u ('random') the tokens revealed in (s, t] are scattered at random. The strided coupled sampler
 (:func:`mcd_scale.diffusion.sampling.reveal_thresholds`, ``order='strided'``) instead puts the residue classes
 j mod stride into separate bands of its ``stride``-step grid, so one grid step reveals exactly one class and no two

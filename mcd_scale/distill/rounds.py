@@ -76,7 +76,7 @@ TIME_MODES = ("uniform", "grid")
 def grid_times(t: torch.Tensor, dt: float, t_min: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """Map sampled times t in [t_min, 1] to a step (t', s) of the sampler's own grid of n = 1/dt steps.
 
-    ``distill.times: grid`` (issue 17, "distil for the sampler's order"): the sampler only ever runs a
+    ``distill.times: grid`` (distilling for the sampler's order): the sampler only ever runs a
     student from t_k to t_{k+1} of ``sampling_times(n)`` (linspace(1, T_END, n + 1)), so with the strided
     reveal order it only ever shows the student z_t with whole residue classes revealed. A uniform t
     (:func:`coupled_times`) trains it on partial classes it never sees. Here the quantile of t in
@@ -148,7 +148,7 @@ def plan_rounds(cfg: DistillConfig, t_min: float = 1e-3) -> list[RoundPlan]:
 # ------------------------------------------------------------------------------------------------------
 # What a student learns, per objective: the one place the round schedule meets the sampler.
 #
-# A student sampled with N steps must have been trained for jumps of 1/N (MCD.md section 5). MCD's
+# A student sampled with N steps must have been trained for jumps of 1/N (docs/method.md section 5). MCD's
 # teacher looks at z_s, s = t - dt_n, so round n's student learns a jump of dt_n; SDTT's teacher takes
 # ``sdtt_teacher_steps`` ancestral steps of dt_n, so its student learns a jump of k * dt_n. Giving both
 # objectives the same dt0 (as the demo once did) trains the SDTT student for k-times longer jumps than

@@ -1,4 +1,4 @@
-"""The stochastic baseline MCD is compared with: SDTT-style self-distillation (MCD.md section 5b).
+"""The stochastic baseline MCD is compared with: SDTT-style self-distillation (docs/method.md section 5b).
 
 From z_t (x masked independently at t, no coupling) the frozen teacher runs ``n_steps`` of its own
 ancestral steps of size dt: t_0 = t, t_{i+1} = max(t_i - dt, t_floor). At step i it predicts

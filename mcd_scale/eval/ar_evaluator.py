@@ -1,4 +1,4 @@
-"""A small independent autoregressive evaluator for Gen PPL on text (MCD.md §8, small scale).
+"""A small independent autoregressive evaluator for Gen PPL on text (docs/method.md §8, small scale).
 
 GPT-2 Large is the literature's evaluator; none ships in a reachable registry, so at small scale we train a
 causal transformer on the *held-out* split (never seen by the diffusion models), with the same tokenizer,

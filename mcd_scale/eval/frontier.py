@@ -1,4 +1,4 @@
-"""Quality–entropy frontiers and the matched-entropy "gap closed" (MCD.md §8).
+"""Quality–entropy frontiers and the matched-entropy "gap closed" (docs/method.md §8).
 
 Lowering the sampling temperature lowers both Gen PPL (or true NLL) and entropy, and so can a
 distillation round that sharpens its teacher. A quality number alone therefore proves nothing: each

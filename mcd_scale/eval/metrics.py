@@ -1,4 +1,4 @@
-"""Evaluation metrics of MCD.md §8: per-sample unigram entropy, Gen PPL, and sampling cost.
+"""Evaluation metrics of docs/method.md §8: per-sample unigram entropy, Gen PPL, and sampling cost.
 
 - Entropy: for each generated sample, the entropy (nats) of the empirical distribution of its ids,
   ``H = -sum_v (n_v / L) log(n_v / L)``; the reported figure is the mean over samples. It detects

@@ -1,6 +1,6 @@
 """An exact benchmark: a seeded sparse order-2 Markov chain, its true NLL, and an exact oracle denoiser.
 
-Why this benchmark (MCD.md §8): on text, quality is measured by an evaluator model, and a lower Gen PPL
+Why this benchmark (docs/method.md §8): on text, quality is measured by an evaluator model, and a lower Gen PPL
 can be bought with lower entropy. Here the data come from a known generator, so the *true* NLL of any
 generated sequence is computable, and the best possible denoiser (the exact posterior) is available.
 Parallel reveals (few sampling steps) draw neighbouring tokens independently from their marginals, which
@@ -418,7 +418,7 @@ def refresh_marginals(chain: MarkovChain2, z: torch.Tensor, logp: torch.Tensor, 
 
 def oracle_ancestral_sample(chain, n: int, length: int, steps: int, seed: int,
                             temperature: float = 1.0, chunk: int = 16) -> tuple[np.ndarray, float]:
-    """Ancestral sampling (MCD.md §7) with the exact oracle as the denoiser; returns (samples, NFE).
+    """Ancestral sampling (docs/method.md §7) with the exact oracle as the denoiser; returns (samples, NFE).
 
     Grid t_k = linspace(1, 0, steps + 1), alpha_t = 1 - t: at t -> s each masked token is revealed with
     probability (alpha_s - alpha_t) / (1 - alpha_t) and takes a value drawn from the oracle marginal at

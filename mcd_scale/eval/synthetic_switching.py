@@ -1,6 +1,6 @@
 """A second exact benchmark whose dependencies span the sampler's stride: a regime-switching chain.
 
-Why (issue 17 item 6): on the order-2 chain (:mod:`mcd_scale.eval.synthetic`) every dependency is local,
+Why: on the order-2 chain (:mod:`mcd_scale.eval.synthetic`) every dependency is local,
 so the strided reveal order (no two tokens closer than the stride revealed in one step) removes most of
 the few-step loss without any distillation. Here a hidden regime h_l in {0..H-1} persists for ~1/rho
 tokens (``switch_prob`` rho, default 1/1024, far longer than the demo's stride of 16) and selects which sparse

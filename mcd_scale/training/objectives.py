@@ -17,7 +17,7 @@ from mcd_scale.parallel.distributed import ParallelDims
 
 
 class MdlmObjective:
-    """Masked-diffusion NELBO (MCD.md §2) on vocab-parallel logits."""
+    """Masked-diffusion NELBO (docs/method.md §2) on vocab-parallel logits."""
 
     name = "mdlm"
 

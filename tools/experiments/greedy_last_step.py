@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Does MCD.md section 7's greedy last step help, or is it a temperature knob? Measured with the exact chain.
+"""Does docs/method.md section 7's greedy last step help, or is it a temperature knob? Measured with the exact chain.
 
 The denoiser is the synthetic chain's exact posterior marginals (no training), sampled by the product's
 ancestral sampler at several step counts, with the final step t_{N-1} -> t_N sampled (default) or greedy

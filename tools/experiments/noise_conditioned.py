@@ -4,13 +4,13 @@
 Why (docs/results.md, "Where the gap comes from"): the 256-vs-16-step gap on the synthetic chain is made of
 tokens revealed in the same step being drawn independently. Any factorised student that predicts a token
 from z_t alone, trained by cross-entropy, learns a marginal and cannot coordinate tokens it reveals together
-(MCD's and the reveal-aware students' ceiling). The deterministic coupled sampler (MCD.md §7) removes that
+(MCD's and the reveal-aware students' ceiling). The deterministic coupled sampler (docs/method.md §7) removes that
 limit for a student that is given the sampler's noise: teacher@256 with per-token thresholds u and Gumbel
 noise g is a deterministic map (u, g) -> x, and its state at time t is exactly ``where(u < alpha_t, x, m)``
 (revealed tokens never change). So the 16-step student can be trained to reproduce, for tokens revealed in
 one of its steps, the teacher's 256-step values *given the same noise*: a deterministic target, no marginal
 averaging, and a student that matches it samples exactly teacher@256's law. This is consistency
-distillation proper (a map from noise to data), not MCD as MCD.md §5 defines it: the student's interface
+distillation proper (a map from noise to data), not MCD as docs/method.md §5 defines it: the student's interface
 adds g (and the order of reveals within a step) for the positions its step reveals.
 
 Student = the teacher network (initialised from it) plus, for positions revealed in the current step, an

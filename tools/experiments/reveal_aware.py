@@ -8,7 +8,7 @@ data tokens, so for a token revealed between t and s its target is the data toke
 teacher's own marginal) and the student never sees what its own simultaneous draws do to each other. This
 script tests the two missing ingredients, outside the product, on one process:
 
-1. *Reveal-aware input.* Which tokens a step reveals never depends on the network (MCD.md §7), so the
+1. *Reveal-aware input.* Which tokens a step reveals never depends on the network (docs/method.md §7), so the
    sampler can tell the network: positions revealed in this step carry a second mask id (V + 1, a padded
    vocabulary row initialised as a copy of the mask embedding; the teacher never sees it).
 2. *On-policy mean-field targets.* For a training step t -> s on the 16-step grid, the student draws

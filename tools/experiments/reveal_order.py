@@ -5,7 +5,7 @@ docs/results.md ("Where the gap comes from") traces the gap to neighbours reveal
 script keeps the network and the step count and changes only the reveal order of the product's coupled
 sampler (``mcd_scale.diffusion.sampling.coupled_sample``, ``reveal_order``):
 
-- ``random``: i.i.d. uniform thresholds (MCD.md §4; the same law as the ancestral sampler);
+- ``random``: i.i.d. uniform thresholds (docs/method.md §4; the same law as the ancestral sampler);
 - ``strided``: positions j and j' share a step iff j = j' (mod steps), the residue classes in a random
   order per sample, so no two tokens closer than ``steps`` are ever drawn independently in one step.
 

@@ -15,7 +15,7 @@ Training is teacher-forced on teacher@256 coupled trajectories (``noise_conditio
 earlier co-revealed values are the teacher's own, and the target of each revealed token is the teacher's
 distribution at the fine step that revealed it (KL, zero for tokens whose context did not change within the
 step). The teacher network is frozen; only the head trains. At initialisation (zero output projections) the
-student is exactly teacher@16 with the coupled sampler (checked). Not MCD (MCD.md §5): the student's
+student is exactly teacher@16 with the coupled sampler (checked). Not MCD (docs/method.md §5): the student's
 interface adds the within-step order of reveals, which the coupled sampler knows from u.
 
 Result (negative; docs/results.md, "Students that see the order of reveals within a step"): no

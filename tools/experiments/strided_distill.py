@@ -156,9 +156,9 @@ def main() -> int:
                     help="distill.times of the students: uniform t, or the sampler's own grid steps")
     ap.add_argument("--weights", choices=("model", "ema"), default="model",
                     help="the students' weights to sample: the trained ones, or their EMA (needs --set "
-                         "train.ema_decay=D; the next round's teacher is still the raw weights, MCD.md section 5)")
+                         "train.ema_decay=D; the next round's teacher is still the raw weights, docs/method.md section 5)")
     args = ap.parse_args()
-    from demo import make_plan  # tools/demo.py: the same sizes as the demo
+    from mcd_scale.demo import make_plan  # the same sizes as the demo
 
     plan = make_plan(quick=False)
     if args.steps_per_round:
