@@ -181,3 +181,18 @@ def test_bootstrap_difference_is_paired_over_sample_index():
     assert out["paired"] and lo < 0.1 < hi and hi - lo < 0.03
     ulo, uhi = bootstrap_difference(a, b, draws=300, paired=False)["quality_diff_ci95"]
     assert uhi - ulo > 5 * (hi - lo)
+
+
+def test_share_of_an_ideal_is_read_on_the_same_resampled_curves():
+    from mcd_scale.eval.bootstrap import bootstrap_share
+    student, many, few = shared_noise_configs()           # student closes 0.1 of the gap at entropy 3.5
+    rng = np.random.default_rng(7)
+    ideal = SampleScores(student.nll - 0.3 + 0.02 * rng.standard_normal(40), student.tokens,
+                         student.entropy)                  # closes 0.4 at the same entropy
+    out = bootstrap_share(student, ideal, many, few, draws=300)
+    lo, hi = out["share_ci95"]
+    assert out["paired"] and out["draws_undefined"] == 0 and lo < 0.25 < hi and hi - lo < 0.2
+    # an ideal outside the curves: every draw undefined and counted, no interval
+    far = SampleScores(ideal.nll, ideal.tokens, np.full(40, 9.0))
+    out = bootstrap_share(student, far, many, few, draws=50)
+    assert out["share_ci95"] is None and out["draws_undefined"] == 50

@@ -131,3 +131,33 @@ def bootstrap_difference(a: SampleScores, b: SampleScores, draws: int = 1000, se
         dq[d], de[d] = qa - qb, ea - eb
     return {"quality_diff_ci95": _percentiles(dq), "entropy_diff_ci95": _percentiles(de), "paired": bool(paired),
             "bootstrap_draws": draws}
+
+
+def bootstrap_share(student: SampleScores, ideal: SampleScores, teacher_many: Sequence[SampleScores],
+                    teacher_few: Sequence[SampleScores], draws: int = 1000, seed: int = 0) -> dict:
+    """95% interval of the student's share of an ideal's gap closed: gap_closed(student) / gap_closed(ideal),
+    both read on the same resampled teacher curves in each draw. Paired over sample index when every
+    configuration has the same count; otherwise each is resampled on its own (``paired`` says which).
+    Draws where either is outside a curve, there is no gap, or the ideal closes none of it (share
+    undefined) are counted in ``draws_undefined``."""
+    configs = [student, ideal, *teacher_many, *teacher_few]
+    paired = can_pair(configs)
+    rng = np.random.default_rng(seed)
+    shares = np.full(draws, math.nan)
+    undefined = 0
+    for d in range(draws):
+        idx = rng.integers(0, len(student), len(student)) if paired else None
+        pick = (lambda s: s.point(idx)) if paired else (lambda s: s.point(rng.integers(0, len(s), len(s))))
+        (es, qs), (ei, qi) = pick(student), pick(ideal)
+        many_pts, few_pts = [pick(s) for s in teacher_many], [pick(s) for s in teacher_few]
+        closed = []
+        for e, q in ((es, qs), (ei, qi)):
+            m, f = interpolate_quality_at_entropy(many_pts, e), interpolate_quality_at_entropy(few_pts, e)
+            ok = m.in_range and f.in_range and f.quality > m.quality
+            closed.append((f.quality - q) / (f.quality - m.quality) if ok else math.nan)
+        if math.isfinite(closed[0]) and math.isfinite(closed[1]) and closed[1] > 0:
+            shares[d] = closed[0] / closed[1]
+        else:
+            undefined += 1
+    return {"share_ci95": _percentiles(shares), "paired": bool(paired), "bootstrap_draws": draws,
+            "draws_undefined": undefined}
