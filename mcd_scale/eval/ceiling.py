@@ -76,9 +76,9 @@ def ceiling_table(scores: Mapping[Key, SampleScores], many_steps: int, few_steps
             k_checks.append({"config": _label(key), "vs": _label(twice), "quality_diff": q2 - q1,
                              "entropy_diff": e2 - e1, **d})
     shares = []
-    for s in (k for k in others if k[0] in ("mcd", "sdtt")):
+    for s in (k for k in others if k[0] in ("mcd", "sdtt", "mcd-multidraw")):
         for i in (k for k in others if k[0] in ("mcd-ideal", "mcd-ceiling", "sdtt-ideal")):
-            if not i[0].startswith(s[0]):
+            if not i[0].startswith(s[0].split("-")[0]):
                 continue
             b = bootstrap_share(scores[s], scores[i], [scores[k] for k in many], [scores[k] for k in few], draws=draws)
             shares.append({"student": _label(s), "ideal": _label(i), **b})
