@@ -5,8 +5,8 @@ field — is ONE line on stderr naming the file/field and the fix, exit code 2 (
 rank, no traceback. A traceback is for bugs only, or with ``MCD_DEBUG=1`` in the environment, which
 re-raises the input error so its origin is visible.
 
-Raise :class:`InputError` (or a subclass: ``IntegrityError``, ``MissingCheckpoint``) for input
-problems; ``ConfigError`` is one as well. Entry points wrap their body with :func:`input_errors_exit`.
+Raise :class:`~mcd_scale.errors.InputError` (or a subclass: ``ConfigError``, ``IntegrityError``,
+``MissingCheckpoint``, the data layer's errors) for input problems (:mod:`mcd_scale.errors`). Entry points wrap their body with :func:`input_errors_exit`.
 """
 from __future__ import annotations
 
@@ -16,32 +16,16 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
+from mcd_scale.errors import EXIT_CONFIG, ConfigError, InputError, MissingCheckpoint  # noqa: F401 (re-exported)
+
 DEBUG_ENV = "MCD_DEBUG"
 
 
-class InputError(ValueError):
-    """Bad input of an entry point. The message names the file or field and the fix."""
-
-
-class MissingCheckpoint(InputError, FileNotFoundError):
-    """A checkpoint tag asked for (``checkpoint.load``, ``latest``) does not exist or is incomplete."""
-
-
 def input_error_types() -> tuple:
-    """InputError, ConfigError and the data layer's own input errors (a corrupt shard, a bad manifest or
-    tokenizer file): all name their file."""
-    import importlib
-
-    from mcd_scale.config import ConfigError
-
-    types = [InputError, ConfigError]
-    for module, name in (("mcd_scale.data.shards", "ShardError"), ("mcd_scale.data.manifest", "ManifestError"),
-                         ("mcd_scale.data.tokenizer", "TokenizerError"), ("mcd_scale.data.sampler", "SamplerError")):
-        try:
-            types.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):  # the data layer is being reorganised: keep what exists
-            pass
-    return tuple(types)
+    """The input-error types every entry point turns into one line and exit 2: :class:`InputError` and its
+    subclasses (ConfigError, the data layer's ShardError, ManifestError, TokenizerError, SamplerError,
+    IntegrityError, MissingCheckpoint, ...), all defined on :mod:`mcd_scale.errors`' base."""
+    return (InputError,)
 
 
 def rank_prefix() -> str:
@@ -53,8 +37,6 @@ def rank_prefix() -> str:
 
 def report(prog: str, exc: BaseException) -> int:
     """Print the one line for an input error and return EXIT_CONFIG."""
-    from mcd_scale import EXIT_CONFIG
-
     message = " ".join(str(exc).split())  # one line, whatever the message held
     print(f"{rank_prefix()}{prog}: error: {message}", file=sys.stderr, flush=True)
     return EXIT_CONFIG

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 def dry_run_report(cfg, world: int, device_type: str) -> dict:
     """What ``--dry-run`` derives for ``world`` ranks: the layout, the DeepSpeed dict, the optimizer
     options on ``device_type`` and the per-rank memory plan (no torch model is built)."""
-    from mcd_scale.config import deepspeed_config, grad_accum
+    from mcd_scale.config import grad_accum
+    from mcd_scale.parallel.deepspeed import deepspeed_config
     from mcd_scale.parallel.memory_plan import memory_plan
     from mcd_scale.training.optim import adamw_options
 

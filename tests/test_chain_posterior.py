@@ -10,7 +10,7 @@ from scipy.stats import chi2
 
 from mcd_scale.eval.chain_posterior import sample_posterior
 from mcd_scale.eval.synthetic import MarkovChain2
-from mcd_scale.eval.synthetic_switching import SwitchingChain
+from mcd_scale.eval.synthetic import SwitchingChain
 from mcd_scale.rng import keyed_uniform
 
 

@@ -15,7 +15,7 @@ from tests.mp import REPO
 
 @pytest.fixture(scope="module")
 def gen():
-    spec = importlib.util.spec_from_file_location("gen_cli_docs", os.path.join(REPO, "tools", "gen_cli_docs.py"))
+    spec = importlib.util.spec_from_file_location("gen_cli_docs", os.path.join(REPO, "tools", "dev", "gen_cli_docs.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -28,10 +28,10 @@ def parsers(gen):
 
 def test_docs_cli_md_is_generated_from_the_parsers(gen):
     path = os.path.join(REPO, "docs", "cli.md")
-    assert os.path.isfile(path), "docs/cli.md is missing: run `.venv/bin/python tools/gen_cli_docs.py`"
+    assert os.path.isfile(path), "docs/cli.md is missing: run `.venv/bin/python tools/dev/gen_cli_docs.py`"
     with open(path, encoding="utf-8") as fh:
         current = fh.read()
-    assert current == gen.render(), "docs/cli.md is out of date: run `.venv/bin/python tools/gen_cli_docs.py`"
+    assert current == gen.render(), "docs/cli.md is out of date: run `.venv/bin/python tools/dev/gen_cli_docs.py`"
     assert REPO not in current  # no machine-specific path in the page
 
 

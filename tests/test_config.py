@@ -23,8 +23,9 @@ import pytest
 import yaml
 
 from mcd_scale import EXIT_CONFIG
-from mcd_scale.config import (Config, ConfigError, deepspeed_config, eval_fraction, from_dict, grad_accum,
-                              load_config, save_resolved, to_dict, to_yaml, validate_layout)
+from mcd_scale.config import (Config, ConfigError, eval_fraction, from_dict, grad_accum, load_config, save_resolved,
+                              to_dict, to_yaml, validate_layout)
+from mcd_scale.parallel.deepspeed import deepspeed_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny", "teacher.yaml")
@@ -108,17 +109,17 @@ def test_invalid_choice_lists_the_options(override, field, options):
 
 @pytest.mark.parametrize("overrides, needle", [
     (["parallel.zero_stage=4"], "'parallel.zero_stage' must be 0, 1, 2 or 3"),
-    (["parallel.tp=0"], "'parallel.tp' must be >= 1"),
-    (["parallel.micro_batch=0"], "'parallel.micro_batch' must be >= 1"),
+    (["parallel.tp=0"], "'parallel.tp' must be in [1, 4096], got 0"),
+    (["parallel.micro_batch=0"], "'parallel.micro_batch' must be in [1, 2147483648], got 0"),
     (["model.hidden=250"], "'model.hidden' (250) must be divisible by 'model.heads' (4)"),
     (["model.hidden=12", "model.heads=4"], "must be even for rotary"),
     (["model.dropout=1.0"], "'model.dropout' must be in [0, 1)"),
-    (["model.vocab_size=0"], "'model.vocab_size' must be positive"),
+    (["model.vocab_size=0"], "'model.vocab_size' must be in [1, 2147483646], got 0"),
     (["diffusion.eps=0"], "'diffusion.eps' must be in (0, 1)"),
     (["distill.dt0=0"], "'distill.dt0' must be in (0, 1)"),
     (["distill.temperature.floor=0.99"], "'distill.temperature.floor'"),
     (["train.ema_decay=1.0"], "'train.ema_decay' must be in [0, 1)"),
-    (["checkpoint.keep_last=-1"], "'checkpoint.keep_last' must be >= 0"),
+    (["checkpoint.keep_last=-1"], "'checkpoint.keep_last' must be in [0, 2147483648], got -1"),
     (["train.objective=mcd", "distill.teacher_mode=online", "parallel.pp=2"], "needs 'parallel.pp: 1'"),
     (["train.objective=sdtt", "parallel.pp=2"], "needs 'parallel.pp: 1'"),
 ])
@@ -395,7 +396,7 @@ def test_cli_dry_run_invalid_layout_exits_2_with_message():
 # docs/config.md is generated and current
 # --------------------------------------------------------------------------------------------
 def _gen_module():
-    spec = importlib.util.spec_from_file_location("gen_config_docs", os.path.join(REPO, "tools", "gen_config_docs.py"))
+    spec = importlib.util.spec_from_file_location("gen_config_docs", os.path.join(REPO, "tools", "dev", "gen_config_docs.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -404,10 +405,10 @@ def _gen_module():
 def test_config_docs_up_to_date():
     gen = _gen_module()
     path = os.path.join(REPO, "docs", "config.md")
-    assert os.path.isfile(path), "docs/config.md is missing: run `python tools/gen_config_docs.py`"
+    assert os.path.isfile(path), "docs/config.md is missing: run `python tools/dev/gen_config_docs.py`"
     with open(path, encoding="utf-8") as fh:
         current = fh.read()
-    assert current == gen.render(), "docs/config.md is out of date: run `python tools/gen_config_docs.py`"
+    assert current == gen.render(), "docs/config.md is out of date: run `python tools/dev/gen_config_docs.py`"
 
 
 def test_config_docs_cover_every_field():
@@ -486,3 +487,77 @@ def test_build_optimizer_is_plain_adamw_on_cpu():
     cfg = load_config([], ["parallel.fused_optimizer=true", "optimizer.lr=0.01"])
     opt = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))], torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW) and not opt.defaults["fused"] and opt.defaults["lr"] == 0.01
+
+
+# --------------------------------------------------------------------------------------------
+# Numeric ranges: every number means something
+# --------------------------------------------------------------------------------------------
+def _leaf_types() -> dict:
+    import dataclasses
+    import typing
+
+    out = {}
+
+    def visit(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                visit(tp, prefix + f.name + ".")
+            else:
+                args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+                out[prefix + f.name] = args[0]
+
+    visit(Config, "")
+    return out
+
+
+def test_every_numeric_field_has_a_range_holding_its_default():
+    from mcd_scale.config import RANGES, get_field
+
+    leaves = _leaf_types()
+    numeric = {k for k, tp in leaves.items() if tp in (int, float)}
+    assert numeric - set(RANGES) == set(), "numeric fields without a range in mcd_scale/config/schema.py RANGES"
+    assert set(RANGES) - numeric == set(), "RANGES names a field that is not numeric (or does not exist)"
+    defaults = Config()
+    for key, rng in RANGES.items():
+        value = get_field(defaults, key)
+        assert value is None or rng.contains(value), (key, value, rng)
+
+
+def test_range_ends_and_non_finite_values():
+    from mcd_scale.config import Range
+
+    closed, open_ = Range(0.0, 1.0), Range(0.0, 1.0, lo_open=True, hi_open=True)
+    assert closed.contains(0.0) and closed.contains(1.0) and not open_.contains(0.0) and not open_.contains(1.0)
+    assert open_.contains(0.5) and not closed.contains(-1e-12) and not closed.contains(1.0 + 1e-12)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        assert not Range(-1e308, 1e308).contains(bad)
+    assert Range(0, 2 ** 63 - 1).contains(2 ** 63 - 1) and not Range(0, 2 ** 63 - 1).contains(10 ** 400)
+    assert closed.text() == "[0, 1]" and open_.text() == "(0, 1)" and Range(0.0, 1e-3, lo_open=True).text() == "(0, 0.001]"
+
+
+MEANINGLESS = [  # accepted by train.py --dry-run before the ranges (docs/config.md lists every range)
+    ("optimizer.lr=-1", "'optimizer.lr' must be in (0, 10], got -1.0"),
+    ("optimizer.lr=1e20", "'optimizer.lr' must be in (0, 10], got 1e+20"),
+    ("model.norm_eps=inf", "'model.norm_eps' must be in (0, 1], got inf"),
+    ("model.norm_eps=1e309", "'model.norm_eps' must be in (0, 1], got inf"),
+    ("run.dir=", "'run.dir' is empty"),
+    ("train.steps=0", "'train.steps' must be in [1, 1099511627776], got 0"),
+]
+
+
+@pytest.mark.parametrize("override, message", MEANINGLESS)
+def test_meaningless_values_are_refused_in_one_line(override, message, capsys):
+    from mcd_scale.train import main
+
+    assert main(["--config", TINY, "--set", override, "--dry-run", "--layout-only", "--world-size", "2"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and captured.out == "", captured
+
+
+def test_meaningless_value_through_the_real_cli_exits_2_without_traceback():
+    res = _train_cli("--config", TINY, "--set", "optimizer.lr=-1", "--dry-run", "--world-size", "2")
+    assert res.returncode == EXIT_CONFIG and res.stdout == ""
+    assert res.stderr.strip().count("\n") == 0 and "'optimizer.lr' must be in (0, 10]" in res.stderr

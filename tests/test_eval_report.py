@@ -11,11 +11,11 @@ import pytest
 
 from mcd_scale.eval.report import ROW_KEYS, validate_row, write_report
 from mcd_scale.eval.synthetic import MarkovChain2, oracle_ancestral_sample
+from mcd_scale.eval.synthetic.prepare import prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import evaluate  # noqa: E402
-import prepare_synthetic  # noqa: E402
 
 
 def brute_entropy(row: list[int]) -> float:
@@ -79,7 +79,7 @@ def test_evaluate_synthetic_end_to_end(tmp_path):
 def test_evaluate_text_path_with_ar_evaluator(tmp_path, capsys):
     # A prepared synthetic directory has the text data's layout: it stands in for tokenized text here.
     data = str(tmp_path / "data")
-    prepare_synthetic.prepare(data, 16, 2, 4, 0.5, 1e-6, 24, {"train": 4, "val": 16, "heldout": 64}, 7, 32)
+    prepare(data, 16, 2, 4, 0.5, 1e-6, 24, {"train": 4, "val": 16, "heldout": 64}, 7, 32)
     ids = MarkovChain2.load(os.path.join(data, "chain.json")).sample(6, 24, seed=9)
     lines = [json.dumps({"benchmark": "text", "model": "teacher", "round": 0, "steps": 24, "temperature": 1.0,
                          "text": "", "ids": r.tolist()}) for r in ids]

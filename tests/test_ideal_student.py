@@ -43,7 +43,7 @@ def _call(student, t, z_t=Z_T):
 
 def _switching_setup():
     """The regime-switching source (S = 4, H = 2: blocks {0, 1}, {2, 3}), its z_t with the mask id 4."""
-    from mcd_scale.eval.synthetic_switching import SwitchingChain
+    from mcd_scale.eval.synthetic import SwitchingChain
 
     # The two ends lie in different regimes' blocks, so a switch happens inside: the holes' reverse-KL optimum
     # is 0.058 (TV) from the exact marginal, enough for the test's power check.

@@ -1,6 +1,6 @@
 """A checkpoint file altered without changing its size (a flipped byte: bit rot, a partial overwrite) is refused by
 :func:`mcd_scale.checkpoint.integrity.verify`, naming the file. The other integrity tests truncate files, which the size
-check alone already catches; tools/mutate.py's ``integrity-size-only`` (sha256 never compared) survived them."""
+check alone already catches; tools/dev/mutate.py's ``integrity-size-only`` (sha256 never compared) survived them."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Start-up under every launcher we support, via tools/launch_probe.py, plus pure unit tests of the
+"""Start-up under every launcher we support, via tools/dev/launch_probe.py, plus pure unit tests of the
 launcher-environment detection.
 
 Multi-process tests (2 gloo ranks each, hard timeouts via tests.mp.run_cli):
@@ -21,7 +21,7 @@ import pytest
 from mcd_scale.parallel.distributed import detect_launch_env, first_slurm_host, master_addr_for_hosts
 from tests.mp import REPO, free_port, run_cli, venv_bin
 
-PROBE = os.path.join(REPO, "tools", "launch_probe.py")
+PROBE = os.path.join(REPO, "tools", "dev", "launch_probe.py")
 TAG = '{"probe": "mcd_scale.launch_probe"'
 LAUNCH_TIMEOUT = 240  # hard cap per launch (the machine is shared); typical runs take 10-25 s
 
@@ -122,7 +122,7 @@ def test_no_launcher_is_single_process():
 
 
 # --------------------------------------------------------------------------------------------
-# Real launches of tools/launch_probe.py
+# Real launches of tools/dev/launch_probe.py
 # --------------------------------------------------------------------------------------------
 def _records(out: str, world: int) -> list[dict]:
     recs = [json.loads(line[line.index(TAG):]) for line in out.splitlines() if TAG in line]

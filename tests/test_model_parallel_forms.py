@@ -68,7 +68,7 @@ def test_pipeline_stages_reproduce_plain_model():
 
 
 def _zero3_worker(load_state):
-    from mcd_scale.config import deepspeed_config
+    from mcd_scale.parallel.deepspeed import deepspeed_config
     from mcd_scale.parallel.distributed import init_distributed
     from mcd_scale.model import build_model, full_state_dict, load_full_state_dict
 

@@ -1,4 +1,4 @@
-"""tools/mutate.py: one mutation is applied on a scratch copy, caught by its tests, and the checkout is
+"""tools/dev/mutate.py: one mutation is applied on a scratch copy, caught by its tests, and the checkout is
 left exactly as it was; the built-in list still applies to the code (each 'old' text occurs once)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 
 from tests.mp import REPO
 
-TOOL = os.path.join(REPO, "tools", "mutate.py")
+TOOL = os.path.join(REPO, "tools", "dev", "mutate.py")
 
 
 def _digest(rel: str) -> str:

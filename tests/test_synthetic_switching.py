@@ -1,4 +1,4 @@
-"""The regime-switching source (mcd_scale/eval/synthetic_switching.py) against brute force on short sequences:
+"""The regime-switching source (mcd_scale/eval/synthetic/switching.py) against brute force on short sequences:
 enumerate every (regime path, sequence) of a hand-sized source."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mcd_scale.eval.synthetic import MarkovChain2, load_source
-from mcd_scale.eval.synthetic_switching import SwitchingChain
+from mcd_scale.eval.synthetic import SwitchingChain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

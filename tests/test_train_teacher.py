@@ -277,7 +277,7 @@ def test_nonfinite_policy_skips_then_aborts(prepared, tmp_path):
 
 
 def test_pp2_skips_a_nonfinite_step_like_pp1(prepared, tmp_path):
-    """The pipeline engine (PP=2) skips a NaN step through mcd_scale/training/pipeline_guard.py and ends in the state
+    """The pipeline engine (PP=2) skips a NaN step through mcd_scale/training/nonfinite.py and ends in the state
     the plain engine (PP=1, DP=2) reaches with the same skip: same losses after it (fp32, rtol 1e-5)."""
     common = ["train.steps=4", "parallel.zero_stage=1", "checkpoint.every=0"]
     nan2 = {"MCD_FAULT_NAN_STEPS": "2"}

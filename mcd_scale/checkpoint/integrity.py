@@ -21,7 +21,7 @@ MARKER = "COMPLETE"
 CHUNK = 1 << 20
 
 
-from mcd_scale.cli import InputError
+from mcd_scale.errors import InputError
 
 
 class IntegrityError(InputError):

@@ -80,7 +80,7 @@ def read_latest(root: str) -> Optional[str]:
         return None
     with open(path, encoding="utf-8") as fh:
         tag = fh.read().strip()
-    from mcd_scale.cli import MissingCheckpoint
+    from mcd_scale.errors import MissingCheckpoint
 
     if not os.path.exists(os.path.join(root, tag, "COMPLETE")):
         raise MissingCheckpoint(f"{path} names '{tag}' but {os.path.join(root, tag)} is missing or incomplete; "
@@ -95,7 +95,7 @@ def resolve_load_tag(root: str, load: str) -> Optional[str]:
     if load == "latest":
         return read_latest(root)
     tag = tag_for(int(load)) if load.isdigit() else load
-    from mcd_scale.cli import MissingCheckpoint
+    from mcd_scale.errors import MissingCheckpoint
     if not os.path.exists(os.path.join(root, tag, "COMPLETE")):
         raise MissingCheckpoint(f"'checkpoint.load' = {load!r}: no complete checkpoint {os.path.join(root, tag)}; "
                                 f"available: {list_tags(root) or 'none'}")

@@ -72,11 +72,11 @@ def _write(engine, dims, ema, order, job: dict) -> dict:
     import torch
 
     from mcd_scale.checkpoint.consolidate import DTYPE_NAMES, StreamWriter, iter_full
-    from mcd_scale.model.weights import _local_weight
+    from mcd_scale.model.weights import local_weight
     from mcd_scale.checkpoint.universal import ema_getter, local_getters, meta_tensors
 
     if job["what"] == "weights":
-        getters = [(None, ema_getter(ema, dims) if job.get("weights") == "ema" else _local_weight)]
+        getters = [(None, ema_getter(ema, dims) if job.get("weights") == "ema" else local_weight)]
         dtype = DTYPE_NAMES[job["dtype"]] if job.get("dtype") else None
         meta = {"format": "mcd_scale-logical-v1", "weights": job.get("weights", "raw")}
         extra = {}

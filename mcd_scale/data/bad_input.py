@@ -4,7 +4,7 @@ Why not raise where the sample is read: the rank's peers are by then in the step
 there with the backend's error (exit 1, a traceback) after up to ``distributed.timeout_s``. Instead the loader
 stands a readable sample in for the bad one and hands the error line on with the micro-batch
 (mcd_scale/data/loader.py, ``bad_input``), so the step that consumes it runs its usual collectives on every
-rank. The flag rides on the step's one collective (mcd_scale/training/engine.py, mcd_scale/training/pipeline_guard.py); once every
+rank. The flag rides on the step's one collective (mcd_scale/training/engine.py, mcd_scale/training/nonfinite.py); once every
 rank knows, before the optimizer update, each raises here: the reading rank its own line, every other rank
 ``stopping: rank M hit a bad input: <that line>``. Only this failure path exchanges the text (one more
 collective, on a step that does not train).
@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import NoReturn, Optional
 
 from mcd_scale.parallel import collectives
-from mcd_scale.cli import InputError
+from mcd_scale.errors import InputError
 
 
 class BadInput(InputError):

@@ -13,10 +13,12 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from mcd_scale.errors import InputError
+
 MANIFEST_NAME = "manifest.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest is missing, unreadable, or does not match what the consumer expects."""
 
 

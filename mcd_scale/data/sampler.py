@@ -37,10 +37,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from mcd_scale.errors import InputError
 from mcd_scale.rng import keyed_generator
 
 
-class SamplerError(ValueError):
+class SamplerError(InputError):
     """Inconsistent batch sizes or a cursor that does not belong to this data."""
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import webdataset
 
 from mcd_scale.data.shard_index import load_index, scan_shard, write_index
+from mcd_scale.errors import InputError
 
 KEY_FORMAT = "%010d"
 """Sample keys are the zero-padded decimal global sample id (so lexical order == numeric order)."""
@@ -38,7 +39,7 @@ Field = Union[np.ndarray, dict]
 Sample = dict[str, Field]
 
 
-class ShardError(RuntimeError):
+class ShardError(InputError, RuntimeError):
     """A shard is missing, truncated or holds an undecodable member. The message names the shard
     path and, where known, the sample key."""
 
@@ -312,6 +313,8 @@ class ShardedDataset:
             try:
                 index = load_index(os.path.join(os.path.dirname(path), rec["index"]), rec["index_sha256"],
                                    int(rec["num_samples"]))
+            except ShardError:  # already names its shard (a ValueError too, as every input error)
+                raise
             except (OSError, ValueError) as exc:
                 raise ShardError(f"shard '{path}': {exc}. Re-create the shard set.") from None
         else:  # written before the sidecar existed: scan this shard's headers once

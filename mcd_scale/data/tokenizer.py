@@ -20,6 +20,8 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from mcd_scale.errors import InputError
+
 MAX_LINE_BYTES = 4000
 """Training lines are cut below SentencePiece's 4192-byte max_sentence_length (which it skips
 silently, losing that text from the vocabulary statistics)."""
@@ -44,7 +46,7 @@ _TRAIN_OPTIONS = dict(
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """Tokenizer training or loading failed; the message says why and what to change."""
 
 

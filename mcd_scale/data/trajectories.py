@@ -161,6 +161,8 @@ class TrajectoryDataset:
             return None
         try:
             return self._expand(rec)
+        except ShardError:  # already names its shard (a ValueError too, as every input error)
+            raise
         except (KeyError, ValueError, IndexError) as exc:
             msg = f"shard '{self.shard_of(gid)}': sample key {KEY_FORMAT % gid}: {exc}"
             if self.shards.skip_corrupt:

@@ -35,7 +35,7 @@ Full mode takes 23-37 min on 2 CPU cores depending on the host (docs/results.md)
 of the same pipeline.
 ``--benchmarks synthetic`` runs the synthetic benchmark alone (no text data, teacher, students or AR
 evaluator); ``--synthetic-source switching`` puts the regime-switching source (dependencies that span the
-strided sampler's stride; mcd_scale/eval/synthetic_switching.py) in place of the order-2 chain; and
+strided sampler's stride; mcd_scale/eval/synthetic/switching.py) in place of the order-2 chain; and
 ``--teacher-seed`` sets the teachers' ``train.seed`` (initialisation and data order) for a seed spread.
 These three choices are recorded in ``<run>/demo_options.json``; resuming a run directory with other
 choices is refused (exit 2), since its data and teachers were made with the first ones.

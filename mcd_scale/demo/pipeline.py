@@ -6,7 +6,6 @@ sampling, which loads every checkpoint once in this process.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -20,18 +19,7 @@ from typing import Optional
 from mcd_scale.demo.paths import BIN, ROOT
 from mcd_scale.demo.plan import STRIDED, Plan
 from mcd_scale.eval.report import DEFAULT_SAMPLER
-
-
-def _sampler():
-    """The model loader and sampler, still in tools/sample.py (loaded by path, once) until they move into the
-    package; the one place the package reaches into tools/ (tests/test_layering.py lists it)."""
-    name = "_mcd_scale_tools_sample"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", "sample.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+from mcd_scale.eval.sampler_bridge import tools_sampler
 
 
 class Demo:
@@ -181,7 +169,7 @@ class Demo:
         return os.path.join(self.distill_dir(bench, objective), "DEMO_COMPLETE")
 
     def distill(self, bench: str, objective: str) -> None:
-        tool = os.path.join(ROOT, "tools", "distill_rounds.py")
+        tool = os.path.join(ROOT, "tools/distill_rounds.py")  # run as a program, like every stage
         if not os.path.exists(tool):
             raise StageSkipped("tools/distill_rounds.py does not exist in this checkout")
         data = self.syn_data if bench == "synthetic" else self.text_data
@@ -319,7 +307,7 @@ class Demo:
         return jobs + strided
 
     def sample_all(self) -> None:
-        sample_cli = _sampler()
+        sample_cli = tools_sampler()
 
         sdir = os.path.join(self.run, "samples")
         os.makedirs(sdir, exist_ok=True)
@@ -504,6 +492,6 @@ def trained_steps_of(run: str) -> Optional[int]:
     from mcd_scale.config import from_dict
     from mcd_scale.distill.rounds import checkpoint_trained_steps
 
-    path = os.path.join(os.path.dirname(_sampler().resolve_weights(run)), "config.resolved.yaml")
+    path = os.path.join(os.path.dirname(tools_sampler().resolve_weights(run)), "config.resolved.yaml")
     with open(path, encoding="utf-8") as fh:
         return checkpoint_trained_steps(from_dict(yaml.safe_load(fh), source=path))

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from mcd_scale.config import DistillConfig
+from mcd_scale.config import round_dt as schema_round_dt
 
 
 def _check_round(n: int) -> None:
@@ -22,11 +23,7 @@ def _check_round(n: int) -> None:
 def round_dt(cfg: DistillConfig, n: int) -> float:
     """Step size of round n: dt0 * 2^n ('double') or dt0 * (n + 1) ('linear')."""
     _check_round(n)
-    if cfg.dt_growth == "double":
-        return cfg.dt0 * 2.0 ** n
-    if cfg.dt_growth == "linear":
-        return cfg.dt0 * (n + 1)
-    raise ValueError(f"'distill.dt_growth' = {cfg.dt_growth!r} is not one of 'double', 'linear'.")
+    return schema_round_dt(cfg.dt0, cfg.dt_growth, n)
 
 
 def round_temperature(cfg: DistillConfig, n: int) -> float:

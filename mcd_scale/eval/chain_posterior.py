@@ -10,7 +10,7 @@ Method, on the pair states y_l = (x_{l-1}, x_l) of :class:`~mcd_scale.eval.synth
 - backward sampling: y_{L-1} ~ alpha_{L-1}; then, with x_{l+1} = b and x_{l+2} = c already drawn,
   P(x_l = a | x_{l+1:}, evidence) ∝ alpha_{l+1}(a, b) P(c | a, b) (later evidence is already in the drawn
   tail: the chain is order 2, so (x_{l+1}, x_{l+2}) screens position l from everything after it).
-The regime-switching source (:class:`~mcd_scale.eval.synthetic_switching.SwitchingChain`) is an order-1 chain
+The regime-switching source (:class:`~mcd_scale.eval.synthetic.switching.SwitchingChain`) is an order-1 chain
 over the joint state y_l = (h_l, x_l) (``joint_transition``): forward filtering on y with the evidence on x,
 then y_{L-1} ~ alpha_{L-1} and P(y_l = i | y_{l+1} = j, evidence) ∝ alpha_l(i) M[i, j].
 Each row consumes exactly L uniforms given by the caller (one for the last pair, one per earlier
@@ -38,7 +38,7 @@ def sample_posterior(chain, z: torch.Tensor, uniforms: torch.Tensor, chunk: int 
     chunk: rows per forward pass (the stored messages take L * chunk * S^2 float64).
     """
     from mcd_scale.eval.synthetic import MarkovChain2
-    from mcd_scale.eval.synthetic_switching import SwitchingChain
+    from mcd_scale.eval.synthetic import SwitchingChain
 
     if isinstance(chain, MarkovChain2):
         sample_chunk = _sample_chunk

@@ -39,7 +39,7 @@ def _gather_tp(local: torch.Tensor, split_dim: Optional[int], dims) -> torch.Ten
     return torch.cat(collectives.all_gather(local, group=group), dim=split_dim)
 
 
-def _local_weight(param: nn.Parameter) -> torch.Tensor:
+def local_weight(param: nn.Parameter) -> torch.Tensor:
     with _gathered(param, modify=False):
         return param.data.detach().clone()
 
@@ -69,7 +69,7 @@ def full_state_dict(module: nn.Module, dims=None,
     ``local_of(param)`` gives this TP rank's whole (ZeRO-gathered) tensor for a parameter; the default is
     its weight. mcd_scale/checkpoint/universal.py passes the fp32 master weight and Adam's moments instead.
     """
-    state = _stage_state(module, dims, local_of or _local_weight)
+    state = _stage_state(module, dims, local_of or local_weight)
     rank = 0 if dims is None else dims.rank
     if dims is None or dims.pp == 1:
         return state if rank == 0 else {}

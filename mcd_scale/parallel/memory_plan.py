@@ -23,7 +23,8 @@ Byte convention (bf16 training; fp32 training replaces every 2 B by 4 B and has 
 """
 from __future__ import annotations
 
-from mcd_scale.config import Config, persistence_threshold
+from mcd_scale.config import Config
+from mcd_scale.parallel.deepspeed import persistence_threshold
 
 GIB = 1024 ** 3
 

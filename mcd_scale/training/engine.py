@@ -19,8 +19,10 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from mcd_scale.parallel import collectives
-from mcd_scale.config import Config, deepspeed_config
+from mcd_scale.config import Config
+from mcd_scale.parallel.deepspeed import deepspeed_config
 from mcd_scale.parallel.distributed import ParallelDims, to_device
+from mcd_scale.training.nonfinite import GradFiniteGuard, PipelineNonFiniteGuard, guard_nonfinite, poisoned
 
 
 def lr_lambda(cfg: Config) -> Callable[[int], float]:
@@ -39,29 +41,6 @@ def lr_lambda(cfg: Config) -> Callable[[int], float]:
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return fn
-
-
-def poisoned(loss: torch.Tensor) -> torch.Tensor:
-    """Fault injection: a NaN loss whose backward creates no NaN of its own (an add passes the gradient
-    through unchanged; a multiply by NaN would put NaN into every gradient, even a zero one)."""
-    return loss + float("nan")
-
-
-def guard_nonfinite(loss: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to back-propagate, finite flag as a device bool), with no host read.
-
-    Where the loss is non-finite, the loss's own backward may produce NaN (0 x inf partials), so a hook on the
-    logits replaces their gradient by zeros (``torch.where`` with a scalar zero, not a product: 0 x NaN is NaN),
-    and the returned loss is a finite zero whose backward still reaches every parameter (through the loss's
-    graph). The micro-batch then adds exactly zero to the gradients; the step-level decision (skip at lr 0) is
-    taken once per step by the caller."""
-    ok = torch.isfinite(loss.detach()).all()
-    if logits.requires_grad:
-        logits.register_hook(lambda g: torch.where(ok, g, 0.0))  # one pass; no zeros tensor of the logits' size
-    # The backward still runs through the loss's graph (where's gradient to it is zero), so a constant zero is
-    # enough; deriving it from the whole logits (nan_to_num + sum) cost two passes over them each way.
-    zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
-    return torch.where(ok, loss, zero), ok
 
 
 def params_dtype(cfg: Config) -> torch.dtype:
@@ -93,17 +72,14 @@ class TrainEngine:
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
             mpu=None if self.pipeline else dims.mpu(), dist_init_required=False)
         self.module = module
-        from mcd_scale.training import fault_hooks
-        from mcd_scale.training.grad_guard import GradFiniteGuard
+        from mcd_scale.training import faults
 
         # Fault injection first (tests/faults): a hook registered earlier runs earlier, so the guard sees it.
-        fault_hooks.install(module, dims.rank, lambda: int(self.engine.global_steps) + 1)
+        faults.install(module, dims.rank, lambda: int(self.engine.global_steps) + 1)
         # Both menus: this rank's own parameters (a pipeline stage's, under pp > 1).
         self.grad_guard = GradFiniteGuard(trainable, dims.device)
         self.guard = None
         if self.pipeline:
-            from mcd_scale.training.pipeline_guard import PipelineNonFiniteGuard
-
             self.guard = PipelineNonFiniteGuard(self.engine, loss_fn, dims.device, self.set_lr_scale,
                                                 self.restore_lr, self.grad_guard)
 
@@ -159,7 +135,7 @@ class TrainEngine:
         :class:`mcd_scale.data.bad_input.BadInput` before the optimizer update. ``poison`` (fault injection) turns this
         step's losses into NaN."""
         self.engine.train()
-        if self.pipeline:  # the same policy inside the pipeline schedule (mcd_scale/training/pipeline_guard.py)
+        if self.pipeline:  # the same policy inside the pipeline schedule (mcd_scale/training/nonfinite.py)
             self.guard.begin(poison, stop_requested, bad_input)
             try:
                 self.engine.train_batch(data_iter=iter(self._on_device(micro_batches)))

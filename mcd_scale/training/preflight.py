@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from mcd_scale.cli import InputError
+from mcd_scale.errors import InputError
 
 
 def check_inputs(cfg, verify_checkpoint: bool = False) -> dict:

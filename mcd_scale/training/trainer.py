@@ -263,7 +263,7 @@ class Trainer:
         loader = MicroBatchLoader(self.train_set, sampler, self.dims.dp_rank, self.dims.dp, cfg.parallel.micro_batch,
                                   start_step=state.step, num_workers=cfg.data.num_workers, stand_in=True)
         it = step_batches(loader)
-        from mcd_scale.training.fault_hooks import SampleLog
+        from mcd_scale.training.faults import SampleLog
 
         sample_log = SampleLog.from_env(self.rank)  # MCD_FAULT_SAMPLE_LOG (soak tests): None otherwise
         tokens_per_step = cfg.parallel.global_batch * cfg.model.seq_len

@@ -88,7 +88,7 @@ class RankRun:
         return lines[-1][:200] if lines else ""
 
     def fault_time(self, what: str) -> float:
-        """Wall time printed by mcd_scale/training/fault_hooks.py when the injected fault struck ('dies'/'hangs')."""
+        """Wall time printed by mcd_scale/training/faults.py when the injected fault struck ('dies'/'hangs')."""
         m = re.search(rf"\[fault\] rank \d+ {what} in step \d+ at ([0-9.]+)", self.log)
         assert m, f"the injected fault ({what}) did not strike:\n{self.log[-4000:]}"
         return float(m.group(1))
@@ -176,12 +176,12 @@ def finite(x) -> bool:
 
 
 def long_variant() -> bool:
-    """``MCD_FAULTS_LONG=1`` (set by tools/faults.py): the long variants (more restarts, more fuzzed inputs)."""
+    """``MCD_FAULTS_LONG=1`` (set by tools/dev/faults.py): the long variants (more restarts, more fuzzed inputs)."""
     return os.environ.get("MCD_FAULTS_LONG", "") == "1"
 
 
 def record(fault: str, **figures) -> None:
-    """Append one measured figure set to ``$MCD_FAULTS_REPORT`` (JSON lines; tools/faults.py collects them) and
+    """Append one measured figure set to ``$MCD_FAULTS_REPORT`` (JSON lines; tools/dev/faults.py collects them) and
     print it (visible with ``pytest -s``)."""
     row = {"fault": fault, **figures}
     print(f"\n[faults] {json.dumps(row)}")

@@ -95,7 +95,7 @@ def test_bad_sample_read_is_a_named_error(corpus, tmp_path, case):
 
 
 CLI_CASES = [c if c == "token_id_ge_vocab" else pytest.param(c, marks=pytest.mark.skipif(
-    not common.long_variant(), reason="long variant (tools/faults.py): one launch each")) for c in sorted(CASES)]
+    not common.long_variant(), reason="long variant (tools/dev/faults.py): one launch each")) for c in sorted(CASES)]
 
 
 @pytest.mark.parametrize("case", CLI_CASES)
@@ -199,7 +199,7 @@ def test_empty_shard_list_open_is_a_named_error(corpus, tmp_path):
     assert "manifest.json" in str(err.value) and "train" in str(err.value), err.value
 
 
-@pytest.mark.skipif(not common.long_variant(), reason="long variant (tools/faults.py): one launch")
+@pytest.mark.skipif(not common.long_variant(), reason="long variant (tools/dev/faults.py): one launch")
 def test_empty_shard_list_is_a_named_error_exit_2(corpus, tmp_path):
     data = _empty_train_split(corpus, tmp_path)
     res = common.launch(common.train_argv("teacher", str(tmp_path / "run"), data, None, ["train.steps=1"]), 1)

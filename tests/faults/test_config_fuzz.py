@@ -2,7 +2,7 @@
 the real entry point, ``mcd_scale.train.main`` with ``--dry-run --layout-only`` (parse, validate, layout, derived
 DeepSpeed dict, memory plan), in process for speed, plus a few through the real CLI. Every input must end in
 exit 0, or exit 2 with one non-empty line on stderr; any exception escaping ``main`` (a traceback) fails the test
-and hypothesis prints the input. CI runs a few hundred inputs; ``tools/faults.py`` (MCD_FAULTS_LONG=1) more.
+and hypothesis prints the input. CI runs a few hundred inputs; ``tools/dev/faults.py`` (MCD_FAULTS_LONG=1) more.
 """
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def test_teacher_rank_killed_mid_step_peers_exit_and_resume_is_exact(corpus, tmp
     _kill_then_resume("teacher", corpus, None, tmp_path)
 
 
-@pytest.mark.skipif(not common.long_variant(), reason="long variant (tools/faults.py): 3 more launches")
+@pytest.mark.skipif(not common.long_variant(), reason="long variant (tools/dev/faults.py): 3 more launches")
 def test_student_rank_killed_mid_step_peers_exit_and_resume_is_exact(corpus, teacher, tmp_path):
     _kill_then_resume("student", corpus, teacher, tmp_path)
 

@@ -1,6 +1,6 @@
 """NaN/Inf in the gradients of ONE rank while every loss stays finite (docs/reliability.md, "Non-finite gradient").
 
-Without the gradient guard (mcd_scale/training/grad_guard.py) the data-parallel reduction spreads the NaN to every rank
+Without the gradient guard (mcd_scale/training/nonfinite.py) the data-parallel reduction spreads the NaN to every rank
 and the optimizer step -- even the lr-0 skip step -- writes it into the weights, which the next checkpoint saves.
 Both menus: data parallel (pp=1) and the pipeline (pp=2, where only the last stage ever sees a loss).
 """
@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from mcd_scale.training.grad_guard import GradFiniteGuard
+from mcd_scale.training.nonfinite import GradFiniteGuard
 from tests.faults import common
 
 
@@ -36,7 +36,7 @@ def test_one_rank_nonfinite_gradient_skips_everywhere_then_aborts(corpus, tmp_pa
 
 
 @pytest.mark.parametrize("zero", [0, pytest.param(1, marks=pytest.mark.skipif(
-    not common.long_variant(), reason="long variant (tools/faults.py): one more launch"))])
+    not common.long_variant(), reason="long variant (tools/dev/faults.py): one more launch"))])
 def test_pp2_one_stage_nonfinite_gradient_skips_everywhere_then_aborts(corpus, tmp_path, zero):
     """The pipeline menu (pp=2, 2 ranks: one stage each): rank 0's gradient is NaN in steps 2, 4 and 5. Rank 0 is the
     first stage, which never sees a loss: only the gradient guard can notice. Same outcome as pp=1. Without the

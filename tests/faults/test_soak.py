@@ -2,7 +2,7 @@
 steps again and again, each time resumed from their last checkpoint, while every rank logs the sample ids it
 consumes (``MCD_FAULT_SAMPLE_LOG``). From the logs: 0 samples lost or duplicated in any epoch, re-executed steps
 saw the same samples, and the final losses equal an uninterrupted run's. CI forces 2 restarts per run;
-``tools/faults.py`` (MCD_FAULTS_LONG=1) forces 10.
+``tools/dev/faults.py`` (MCD_FAULTS_LONG=1) forces 10.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def account(log_dir: str, world: int, global_batch: int, num_samples: int, steps
 
 
 @pytest.mark.parametrize("kind", ["teacher", pytest.param("student", marks=pytest.mark.skipif(
-    not common.long_variant(), reason="long variant (tools/faults.py): 4+ more launches"))])
+    not common.long_variant(), reason="long variant (tools/dev/faults.py): 4+ more launches"))])
 def test_forced_restarts_lose_and_duplicate_no_sample(kind, corpus, teacher, tmp_path):
     """CI: 2 restarts of the teacher, sample accounting only. Long variant: 10 restarts of each, and the losses
     compared with an uninterrupted run (one more launch each)."""

@@ -149,7 +149,7 @@ class _BareDeepSpeed:
         import deepspeed
         import torch
 
-        from mcd_scale.config import deepspeed_config
+        from mcd_scale.parallel.deepspeed import deepspeed_config
         from mcd_scale.training.engine import lr_lambda
         from mcd_scale.model.build import build_model
         from mcd_scale.training.optim import adamw_options
