@@ -15,7 +15,7 @@ On a finished demo run (its synthetic teacher, data and exact chain), for a few-
 
 Prints one JSON object: per student and sampler, at each temperature, ``gap_closed`` (of the default
 sampler's teacher@N vs teacher@n gap, at matched entropy) and ``gain_vs_same_sampler_nats`` (> 0: the student
-beats its teacher drawn by the same sampler at the same steps; the goal of item 5), with the strided teacher's
+beats its teacher drawn by the same sampler at the same steps: the question of this experiment), with the strided teacher's
 own gap closed for reference. Every stage is skipped when its output exists (rerun to resume).
 
     .venv/bin/python experiments/strided_distill/strided_distill.py --demo runs/demo --out runs/strided_distill [--steps 4] [--times grid]

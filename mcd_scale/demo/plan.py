@@ -59,7 +59,7 @@ class Plan:
     distill_benchmarks: tuple = ("synthetic", "text")
     distill_overrides: list = field(default_factory=list)
     # The distillation losses' population optima on the synthetic teacher (tools/ideal_rows.py; docs/method.md
-    # section 5, docs/results.md "ideal"): each trained student is read against its own ceiling. One process
+    # section 5, docs/log.md "ideal"): each trained student is read against its own ceiling. One process
     # per (kind, temperature), one thread each, --nproc at a time. Per sample at L = 256 (posterior draws, K
     # teacher calls and the per-token solver per step), two processes side by side on 2 cores: mcd-ideal 9.9 s
     # with the nested-bisection solver, 2.9-4.0 s with the closed-form one (mcd_scale/distill/ideal.py);
@@ -83,7 +83,7 @@ class Plan:
     ceiling_continuation_steps: int = 64
     # Benchmarks also sampled by the coupled sampler's strided reveal order at N/16 steps (no two tokens
     # closer than N/16 revealed in one step; docs/diffusion.md): the sampler that closes the synthetic gap
-    # without distillation (docs/results.md, "Reveal order"), so each student is also read against its
+    # without distillation (docs/log.md, "Reveal order"), so each student is also read against its
     # teacher sampled that way.
     strided_benchmarks: tuple = ("synthetic", "text")
     # What the demo runs on (flags; recorded in <run>/demo_options.json): the benchmarks, the synthetic

@@ -84,7 +84,7 @@ def reveal_thresholds(order: str, seed: int, sample_index: int, seq_len: int, sc
     same marginal law over the grid's range, but tokens closer than ``stride`` never fall in one band, so at
     ``steps == stride`` a step reveals exactly one residue class, and no two tokens drawn independently in
     one step are neighbours. Why: on the exact benchmark the few-step gap is made of neighbours revealed in
-    the same step (docs/results.md, "Reveal order")."""
+    the same step (docs/log.md, "Reveal order")."""
     if order == "random":
         return torch.rand(seq_len, generator=keyed_generator("coupled-sample", seed, sample_index),
                           dtype=torch.float64)
@@ -219,7 +219,7 @@ def ancestral_sample(denoiser: Denoiser, num_samples: int, seq_len: int, steps: 
     revealed tokens are kept. Masks left after the last step are filled greedily (``greedy_tail``)
     or sampled. ``greedy_last_step``: the tokens the final step t_{N-1} -> t_N reveals (~1/N of them) take
     argmax p_theta instead of a draw (docs/method.md section 7's "final step: greedy"; off by default, see
-    docs/results.md "Greedy last step" for why). ``time_conditioned`` is kept for interface compatibility:
+    docs/log.md "Greedy last step" for why). ``time_conditioned`` is kept for interface compatibility:
     lazy evaluation (module docstring) gives the same calls and results for both kinds of model."""
     return _run("ancestral", denoiser, num_samples, seq_len, steps, vocab_size, schedule, seed, temperature,
                 batch_size, greedy_tail, progress, device=device, greedy_last_step=greedy_last_step)

@@ -17,7 +17,7 @@ shared machine); ``speedup_wall_min`` = ratio of the fastest runs;
 network calls per sample, which bounds what caching leaves to gain (~10.1x at N = 256, L = 256).
 ``--few-steps`` / ``--few-reveal-order strided``: the few-step side at another step count and/or with the
 coupled sampler's strided order (docs/diffusion.md), e.g. the strided teacher at 8 steps against itself
-at 256 (docs/results.md, "Reveal order").
+at 256 (docs/log.md, "Reveal order").
 
 In the same timed groups (unless ``--no-strided`` / ``--no-ar``): the few-step side again with the strided
 order (``student_strided_*``, when the few-step side is not already strided), and an autoregressive model of

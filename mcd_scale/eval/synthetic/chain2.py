@@ -173,7 +173,7 @@ class MarkovChain2(SourceFile):
         """bool [n, L - 2]: transition (x[i], x[i+1]) -> x[i+2] is one only the uniform leak explains
         (probability = floor, ~1e-6: ~14 nats each). On this chain the gap between many and few sampling
         steps is almost entirely such transitions, about half of them between neighbours revealed in the
-        same step and drawn independently (docs/results.md, "Where the gap comes from")."""
+        same step and drawn independently (docs/log.md, "Where the gap comes from")."""
         x = self._check_ids(seqs, "seqs")
         if x.shape[1] < 3:
             return np.zeros((x.shape[0], 0), dtype=bool)
