@@ -41,3 +41,11 @@ def test_table_reads_every_row_checks_k_doubling_and_shares():
 def test_table_needs_both_teacher_curves():
     with pytest.raises(ValueError, match="need teacher rows at 256 and 16"):
         ceiling_table({("teacher", 0, 16, 1.0, None): _s(3.0, 2.0)}, 256, 16)
+
+
+def test_common_prefix_makes_every_configuration_pairable():
+    from mcd_scale.eval.ceiling import common_prefix
+    scores = {("teacher", 0, 256, 1.0, None): _s(4.0, 2.0, n=32), ("mcd-ceiling", 0, 16, 1.0, 8): _s(3.5, 2.0, n=16)}
+    cut = common_prefix(scores)
+    assert {len(v) for v in cut.values()} == {16}
+    assert np.array_equal(cut[("teacher", 0, 256, 1.0, None)].nll, scores[("teacher", 0, 256, 1.0, None)].nll[:16])

@@ -25,10 +25,13 @@ def main(argv=None) -> int:
     ap.add_argument("--many-steps", type=int, default=256)
     ap.add_argument("--few-steps", type=int, default=16)
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--pair-prefix", action="store_true",
+                    help="cut every configuration to the smallest sample count so that all pair by sample index")
     a = ap.parse_args(argv)
     from mcd_scale.eval.ceiling import render, write_table
     try:
-        table = write_table(a.samples, a.chain, a.out, a.many_steps, a.few_steps, a.bootstrap)
+        table = write_table(a.samples, a.chain, a.out, a.many_steps, a.few_steps, a.bootstrap,
+                            pair_prefix=a.pair_prefix)
     except input_errors(FileNotFoundError, ValueError, KeyError) as exc:
         return fail("ceiling_table", exc)
     print(render(table))

@@ -39,6 +39,14 @@ def group_scores(rows: Iterable[Mapping], chain) -> dict[Key, SampleScores]:
     return out
 
 
+def common_prefix(scores: Mapping[Key, SampleScores]) -> dict[Key, SampleScores]:
+    """Every configuration cut to the smallest sample count. Sample i's noise is keyed by its index whatever
+    the count (mcd_scale/rng.py), so the first n samples of every configuration share noise index by index and
+    the bootstrap can pair them (at the cost of the longer configurations' extra samples)."""
+    n = min(len(v) for v in scores.values())
+    return {k: SampleScores(v.nll[:n], v.tokens[:n], v.entropy[:n]) for k, v in scores.items()}
+
+
 def _label(key: Key) -> str:
     model, rnd, steps, temp, draws = key
     return f"{model}{f' r{rnd}' if rnd else ''} @{steps} T {temp:g}" + (f" K {draws}" if draws else "")
@@ -118,14 +126,15 @@ def render(table: Mapping) -> str:
 
 
 def write_table(sample_files: Sequence[str], chain_path: str, out_prefix: str, many_steps: int, few_steps: int,
-                draws: int = 1000) -> dict:
+                draws: int = 1000, pair_prefix: bool = False) -> dict:
     from mcd_scale.eval.synthetic import load_source
     chain = load_source(chain_path)
     rows = []
     for path in sample_files:
         with open(path, encoding="utf-8") as fh:
             rows += [json.loads(line) for line in fh if line.strip()]
-    table = ceiling_table(group_scores(rows, chain), many_steps, few_steps, draws)
+    scores = group_scores(rows, chain)
+    table = ceiling_table(common_prefix(scores) if pair_prefix else scores, many_steps, few_steps, draws)
     with open(out_prefix + ".json", "w", encoding="utf-8") as fh:
         json.dump(table, fh, indent=1, default=lambda v: None)
     with open(out_prefix + ".md", "w", encoding="utf-8") as fh:
