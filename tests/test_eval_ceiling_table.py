@@ -49,3 +49,14 @@ def test_common_prefix_makes_every_configuration_pairable():
     cut = common_prefix(scores)
     assert {len(v) for v in cut.values()} == {16}
     assert np.array_equal(cut[("teacher", 0, 256, 1.0, None)].nll, scores[("teacher", 0, 256, 1.0, None)].nll[:16])
+
+
+def test_no_interval_where_the_point_lies_outside_the_curves():
+    scores = {("teacher", 0, 256, 0.8, None): _s(3.0, 1.0), ("teacher", 0, 256, 1.0, None): _s(4.0, 2.0),
+              ("teacher", 0, 16, 0.8, None): _s(3.0, 2.0), ("teacher", 0, 16, 1.1, None): _s(4.2, 3.2),
+              # inside teacher@16's curve, 0.01 above teacher@256's: about half the draws land inside both
+              ("mcd-ceiling", 0, 16, 1.0, 8): SampleScores(np.full(30, 2.0), np.full(30, 64.0),
+                                                          4.01 + 0.05 * np.tile([1.0, -1.0], 15))}
+    (row,) = ceiling_table(scores, 256, 16, draws=200)["rows"]
+    assert not np.isfinite(row["gap_closed"]) and row["gap_closed_ci95"] is None
+    assert row["draws_outside_many_curve"] > 0

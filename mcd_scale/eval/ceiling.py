@@ -69,6 +69,10 @@ def ceiling_table(scores: Mapping[Key, SampleScores], many_steps: int, few_steps
         e, q = scores[key].point(np.arange(len(scores[key])))
         g = gap_closed(pts(many), pts(few), (e, q))
         ci = bootstrap_student(scores[key], [scores[k] for k in many], [scores[k] for k in few], draws=draws)
+        if not math.isfinite(g.fraction):    # no interval for a figure undefined at the point estimate
+            ci["gap_closed_ci95"] = None
+        if not math.isfinite(g.teacher_few_quality):
+            ci["gain_vs_few_ci95"] = None
         rows.append({"config": _label(key), "key": list(key), "samples": len(scores[key]), "entropy": e,
                      "true_nll": q, "gap_closed": g.fraction, "gain_vs_few_nats": g.teacher_few_quality - q,
                      "note": g.note, **ci})
