@@ -76,6 +76,16 @@ def ceiling_table(scores: Mapping[Key, SampleScores], many_steps: int, few_steps
         rows.append({"config": _label(key), "key": list(key), "samples": len(scores[key]), "entropy": e,
                      "true_nll": q, "gap_closed": g.fraction, "gain_vs_few_nats": g.teacher_few_quality - q,
                      "note": g.note, **ci})
+    # teacher@N itself against teacher@n: the size of the gap, with its interval (gap closed is 1 by definition)
+    for key in many:
+        e, q = scores[key].point(np.arange(len(scores[key])))
+        g = gap_closed(pts(many), pts(few), (e, q))
+        ci = bootstrap_student(scores[key], [], [scores[k] for k in few], draws=draws)
+        if not math.isfinite(g.teacher_few_quality):
+            ci["gain_vs_few_ci95"] = None
+        rows.append({"config": _label(key), "key": list(key), "samples": len(scores[key]), "entropy": e,
+                     "true_nll": q, "gap_closed": math.nan, "gain_vs_few_nats": g.teacher_few_quality - q,
+                     "note": g.note, **ci})
     curves = {f"teacher@{k[2]} T {k[3]:g}": dict(zip(("entropy", "true_nll"), pts([k])[0])) for k in sorted(teacher)}
     # K against 2K: same model, steps, temperature, paired over sample index
     k_checks = []
