@@ -22,6 +22,20 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def load_script(relpath: str, name: str):
+    """A script that is not part of the package (a benchmark under tools/bench/, the fake SLURM binaries) as a
+    module, loaded by path once, without touching ``sys.path``: tests import the package, and exercise a script
+    only where the script itself is the unit under test."""
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, relpath))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

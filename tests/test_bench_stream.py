@@ -1,13 +1,10 @@
 """tools/bench/stream.py runs end to end, the real distillation run included (not a timing assertion)."""
 import json
 import math
-import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools", "bench"))
+from tests.mp import load_script
 
-import stream as bench  # noqa: E402
+bench = load_script("tools/bench/stream.py", "bench_stream")
 
 
 def test_stream_bench_reports_the_data_wait_share_of_a_real_distillation_step(capsys):

@@ -1,13 +1,10 @@
 """tools/bench/train_overhead.py runs both layouts and reports consistent figures (not a timing assertion)."""
 import json
 import math
-import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools", "bench"))
+from tests.mp import load_script
 
-import train_overhead as bench  # noqa: E402
+bench = load_script("tools/bench/train_overhead.py", "bench_train_overhead")
 
 TINY = ["--set", "model.hidden=32", "--set", "model.layers=1", "--set", "model.heads=2", "--set", "model.ffn_hidden=64",
         "--set", "model.seq_len=16", "--set", "model.vocab_size=61", "--set", "model.pad_vocab_multiple=8",

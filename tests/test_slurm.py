@@ -23,7 +23,7 @@ import sys
 import pytest
 import torch
 
-from tests.mp import REPO, base_env, free_port
+from tests.mp import REPO, base_env, free_port, load_script
 
 FAKE = os.path.join(REPO, "tests", "fake_slurm")
 SCRIPTS = ["common.sh", "pretrain_teacher_1b.sh", "precompute_trajectories_1b.sh", "distill_1b.sh"]
@@ -191,11 +191,7 @@ def test_exit_code_table_and_the_batch_environment(tmp_path, rc, requeues):
 
 
 def test_hostnames_expansion():
-    sys.path.insert(0, FAKE)
-    try:
-        from fakeslurm import expand_hostlist
-    finally:
-        sys.path.remove(FAKE)
+    expand_hostlist = load_script("tests/fake_slurm/fakeslurm.py", "fakeslurm").expand_hostlist
     assert expand_hostlist("rack[1-2]-gpu[01-02],login1") == \
         ["rack1-gpu01", "rack1-gpu02", "rack2-gpu01", "rack2-gpu02", "login1"]
 

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from mcd_scale.config.schema import CHOICES, Config
-from mcd_scale.config.validate import get_field, validate_fields
+from mcd_scale.config.validate import validate_fields
 from mcd_scale.errors import ConfigError
 
 
