@@ -50,7 +50,7 @@ def test_report_rows(quick_run):
         teacher = {(r["steps"], r["temperature"]) for r in rows if r["benchmark"] == bench and r["model"] == "teacher"}
         temps = plan.text_temperatures if bench == "text" else plan.temperatures
         assert teacher == {(s, t) for s in (plan.many_steps, plan.few_steps) for t in temps}, bench
-    ideal = [r for r in rows if r["model"].endswith("-ideal")]
+    ideal = [r for r in rows if r["model"] in plan.ideal_kinds]
     students = [r for r in rows if r["model"] != "teacher" and r not in ideal]
     assert students and all(r["steps"] == plan.few_steps and r["round"] >= 1 for r in students)
     # the ideal students (stage ideal_synthetic): every kind, synthetic only, at the few-step budget and
@@ -92,15 +92,16 @@ def test_ideal_rows_and_the_students_share_of_their_ideal(quick_run):
     rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     for kind in plan.ideal_kinds:
         mine = [r for r in rows if r["model"] == kind]
-        assert len(mine) == plan.ideal_samples * len(plan.ideal_temps(kind))
+        assert len(mine) == plan.ideal_samples_of(kind) * len(plan.ideal_temps(kind))
         assert all(r["benchmark"] == "synthetic" for r in mine)
-        assert all(r["draws"] == plan.ideal_draws and r["teacher"] == str(run / "synthetic_teacher") for r in mine)
+        assert all(r["draws"] == plan.ideal_draws_of(kind) and r["teacher"] == str(run / "synthetic_teacher")
+                   for r in mine)
         assert all(len(r["ids"]) == plan.syn_seq_len for r in mine)
     md = (run / "report.md").read_text()
     assert "## Synthetic: trained students against their ideal" in md
     summary = [s for s in json.loads((run / "summary.json").read_text())["summary"] if s["benchmark"] == "synthetic"]
-    for objective in ("mcd", "sdtt"):
-        closed = [s["gap_closed"] for s in summary if s["model"] == f"{objective}-ideal"]
+    for objective, ideal_model in (("mcd", "mcd-ideal"), ("mcd", "mcd-ceiling"), ("sdtt", "sdtt-ideal")):
+        closed = [s["gap_closed"] for s in summary if s["model"] == ideal_model]
         closed = [g for g in closed if g is not None and math.isfinite(g)]
         g_ideal = max(closed) if closed else None
         last = max(s["round"] for s in summary if s["model"] == objective)
@@ -108,7 +109,7 @@ def test_ideal_rows_and_the_students_share_of_their_ideal(quick_run):
             g = s["gap_closed"]
             ok = all(v is not None and math.isfinite(v) for v in (g, g_ideal)) and g_ideal > 0
             fmt = lambda v: "–" if v is None or not math.isfinite(v) else f"{v:.2f}"  # noqa: E731
-            line = (f"| {objective} round {last} | {objective}-ideal | {fmt(g_ideal)} | {s['temperature']} | {fmt(g)} | "
+            line = (f"| {objective} round {last} | {ideal_model} | {fmt(g_ideal)} | {s['temperature']} | {fmt(g)} | "
                     f"{fmt(g / g_ideal) if ok else '–'} |")
             assert line in md, (line, md)
 
@@ -132,7 +133,7 @@ def test_strided_report_reads_every_few_step_model_against_the_default_sampler_g
         assert {(r["model"], r["steps"], r["temperature"]) for r in default if r["benchmark"] == bench} == \
             {("teacher", s, t) for s in (plan.many_steps, plan.few_steps) for t in temps}
     main_students = {(r["benchmark"], r["model"], r["round"]) for r in json.loads((run / "report.json").read_text())
-                     if r["model"] != "teacher" and not r["model"].endswith("-ideal")}  # ideal: default sampler only
+                     if r["model"] != "teacher" and r["model"] not in plan.ideal_kinds}  # ideal: default sampler only
     for bench, model, rnd in main_students:
         last = max(r for b, m, r in main_students if (b, m) == (bench, model))
         got = {r["temperature"] for r in strided if (r["benchmark"], r["model"], r["round"]) == (bench, model, rnd)}

@@ -176,7 +176,7 @@ def test_tool_writes_rows_evaluate_reads_and_refuses_bad_input(tmp_path, capsys)
                             "--out", out, "--quiet"]) == 0
     rows = [json.loads(line) for line in open(out, encoding="utf-8")]
     assert sorted({(r["model"], r["steps"]) for r in rows}) == [
-        ("mcd-ideal", 2), ("mcd-ideal-fkl", 2), ("sdtt-ideal", 2), ("teacher", 2), ("teacher", 4)]
+        ("mcd-ceiling", 2), ("mcd-ideal", 2), ("mcd-ideal-fkl", 2), ("sdtt-ideal", 2), ("teacher", 2), ("teacher", 4)]
     assert all(len(r["ids"]) == 5 and r["teacher"] == "exact" for r in rows)
     assert evaluate.main(["--samples", out, "--synthetic-chain", path, "--out", str(tmp_path / "rep"),
                           "--reference-samples", "8"]) == 0

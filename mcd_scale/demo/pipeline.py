@@ -220,13 +220,15 @@ class Demo:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             cmd = [sys.executable, "tools/ideal_rows.py", "--chain", os.path.join(self.syn_data, "chain.json"),
                    "--teacher-checkpoint", self.teacher_dir("synthetic"), "--kinds", kind,
-                   "--steps", str(p.few_steps), "--temperatures", str(temp), "--num-samples", str(p.ideal_samples),
-                   "--draws", str(p.ideal_draws), "--sdtt-teacher-steps", str(sdtt_steps), "--seed", "0",
+                   "--steps", str(p.few_steps), "--temperatures", str(temp),
+                   "--num-samples", str(p.ideal_samples_of(kind)), "--draws", str(p.ideal_draws_of(kind)),
+                   "--sdtt-teacher-steps", str(sdtt_steps), "--groups", str(p.ceiling_groups),
+                   "--continuation-steps", str(p.ceiling_continuation_steps), "--seed", "0",
                    "--threads", "1", "--out", path]
             rc = self.sh(cmd, f"ideal_{kind}_T{temp}", check=False)
             if rc == 0:
-                self.log(f"  sampled the {kind} rows at T {temp}: {p.ideal_samples} samples at {p.few_steps} steps, "
-                         f"K = {p.ideal_draws}")
+                self.log(f"  sampled the {kind} rows at T {temp}: {p.ideal_samples_of(kind)} samples at "
+                         f"{p.few_steps} steps, K = {p.ideal_draws_of(kind)}")
             return rc
 
         with ThreadPoolExecutor(max_workers=max(self.nproc, 1)) as pool:  # threads only wait on the processes
@@ -246,11 +248,15 @@ class Demo:
                  f"step, the teacher's temperature 1 in the loss), {self.plan.ideal_samples} samples per "
                  "temperature; 'ideal gap closed' is the best of the ideal's temperatures whose entropy lies within "
                  "the teacher curves, and 'share' the student's gap closed over it (the goal set for MCD: "
-                 ">= 0.75), defined only where the ideal closes a positive part of the gap.", "",
+                 ">= 0.75), defined only where the ideal closes a positive part of the gap. 'mcd-ceiling' is the "
+                 f"honest ceiling (docs/ceiling.md): the same optimum with the teacher's own "
+                 f"{self.plan.ceiling_continuation_steps}-step continuations as data instead of exact posterior draws, "
+                 f"K = {self.plan.ceiling_draws} per position class ({self.plan.ceiling_groups} classes), "
+                 f"{self.plan.ceiling_samples} samples at T = 1.", "",
                  "| student | ideal | ideal gap closed | student T | student gap closed | share of the ideal's |",
                  "|---|---|---|---|---|---|"]
-        for objective in ("mcd", "sdtt"):
-            ideal = [s for s in summary if s["model"] == f"{objective}-ideal"]
+        for objective, ideal_model in (("mcd", "mcd-ideal"), ("mcd", "mcd-ceiling"), ("sdtt", "sdtt-ideal")):
+            ideal = [s for s in summary if s["model"] == ideal_model]
             rows = [s for s in summary if s["model"] == objective]
             if not ideal or not rows:
                 continue
@@ -262,7 +268,7 @@ class Demo:
                 share = (g / g_ideal if g is not None and math.isfinite(g) and g_ideal is not None and g_ideal > 0
                          else None)
                 fmt = lambda v: "–" if v is None or not math.isfinite(v) else f"{v:.2f}"  # noqa: E731
-                lines.append(f"| {objective} round {last} | {objective}-ideal | {fmt(g_ideal)} | {s['temperature']} "
+                lines.append(f"| {objective} round {last} | {ideal_model} | {fmt(g_ideal)} | {s['temperature']} "
                              f"| {fmt(g)} | {fmt(share)} |")
         with open(os.path.join(self.run, "report.md"), "a", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")

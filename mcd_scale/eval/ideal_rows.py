@@ -5,7 +5,9 @@
     python tools/evaluate.py --samples runs/ideal/samples.jsonl --synthetic-chain ... --out runs/ideal
 
 Each ideal student (mcd_scale/eval/ideal_student.py: ``mcd-ideal`` = reverse KL, MCD's default loss;
-``mcd-ideal-fkl`` = forward KL, the control; ``sdtt-ideal`` = SDTT's target) is sampled with the ancestral
+``mcd-ideal-fkl`` = forward KL, the control; ``sdtt-ideal`` = SDTT's target; ``mcd-ceiling`` = the honest
+ceiling, the reverse-KL optimum with the teacher's own continuations as data and independent draw sets per
+position class, docs/ceiling.md) is sampled with the ancestral
 sampler at ``--steps`` like the students, its teacher being the exact chain (default) or a trained
 checkpoint (``--teacher-checkpoint``). With ``--teacher-steps`` the teacher itself is sampled too (the exact
 chain, or the checkpoint), at every ``--teacher-temperatures``, so the file is a complete synthetic table:
@@ -46,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-samples", type=int, default=40)
     ap.add_argument("--draws", type=int, default=12, help="K: coupled continuations per state and step")
     ap.add_argument("--tau", type=float, default=1.0, help="the teacher's temperature in the loss (docs/method.md section 5)")
+    ap.add_argument("--groups", type=int, default=3,
+                    help="mcd-ceiling: position classes (index mod G) with independent draw sets")
+    ap.add_argument("--continuation-steps", type=int, default=64,
+                    help="mcd-ceiling: grid of the teacher's own continuation that draws the data term's x")
     ap.add_argument("--sdtt-teacher-steps", type=int, default=2, help="SDTT's teacher steps per jump")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16, help="rows per sampler call")
@@ -57,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> None:
-    if args.steps < 1 or args.num_samples < 1 or args.draws < 1 or args.batch_size < 1:
-        raise ValueError("need --steps, --num-samples, --draws and --batch-size >= 1")
+    if min(args.steps, args.num_samples, args.draws, args.batch_size, args.groups, args.continuation_steps) < 1:
+        raise ValueError("need --steps, --num-samples, --draws, --batch-size, --groups and --continuation-steps >= 1")
     if any(t <= 0 for t in args.temperatures + args.teacher_temperatures) or args.tau <= 0:
         raise ValueError("temperatures and --tau must be > 0")
     if any(s < 1 for s in args.teacher_steps):
@@ -119,11 +125,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 denoiser = teacher
             else:
                 denoiser = IdealStudent(model, chain, teacher, steps, schedule, draws=args.draws, seed=args.seed,
-                                        teacher_temperature=args.tau, sdtt_teacher_steps=args.sdtt_teacher_steps)
+                                        teacher_temperature=args.tau, sdtt_teacher_steps=args.sdtt_teacher_steps,
+                                        groups=args.groups, continuation_steps=args.continuation_steps)
             res = ancestral_sample(denoiser, args.num_samples, seq_len, steps, V, schedule, args.seed,
                                    temperature=temp, batch_size=args.batch_size)
             extra = {"teacher": who} | ({} if model == "teacher" else
-                                        {"draws": args.draws, "tau": args.tau, "trained_steps": steps})
+                                        {"draws": args.draws, "tau": args.tau, "trained_steps": steps}
+                                        | ({"groups": args.groups, "continuation_steps": args.continuation_steps}
+                                           if model == "mcd-ceiling" else {}))
             for ids in res.tokens.tolist():
                 fh.write(json.dumps({"benchmark": "synthetic", "model": model, "round": 0, "steps": steps,
                                      "temperature": temp, "text": " ".join(map(str, ids)), "ids": ids,

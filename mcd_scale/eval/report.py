@@ -22,7 +22,7 @@ import os
 from collections import defaultdict
 from typing import Any, Mapping, Optional, Sequence
 
-from mcd_scale.eval.bootstrap import SampleScores, bootstrap_student
+from mcd_scale.eval.bootstrap import MAX_DROPPED_SHARE, SampleScores, bootstrap_student
 from mcd_scale.eval.frontier import FrontierPoint, gap_closed, interpolate_quality_at_entropy
 from mcd_scale.eval.metrics import speedup
 
@@ -34,7 +34,9 @@ BENCHMARKS = {"synthetic": "true_nll", "text": "gen_ppl"}
 OPTIONAL_ROW_KEYS = ("gen_ppl_mdlm", "gen_ppl_evaluator")
 # The ideal students (mcd_scale/eval/ideal_student.py, tools/ideal_rows.py): each loss's population optimum,
 # sampled like a student, so a trained student is read against its own ceiling as well as the teacher.
-MODELS = ("teacher", "mcd", "sdtt", "mcd-ideal", "mcd-ideal-fkl", "sdtt-ideal")
+# "mcd-ceiling" is the honest ceiling (docs/ceiling.md): the reverse-KL optimum with the teacher's own
+# continuations as data, no oracle draws.
+MODELS = ("teacher", "mcd", "sdtt", "mcd-ideal", "mcd-ideal-fkl", "sdtt-ideal", "mcd-ceiling")
 DEFAULT_SAMPLER = "ancestral"
 # "coupled": the deterministic coupled sampler, random reveal order; "coupled-strided": its strided order.
 SAMPLERS = (DEFAULT_SAMPLER, "coupled", "coupled-strided")
@@ -132,8 +134,17 @@ def summarize(rows: Sequence[Row], per_sample: Optional[Mapping[tuple, SampleSco
                 at = interpolate_quality_at_entropy([FrontierPoint(r["entropy"], nats(r["quality"])) for r in same],
                                                     s["entropy"])
                 gain_same = at.quality - nats(s["quality"])
+            # A student read between two teacher temperatures is read on a chord of a convex curve, which
+            # flatters it (docs/evaluation.md): name every missing temperature.
+            missing = [f"teacher@{n} has no T = {s['temperature']:g} point (read on a chord)"
+                       for n, curve in ((many_steps, many), (s["steps"], few))
+                       if curve and not any(abs(r["temperature"] - s["temperature"]) < 1e-9 for r in curve)]
+            if missing and s["model"] != "teacher":
+                note = "; ".join(([note] if note else []) + missing)
             ci = {"gain_vs_few_ci95": None, "gap_closed_ci95": None, "p_gain_positive": None,
-                  "gain_vs_same_sampler_ci95": None}
+                  "gain_vs_same_sampler_ci95": None, "paired": None, "gain_draws_used": None,
+                  "gap_draws_used": None, "draws_outside_few_curve": None, "draws_outside_many_curve": None,
+                  "draws_without_gap": None}
             if (per_sample and few and bootstrap_draws > 0
                     and all(config_key(r) in per_sample for r in [s] + many + few)):
                 ci.update(bootstrap_student(per_sample[config_key(s)], [per_sample[config_key(r)] for r in many],
@@ -142,9 +153,9 @@ def summarize(rows: Sequence[Row], per_sample: Optional[Mapping[tuple, SampleSco
                 # student or there is no gap, percentiles over the few draws where one appears would read
                 # as a measurement of something the data does not define.
                 if not math.isfinite(frac):
-                    ci["gap_closed_ci95"] = None
+                    ci["gap_closed_ci95"] = ci["gap_draws_used"] = None
                 if not math.isfinite(gain):
-                    ci["gain_vs_few_ci95"] = ci["p_gain_positive"] = None
+                    ci["gain_vs_few_ci95"] = ci["p_gain_positive"] = ci["gain_draws_used"] = None
                 ci["gain_vs_same_sampler_ci95"] = ci["gain_vs_few_ci95"]
                 if same is not few:
                     ci["gain_vs_same_sampler_ci95"] = None
@@ -227,7 +238,10 @@ def render_summary_table(summ: Sequence[Mapping[str, Any]]) -> list[str]:
     head = ["Matched-entropy summary (teacher curves interpolated at each student's entropy; "
             "gap closed = (teacher@n − student) / (teacher@n − teacher@N) and vs teacher@n = teacher@n − student, "
             "both in nats/token (log Gen PPL on text; curves interpolated in that unit); [brackets]: bootstrap "
-            "95% interval over samples when per-sample scores are available)" +
+            "95% interval over samples when per-sample scores are available, paired over sample index when every "
+            "configuration has the same sample count (shared keyed noise); an interval marked * rests on fewer "
+            f"than {1 - MAX_DROPPED_SHARE:.0%} of the bootstrap draws (the others put the student outside a "
+            "teacher curve or showed no gap; their count is in the note))" +
             (f"; teacher@N and teacher@n are drawn by the {DEFAULT_SAMPLER} sampler, so gap closed is always "
              "against the same gap; 'same sampler' compares a student with its teacher drawn by the "
              "student's own sampler at the same steps (a teacher row of another sampler is that sampler "
@@ -246,10 +260,21 @@ def render_summary_table(summ: Sequence[Mapping[str, Any]]) -> list[str]:
     lines = head + ["| " + " | ".join(names) + " |", "|" + "---|" * len(cols)]
     for s in summ:
         cells = {k: _fmt(s.get(k, DEFAULT_SAMPLER if k == "sampler" else None)) for k in cols}
-        for k, ci in (("gap_closed", "gap_closed_ci95"), ("gain_vs_few_nats", "gain_vs_few_ci95"),
-                      ("gain_vs_same_sampler_nats", "gain_vs_same_sampler_ci95")):
+        for k, ci, used in (("gap_closed", "gap_closed_ci95", "gap_draws_used"),
+                            ("gain_vs_few_nats", "gain_vs_few_ci95", "gain_draws_used"),
+                            ("gain_vs_same_sampler_nats", "gain_vs_same_sampler_ci95", None)):
             if k in cells and s.get(ci):
                 cells[k] += f" [{s[ci][0]:.3g}, {s[ci][1]:.3g}]"
+                if used and s.get(used) is not None and s[used] < 1 - MAX_DROPPED_SHARE:
+                    cells[k] += "*"
+                if k == "gap_closed" and s.get("paired") is False:
+                    cells[k] += " (unpaired)"
+        dropped = [f"{s[c]} of {s.get('bootstrap_draws')} draws {what}" for c, what in
+                   (("draws_outside_few_curve", "outside teacher@n's curve"),
+                    ("draws_outside_many_curve", "outside teacher@N's curve"),
+                    ("draws_without_gap", "without a gap")) if s.get(c)]
+        if dropped:
+            cells["note"] = "; ".join(x for x in [cells["note"] if cells["note"] != "–" else "", *dropped] if x)
         lines.append("| " + " | ".join(cells[k] for k in cols) + " |")
     return lines + [""]
 
