@@ -42,7 +42,7 @@ def dry_run_report(cfg, world: int, device_type: str) -> dict:
     trajectories; no torch model is built)."""
     from mcd_scale.config import grad_accum
     from mcd_scale.parallel.deepspeed import deepspeed_config
-    from mcd_scale.parallel.disk_plan import disk_plan
+    from mcd_scale.distill.disk_plan import disk_plan
     from mcd_scale.parallel.memory_plan import memory_plan
     from mcd_scale.training.optim import adamw_options
 

@@ -2,14 +2,13 @@
 import json
 import math
 import os
-import sys
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools", "bench"))
+from tests.mp import load_script  # noqa: E402
 
-import precompute as bench  # noqa: E402
+bench = load_script("tools/bench/precompute.py", "bench_precompute")
 
 
 def test_precompute_bench_prints_the_ratio_and_its_stages(capsys):

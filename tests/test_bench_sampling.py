@@ -1,14 +1,13 @@
 """tools/bench/sampling.py runs and reports consistent figures (not a timing assertion)."""
 import json
 import os
-import sys
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools", "bench"))
+from tests.mp import load_script  # noqa: E402
 
-import sampling as bench  # noqa: E402
+bench = load_script("tools/bench/sampling.py", "bench_sampling")
 
 
 def test_sampling_bench_prints_side_by_side_figures(capsys):

@@ -108,8 +108,7 @@ def test_truncation_and_too_short_text(tiny_hf_model):
 
 
 def test_evaluate_cli_with_hf_model(tiny_hf_model, tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-    import evaluate
+    from mcd_scale.eval import evaluate
 
     rows = [{"benchmark": "text", "model": "teacher", "round": 0, "steps": 16, "temperature": 1.0, "text": t,
              "ids": list(range(len(t.split())))} for t in TEXTS]

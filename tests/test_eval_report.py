@@ -14,8 +14,7 @@ from mcd_scale.eval.synthetic import MarkovChain2, oracle_ancestral_sample
 from mcd_scale.eval.synthetic.prepare import prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import evaluate  # noqa: E402
+from mcd_scale.eval import evaluate
 
 
 def brute_entropy(row: list[int]) -> float:

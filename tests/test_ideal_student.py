@@ -163,8 +163,7 @@ def test_tool_writes_rows_evaluate_reads_and_refuses_bad_input(tmp_path, capsys)
     import os
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-    import evaluate
+    from mcd_scale.eval import evaluate
     import ideal_rows
 
     chain, *_ = _setup()

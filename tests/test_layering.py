@@ -58,16 +58,8 @@ KNOWN_VIOLATIONS = {
         "the HF export reads a student's trained step count; to move with convert",
     "mcd_scale.checkpoint.export_hf: 'checkpoint' imports 'data' (mcd_scale.data.tokenizer), which is not below it":
         "the HF export ships the tokenizer; to move with convert",
-    "mcd_scale.parallel.disk_plan: 'parallel' imports 'diffusion' (mcd_scale.diffusion.schedules), which is not below it":
-        "the disk plan sizes a round's trajectories; belongs with the dry-run report, above distill",
-    "mcd_scale.parallel.disk_plan: 'parallel' imports 'distill' (mcd_scale.distill.rounds), which is not below it":
-        "as above",
-    "mcd_scale.training.trainer: 'training' imports 'eval' (mcd_scale.eval.nelbo_eval), which is not below it":
-        "validation and the NELBO tool share one loop; the loop belongs in training/ (or diffusion/), not eval/",
     "import circle: mcd_scale.checkpoint.convert -> mcd_scale.checkpoint.export_hf -> mcd_scale.checkpoint.convert":
         "convert and export_hf import each other",
-    "import circle: mcd_scale.eval.nelbo_eval -> mcd_scale.training.trainer -> mcd_scale.eval.nelbo_eval":
-        "the validation loop shared by the trainer and tools/nelbo.py",
 }
 
 

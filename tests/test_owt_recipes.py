@@ -23,7 +23,7 @@ def test_there_are_the_three_recipes():
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
 def test_recipe_validates_with_memory_and_disk_plans(recipe, world, capsys):
     from mcd_scale.config import load_config
-    from mcd_scale.parallel.disk_plan import checkpoint_tag_bytes, trajectory_round_bytes
+    from mcd_scale.distill.disk_plan import checkpoint_tag_bytes, trajectory_round_bytes
     from mcd_scale.train import main
 
     assert main(["--config", recipe, "--dry-run", "--layout-only", "--world-size", str(world)]) == 0

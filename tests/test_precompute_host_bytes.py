@@ -1,7 +1,7 @@
 """Precompute copies only the packed top-k to the host: bytes per sample grow with k and L, never with V.
 
 A TorchFunctionMode records every tensor read back to the host (``.cpu()``, ``.to(cpu)``, ``.numpy()``,
-``.tolist()``, ``.item()``) during :func:`tools.precompute_trajectories.trajectory_batch`. On a GPU those
+``.tolist()``, ``.item()``) during :func:`mcd_scale.training.precompute.trajectory_batch`. On a GPU those
 are the device-to-host copies; the old ``logits.float().cpu()`` then top-k on the host moved B*L*V
 floats per batch (~6.6 GB per 32 samples at V = 50257).
 """
@@ -41,7 +41,7 @@ class HostReads(TorchFunctionMode):
 
 @pytest.mark.parametrize("vocab", [61, 2039])
 def test_precompute_host_bytes_per_sample_scale_with_k_not_vocab(vocab, monkeypatch):
-    import tools.precompute_trajectories as pt
+    import mcd_scale.training.precompute as pt
     from mcd_scale.parallel.distributed import ParallelDims
 
     monkeypatch.setattr(pt, "sha256_file", lambda path: "stub")

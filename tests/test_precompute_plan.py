@@ -9,7 +9,7 @@ import subprocess
 
 from mcd_scale.config import load_config
 from mcd_scale.data.manifest import load_manifest
-from mcd_scale.parallel.disk_plan import round_samples, trajectory_round_bytes
+from mcd_scale.distill.disk_plan import round_samples, trajectory_round_bytes
 from tests.mp import REPO, base_env
 from tests.test_trajectories import make_teacher, make_tokens, tool_cmd
 

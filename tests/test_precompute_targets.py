@@ -68,7 +68,7 @@ def _make_tokens(directory: str) -> str:
 
 
 def _run_tool(teacher: str, data: str, out: str) -> int:
-    from tools.precompute_trajectories import main
+    from mcd_scale.training.precompute import main
 
     saved = dict(os.environ)  # init_distributed exports launcher variables: restore them
     try:

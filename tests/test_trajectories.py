@@ -70,7 +70,7 @@ def tool_cmd(teacher, data, out, *extra, ranks: int = 1):
 def run_inprocess(argv, capsys=None) -> tuple[int, str]:
     """Run the tool's main() in this process (single rank; saves a ~10 s interpreter start). The
     launcher variables init_distributed exports are restored afterwards."""
-    from tools.precompute_trajectories import main
+    from mcd_scale.training.precompute import main
 
     saved = dict(os.environ)
     try:
@@ -189,7 +189,7 @@ def test_kill_and_resume(env, tmp_path, capsys):
 
 
 def test_cli_errors_exit_2(env, tmp_path, capsys):
-    from tools.precompute_trajectories import main
+    from mcd_scale.training.precompute import main
 
     base = ["--data", env["data"], "--samples-per-shard", str(S), "--no-progress"]
     assert main(["--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "o1"), *base]) == 2

@@ -48,7 +48,7 @@ import traceback
 from typing import Callable, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (REPO, os.path.join(REPO, "tools")):
+for _p in (REPO,):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
@@ -203,7 +203,7 @@ def distill_cfg(ctx: Ctx, run: str, extra: Sequence[str]):
 def check_precompute(ctx: Ctx) -> dict:
     from mcd_scale.parallel import collectives
     from mcd_scale.config import save_resolved
-    from tools.precompute_trajectories import build_parser as pre_parser, precompute
+    from mcd_scale.training.precompute import build_parser as pre_parser, precompute
 
     cfg = distill_cfg(ctx, "precompute_cfg", ["distill.teacher_mode=offline"])
     cfg_file = os.path.join(ctx.root, "distill.resolved.yaml")

@@ -268,3 +268,13 @@ def eval_loader(dataset: ShardedDataset, num_batches: int, global_batch: int, dp
     sampler = GlobalBatchSampler(len(dataset), global_batch, seed=0, shuffle=False)
     return MicroBatchLoader(dataset, sampler, dp_rank, dp, micro_batch, start_step=0,
                             num_workers=num_workers, max_steps=num_batches, stand_in=stand_in)
+
+
+def step_batches(loader) -> "Iterator[list[dict]]":
+    """Group a MicroBatchLoader's stream into the grad-accum micro-batches of each step."""
+    batch: list = []
+    for micro in loader:
+        batch.append(micro)
+        if len(batch) == loader.grad_accum:
+            yield batch
+            batch = []

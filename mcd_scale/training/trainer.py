@@ -23,6 +23,8 @@ from mcd_scale.checkpoint.store import (TrainState, checkpoint_root, load_rng_st
 from mcd_scale.config import Config, ConfigError, save_resolved, to_yaml
 from mcd_scale.parallel.distributed import ParallelDims, init_distributed, shutdown
 from mcd_scale.training.signals import PreemptionFlag
+from mcd_scale.training.validation import validation_nelbo
+from mcd_scale.data.loader import step_batches
 from mcd_scale.training.telemetry import MetricsLogger, format_eta, plot_loss_curves
 
 
@@ -44,16 +46,6 @@ def build_data(cfg: Config, objective_name: str):
                               skip_corrupt=cfg.data.skip_corrupt)
     val = open_prepared(cfg.data.path, "val", vocab_size=m.vocab_size, seq_len=m.seq_len)
     return train, val
-
-
-def step_batches(loader) -> "Iterator[list[dict]]":
-    """Group a MicroBatchLoader's stream into the grad-accum micro-batches of each step."""
-    batch: list = []
-    for micro in loader:
-        batch.append(micro)
-        if len(batch) == loader.grad_accum:
-            yield batch
-            batch = []
 
 
 def run_training(cfg: Config, dims: Optional[ParallelDims] = None) -> int:
@@ -224,7 +216,6 @@ class Trainer:
         """Validation NELBO on a fixed set (the first eval_batches global batches of the val split) with
         a fixed corruption key, so the figure is comparable across steps, runs and layouts. The loop is
         mcd_scale/eval/nelbo_eval.py's, which tools/nelbo.py runs on a saved checkpoint."""
-        from mcd_scale.eval.nelbo_eval import validation_nelbo
 
         cfg = self.cfg
         out = validation_nelbo(self.engine.eval_loss, self.eval_objective, self.val_set, cfg.train.eval_batches,

@@ -30,7 +30,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-for p in (REPO, os.path.dirname(os.path.abspath(__file__))):
+for p in (REPO,):
     if p not in sys.path:
         sys.path.insert(0, p)
 
@@ -165,15 +165,15 @@ def _main(argv=None):
         print("bench: error: --samples, --batch, --repeats and --samples-per-shard must be >= 1", file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))))
-    import stream  # tools/bench/stream.py: the same random teacher and token shards
+    from mcd_scale.testing.bench_inputs import make_inputs, run_precompute  # the same inputs as bench/stream.py
 
     with tempfile.TemporaryDirectory(prefix="mcd_bench_precompute_") as root:
-        cfg, teacher, tokens = stream._make_inputs(root, a)
+        cfg, teacher, tokens = make_inputs(root, a)
         pre, fwd, params = [], [], None
         model = batches = None
         for rep in range(a.repeats):
             out = os.path.join(root, f"traj{rep}")
-            pre.append(stream._precompute(teacher, tokens, out, a))
+            pre.append(run_precompute(teacher, tokens, out, a))
             if params is None:
                 with open(os.path.join(out, "manifest.json"), encoding="utf-8") as fh:
                     params = json.load(fh)

@@ -37,7 +37,7 @@ import statistics
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-for p in (REPO, os.path.join(REPO, "tools")):
+for p in (REPO,):
     if p not in sys.path:
         sys.path.insert(0, p)
 import torch  # noqa: E402

@@ -56,7 +56,7 @@ MUTATIONS: list[dict] = [
      "old": "        os.replace(staged, final)\n        _atomic_write(os.path.join(root, \"latest\"), tag)\n",
      "new": "        _atomic_write(os.path.join(root, \"latest\"), tag)\n        os.replace(staged, final)\n",
      "tests": ["tests/test_checkpoint_write_order.py"]},
-    {"name": "teacher-fed-z_t", "file": "tools/precompute_trajectories.py",
+    {"name": "teacher-fed-z_t", "file": "mcd_scale/training/precompute.py",
      "why": "precompute runs the teacher on z_t (positions still those masked at s)",
      "old": "    logits = model(z_dev, s.to(device=dev, dtype=torch.float32))",
      "new": "    logits = model(coupled_pair(x, t, s, u, schedule, params[\"mask_id\"])[0].to(dev), "
@@ -74,7 +74,7 @@ MUTATIONS: list[dict] = [
      "old": "_fill(sub, remaining[rows], logits,",
      "new": "_fill(sub, remaining[rows] | True, logits,",
      "tests": ["tests/test_sampler_carry_over.py"]},
-    {"name": "teacher-fed-time-t", "file": "tools/precompute_trajectories.py",
+    {"name": "teacher-fed-time-t", "file": "mcd_scale/training/precompute.py",
      "why": "precompute conditions the teacher on t instead of s",
      "old": "    logits = model(z_dev, s.to(device=dev, dtype=torch.float32))",
      "new": "    logits = model(z_dev, t.to(device=dev, dtype=torch.float32))",
