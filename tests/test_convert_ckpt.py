@@ -258,7 +258,7 @@ def test_hf_modeling_matches_a_time_conditioned_tied_model(tmp_path):
     import torch
     from transformers import AutoModel
 
-    from mcd_scale.checkpoint.export_hf import HF_MODELING, hf_config
+    from mcd_scale.export.export_hf import HF_MODELING, hf_config
     from mcd_scale.config import ModelConfig
     from mcd_scale.model.init import init_weights
     from mcd_scale.model.transformer import DiffusionTransformer

@@ -192,7 +192,7 @@ def test_exported_samplers_equal_ours_token_for_token(schedule_name):
 def test_sentencepiece_conversion_gives_our_ids(tiny_base):
     """The tokenizer.json export-hf makes from a SentencePiece model: the same ids on corpus text and on
     random strings of spaces, tabs, newlines, non-ASCII and pieces (byte fallback included)."""
-    from mcd_scale.checkpoint.export_hf import sentencepiece_to_fast
+    from mcd_scale.export.export_hf import sentencepiece_to_fast
     from mcd_scale.data.tokenizer import load_tokenizer
 
     ours = load_tokenizer(tiny_base[0])
@@ -213,8 +213,8 @@ def test_sentencepiece_conversion_gives_our_ids(tiny_base):
 def test_hf_tokenizer_export_loads_with_autotokenizer(tmp_path_factory, tmp_path):
     from transformers import AutoTokenizer
 
-    from mcd_scale.checkpoint.convert import OutputDir
-    from mcd_scale.checkpoint.export_hf import write_tokenizer
+    from mcd_scale.export.convert import OutputDir
+    from mcd_scale.export.export_hf import write_tokenizer
     from mcd_scale.data.tokenizer import load_tokenizer
     from tests.data_fixtures import smollm2_tokenizer_dir
 

@@ -8,7 +8,7 @@
     python tools/convert_ckpt.py export-hf RUN_OR_CKPT --out DIR [--weights raw|ema] [--tokenizer SRC] [--license L]
         [--dataset NAME ...] [--evaluation FILE] [--steps N] [--sampler ancestral|coupled] [--temperature T] [--repo-id ORG/NAME] [--force]
 
-The logic lives in mcd_scale/checkpoint/convert.py and mcd_scale/checkpoint/export_hf.py; this file parses
+The logic lives in mcd_scale/export/convert.py and mcd_scale/export/export_hf.py; this file parses
 the arguments. No output ever deletes what it did not create (``--force`` replaces only the files a previous
 output of this tool listed in its meta.json). Input errors are one line, exit 2 (MCD_DEBUG=1 shows the traceback).
 """
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
                         help="replace the files a previous output of this tool wrote in --out (never anything else)")
     args = p.parse_args(argv)
     with input_errors_exit("convert_ckpt"):
-        from mcd_scale.checkpoint.convert import run_command
+        from mcd_scale.export.commands import run_command
 
         return run_command(args)
 

@@ -15,7 +15,7 @@ import os
 from typing import Optional, Sequence
 
 from mcd_scale.cli import InputError
-from mcd_scale.checkpoint.convert import (OutputDir, check_safetensors, check_weights_choice, checkpoint_dir,
+from mcd_scale.export.convert import (OutputDir, check_safetensors, check_weights_choice, checkpoint_dir,
                                           param_count_from_config, prepare_out, read_cfg, run_workers, tag_step)
 from mcd_scale.checkpoint.integrity import verify
 

@@ -1,5 +1,5 @@
 """Inspect, export, consolidate and reshard mcd_scale checkpoints: the logic behind ``tools/convert_ckpt.py``
-(docs/checkpoints.md; ``export-hf`` lives in :mod:`mcd_scale.checkpoint.export_hf`).
+(docs/checkpoints.md; ``export-hf`` lives in :mod:`mcd_scale.export.export_hf`, the command dispatch in :mod:`mcd_scale.export.commands`).
 
 ``consolidate`` builds the logical ``model.safetensors`` from the DeepSpeed shards of any layout (also when
 ``checkpoint.consolidated`` was off): the tag's layout is rebuilt on local CPU ranks (gloo, one process
@@ -434,52 +434,3 @@ def reshard(path: str, out: str, tp: int, pp: int, zero: int | None = None, worl
     o.finish({"source": os.path.abspath(ckpt), "step": tag_step(ckpt), "tp": tp, "pp": pp,
               "zero_stage": new_cfg.parallel.zero_stage, "universal_built_from_shards": not have_universal})
     return {"out": out, "tag": tag, "built": [j["what"] + ":" + os.path.basename(j["out"]) for j in jobs], **report}
-
-
-def run_command(args) -> int:
-    """Run one parsed ``tools/convert_ckpt.py`` command; prints its result; returns the exit code."""
-    if args.cmd == "inspect":
-        info = inspect(args.path)
-        if args.json:
-            print(json.dumps(info, indent=2))
-        else:
-            print_summary(info)
-        if isinstance(info["integrity"], dict):
-            raise IntegrityError(info["integrity"]["error"])
-        return 0
-    if args.cmd == "export":
-        print(export(args.path, args.out, args.ema, args.force))
-    elif args.cmd == "consolidate":
-        print(json.dumps(consolidate(args.path, args.out, args.weights, args.dtype, args.force)))
-    elif args.cmd == "reshard":
-        print(json.dumps(reshard(args.path, args.out, args.tp, args.pp, args.zero, args.world_size, args.force)))
-    elif args.cmd == "export-hf":
-        from mcd_scale.checkpoint.export_hf import export_hf
-
-        print(json.dumps(export_hf(args.path, args.out, args.weights, args.tokenizer, args.force,
-                                   license=args.license, datasets=args.dataset, evaluation=args.evaluation,
-                                   steps=args.steps, sampler=args.sampler, temperature=args.temperature,
-                                   repo_id=args.repo_id)))
-    return 0
-
-
-def print_summary(info: dict) -> None:
-    print(f"checkpoint  {info['checkpoint']}")
-    print(f"tags        {', '.join(info['tags'])}")
-    integ = info["integrity"]
-    print(f"integrity   {integ if isinstance(integ, str) else 'BAD: ' + integ['error']}")
-    if "train_state" not in info:
-        return
-    print(f"step        {info['step']}  tokens seen {info['tokens_seen']:,}  "
-          f"consumed samples {info['train_state']['consumed_samples']}")
-    lay = info["layout"]
-    print(f"layout      world {lay['world_size']} = TP {lay['tp']} x PP {lay['pp']} x DP {lay['dp']}, "
-          f"ZeRO-{lay['zero_stage']}, {lay['precision']}, objective {lay['objective']}"
-          f"{'' if lay['deepspeed_files'] else ' (no DeepSpeed files: universal only)'}")
-    print(f"parameters  {info['parameters']:,} in {info['tensors']} tensors")
-    print(f"universal   {'yes' if info['universal'] else 'no'}   EMA {'yes' if info['ema'] else 'no'}")
-    sizes = info["sizes_bytes"]
-    print("on disk     " + ", ".join(f"{k} {v / 2 ** 20:.1f} MiB" for k, v in sizes.items() if v))
-    for name in ("model.safetensors", "model_ema.safetensors"):
-        if name in info:
-            print(f"{name:<22}{info[name]['tensors']} tensors, {info[name]['parameters']:,} parameters")
