@@ -163,8 +163,7 @@ def test_tool_writes_rows_evaluate_reads_and_refuses_bad_input(tmp_path, capsys)
     import os
     import sys
 
-    from mcd_scale.eval import evaluate
-    import ideal_rows
+    from mcd_scale.eval import evaluate, ideal_rows
 
     chain, *_ = _setup()
     path = str(tmp_path / "chain.json")
