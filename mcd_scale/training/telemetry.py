@@ -30,6 +30,7 @@ class MetricsLogger:
             os.makedirs(run_dir, exist_ok=True)
             self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
             if tensorboard:
+                # lazy: loads torch; importing this module does not need it
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(log_dir=os.path.join(run_dir, "tb"))
@@ -129,6 +130,7 @@ def plot_loss_curves(run_dir: str) -> Optional[str]:
     val = [(r["step"], r["nelbo"]) for r in rows if r.get("split") == "val" and r.get("nelbo") is not None]
     if not train and not val:
         return None
+    # lazy: loads matplotlib; importing this module does not need it
     import matplotlib
 
     matplotlib.use("Agg")

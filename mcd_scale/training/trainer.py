@@ -15,7 +15,7 @@ import os
 import time
 from typing import Iterator, Optional
 
-from mcd_scale.data import bad_input
+from mcd_scale.data import bad_input, skip_log
 from mcd_scale.parallel import collectives
 from mcd_scale import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
 from mcd_scale.checkpoint.manager import CheckpointManager
@@ -24,18 +24,21 @@ from mcd_scale.config import Config, save_resolved
 from mcd_scale.parallel.distributed import ParallelDims, init_distributed, shutdown
 from mcd_scale.training.signals import PreemptionFlag
 from mcd_scale.training.validation import validation_nelbo
-from mcd_scale.data.loader import step_batches
+from mcd_scale.data.loader import MicroBatchLoader, open_prepared, step_batches
 from mcd_scale.training.telemetry import MetricsLogger, ThroughputMeter, plot_loss_curves, train_console_line
+from mcd_scale.data.sampler import GlobalBatchSampler
+from mcd_scale.data.trajectories import open_trajectories
+from mcd_scale.distill.checkpoints import load_teacher_weights
+from mcd_scale.distill.ema import EMA
+from mcd_scale.training.engine import TrainEngine
+from mcd_scale.training.faults import Faults, SampleLog
+from mcd_scale.training.objectives import MdlmObjective, build_objective
 
 
 def build_data(cfg: Config, objective_name: str):
     """(train dataset, validation dataset): token shards, or trajectory shards for offline MCD."""
-    from mcd_scale.data.loader import open_prepared
-
     m = cfg.model
     if objective_name == "mcd" and cfg.distill.teacher_mode == "offline":
-        from mcd_scale.data.trajectories import open_trajectories
-
         train = open_trajectories(cfg)
     else:
         train = open_prepared(cfg.data.path, "train", vocab_size=m.vocab_size, seq_len=m.seq_len,
@@ -61,10 +64,6 @@ def run_training(cfg: Config, dims: Optional[ParallelDims] = None) -> int:
 
 class Trainer:
     def __init__(self, cfg: Config, dims: ParallelDims):
-        from mcd_scale.training.engine import TrainEngine
-        from mcd_scale.training.faults import Faults
-        from mcd_scale.training.objectives import MdlmObjective, build_objective
-
         self.cfg, self.dims = cfg, dims
         self.rank = collectives.rank()
         self.faults = Faults()  # fault injection from MCD_FAULT_* (all off by default)
@@ -81,8 +80,6 @@ class Trainer:
         self.state = TrainState(round=cfg.distill.round)
         self.ema = None
         if cfg.train.ema_decay > 0:
-            from mcd_scale.distill.ema import EMA
-
             # Under ZeRO-3 DeepSpeed caches gathered parameters between forwards; swapping EMA weights into
             # the partitions must drop that cache or evaluation silently uses the trained weights.
             release = self.engine.engine.empty_partition_cache if cfg.parallel.zero_stage == 3 else None
@@ -94,6 +91,7 @@ class Trainer:
         if self.rank == 0:  # only once the inputs were read: a failed launch leaves the run's files as they were
             save_resolved(cfg, os.path.join(self.run_dir, "config.resolved.yaml"))
         self.logger = MetricsLogger(self.run_dir, self.rank == 0, cfg.logging.tensorboard, cfg.train.steps)
+        # lazy: loads megatron; importing this module does not need it
         from mcd_scale.model.flops import train_flops_per_token
 
         self.flops_per_token = train_flops_per_token(cfg.model)
@@ -103,8 +101,6 @@ class Trainer:
         """Distillation: the student starts from the teacher's consolidated weights."""
         if self.cfg.train.objective == "mdlm" or not self.cfg.distill.teacher:
             return None
-        from mcd_scale.distill.checkpoints import load_teacher_weights
-
         return load_teacher_weights(self.cfg.distill.teacher)
 
     def _save(self) -> None:
@@ -126,15 +122,10 @@ class Trainer:
     def fit(self) -> int:
         cfg, state = self.cfg, self.state
         faults = self.faults
-        from mcd_scale.data.loader import MicroBatchLoader
-        from mcd_scale.data.sampler import GlobalBatchSampler
-
         sampler = GlobalBatchSampler(len(self.train_set), cfg.parallel.global_batch, cfg.train.seed)
         loader = MicroBatchLoader(self.train_set, sampler, self.dims.dp_rank, self.dims.dp, cfg.parallel.micro_batch,
                                   start_step=state.step, num_workers=cfg.data.num_workers, stand_in=True)
         it = step_batches(loader)
-        from mcd_scale.training.faults import SampleLog
-
         sample_log = SampleLog.from_env(self.rank)  # MCD_FAULT_SAMPLE_LOG (soak tests): None otherwise
         exit_code = EXIT_OK
         throughput = ThroughputMeter(cfg.parallel.global_batch * cfg.model.seq_len, self.flops_per_token,
@@ -151,8 +142,6 @@ class Trainer:
                 if sample_log is not None:
                     sample_log.record(state.step + 1, micro)
                 if cfg.data.skip_corrupt:  # opt-in skips are named, never silent (mcd_scale/data/skip_log.py)
-                    from mcd_scale.data import skip_log
-
                     skip_log.report(self.rank, state.step + 1, micro, sampler, self.dims.dp_rank, self.dims.dp,
                                     cfg.parallel.micro_batch, loader.skipped)
                 # Lazily: each micro-batch is prepared just before its forward (an online teacher's fp32 target is
