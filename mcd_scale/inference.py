@@ -21,11 +21,19 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
+import torch.distributed as dist
+import yaml
 
 from mcd_scale.config import Config, from_dict, load_config
 from mcd_scale.diffusion.sampling import SampleResult, ancestral_sample, coupled_sample
 from mcd_scale.diffusion.schedules import get_schedule
 from mcd_scale.parallel import collectives
+from mcd_scale.checkpoint.integrity import verify_file
+from mcd_scale.checkpoint.store import checkpoint_root, read_latest
+from mcd_scale.cli import InputError
+from mcd_scale.distill.rounds import checkpoint_trained_steps
+from mcd_scale.parallel.device import DeviceFlagError, resolve_device
+from mcd_scale.parallel.distributed import detect_launch_env, export_launch_env
 
 WEIGHT_FILES = {"model": "model.safetensors", "ema": "model_ema.safetensors"}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -55,8 +63,6 @@ class LoadedModel:
 
 def resolve_weights(checkpoint: str, weights: str = "model") -> str:
     """Path of the weights file for a run dir, a checkpoint dir or a file (raises FileNotFoundError)."""
-    from mcd_scale.checkpoint.store import checkpoint_root, read_latest
-
     name = WEIGHT_FILES[weights]
     if os.path.isfile(checkpoint):
         return checkpoint
@@ -81,9 +87,7 @@ def load_model(checkpoint: str, config_files: Sequence[str] = (), overrides: Seq
     """Build the tp=1 model from the checkpoint's resolved config (or ``config_files``) and load weights
     (verified against the checkpoint's integrity record, then copied straight into the parameters on
     ``device``). ``precision='bf16'`` casts the parameters after loading (sampling still draws in float64)."""
-    import yaml
-
-    from mcd_scale.checkpoint.integrity import verify_file
+    # lazy: loads megatron; importing this module does not need it
     from mcd_scale.model.weights import load_full_state_dict, load_safetensors
 
     path = resolve_weights(checkpoint, weights)
@@ -112,6 +116,7 @@ def single_process_model(cfg: Config, init: bool, weights_path: str,
                          device: torch.device | str = "cpu") -> LoadedModel:
     """The config's model on one process, fp32, no TP/PP, eval mode (the weights are layout-independent):
     randomly initialised with ``init``, else left for the caller to load."""
+    # lazy: loads megatron; importing this module does not need it
     from mcd_scale.model.build import build_model
 
     cfg.train.precision = "fp32"
@@ -144,7 +149,7 @@ def sample(loaded: LoadedModel, steps: int, num_samples: int, seed: int, tempera
 def check_tokenizer(source: str):
     """The tokenizer named by --tokenizer (a prepared data / run / tokenizer directory or a tokenizer.model);
     a bad one is bad input (one line naming it, before any sampling)."""
-    from mcd_scale.cli import InputError
+    # lazy: loads sentencepiece; importing this module does not need it
     from mcd_scale.data.tokenizer import TokenizerError, load_tokenizer
 
     try:
@@ -157,6 +162,7 @@ def run_tokenizer(loaded: LoadedModel):
     """The tokenizer the model was trained with, if there is one: beside the weights (an export ships it) or
     the prepared data its resolved config names (``data.path``). None for a run on data without a tokenizer
     (the synthetic benchmark); a note on stderr when the config names data that is not here."""
+    # lazy: loads sentencepiece; importing this module does not need it
     from mcd_scale.data.tokenizer import TokenizerError, load_tokenizer
 
     try:
@@ -173,6 +179,7 @@ def decode_rows(tokens: torch.Tensor, tokenizer=None) -> list[str]:
     space-separated (synthetic data)."""
     if tokenizer is not None:
         if isinstance(tokenizer, str):
+            # lazy: loads sentencepiece; importing this module does not need it
             from mcd_scale.data.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(tokenizer)
@@ -186,8 +193,6 @@ def decode_rows(tokens: torch.Tensor, tokenizer=None) -> list[str]:
 def model_identity(loaded: LoadedModel) -> dict[str, Any]:
     """(model, round, trained_steps, checkpoint tag) of the loaded checkpoint, from its resolved config:
     ``model`` is 'teacher' for the MDLM objective, else the distillation objective ('mcd', 'sdtt')."""
-    from mcd_scale.distill.rounds import checkpoint_trained_steps
-
     objective = loaded.cfg.train.objective
     is_student = objective in ("mcd", "sdtt")
     directory = os.path.dirname(os.path.abspath(loaded.weights_path))
@@ -288,8 +293,6 @@ class SampleJob:
 
 def launch_world() -> tuple[int, int, int]:
     """(rank, world size, local rank) from whichever launcher started us (one process: (0, 1, 0))."""
-    from mcd_scale.parallel.distributed import detect_launch_env
-
     le = detect_launch_env()
     return le.rank, le.world_size, le.local_rank
 
@@ -297,8 +300,6 @@ def launch_world() -> tuple[int, int, int]:
 def prepare(job: SampleJob) -> tuple[LoadedModel, Any, str, tuple[int, int, int]]:
     """Check every input and load the model (before any sampling: bad input costs nothing).
     Returns (model, tokenizer or None, benchmark, (rank, world, local rank))."""
-    from mcd_scale.parallel.device import DeviceFlagError, resolve_device
-
     if job.steps < 1 or job.num_samples < 1 or job.temperature <= 0:
         raise ValueError("need --steps >= 1, --num-samples >= 1, --temperature > 0")
     if (job.reveal_order != "random" or job.stride is not None) and job.sampler != "coupled":
@@ -337,10 +338,6 @@ def run_sampling(job: SampleJob, prepared: Optional[tuple] = None) -> Optional[l
     Returns the merged rows on rank 0, None on other ranks."""
     loaded, tokenizer, benchmark, (rank, world, _) = prepared or prepare(job)
     if world > 1:
-        import torch.distributed as dist
-
-        from mcd_scale.parallel.distributed import detect_launch_env, export_launch_env
-
         if not dist.is_initialized():  # rows only travel once, at the end: gloo is enough on any device
             export_launch_env(detect_launch_env())
             dist.init_process_group("gloo")

@@ -12,6 +12,7 @@ import sys
 
 
 def main(argv=None) -> int:
+    # lazy: loads torch; importing this module does not need it
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 

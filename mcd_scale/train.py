@@ -7,20 +7,26 @@ every rank within seconds with exit code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# Light modules only up to the config check (no torch, no DeepSpeed): a bad config fails on every rank in seconds.
 from mcd_scale import EXIT_CONFIG  # noqa: E402
-from mcd_scale.config import ConfigError, load_config, validate_layout  # noqa: E402
+from mcd_scale.cli import ArgumentParser, add_config_args, debug, input_error_types, report  # noqa: E402
+from mcd_scale.config import ConfigError, grad_accum, load_config, validate_layout  # noqa: E402
+from mcd_scale.distill.disk_plan import disk_plan  # noqa: E402
+from mcd_scale.parallel.deepspeed import deepspeed_config  # noqa: E402
 from mcd_scale.parallel.distributed import detect_launch_env  # noqa: E402
+from mcd_scale.parallel.memory_plan import memory_plan  # noqa: E402
+from mcd_scale.training.optim import adamw_options  # noqa: E402
+from mcd_scale.training.preflight import check_inputs  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mcd_scale.cli import ArgumentParser, add_config_args
-
     p = ArgumentParser(prog="mcd_scale/train.py", description=__doc__)
     add_config_args(p, required=True)
     p.add_argument("--dry-run", action="store_true",
@@ -40,12 +46,6 @@ def dry_run_report(cfg, world: int, device_type: str) -> dict:
     """What ``--dry-run`` derives for ``world`` ranks: the layout, the DeepSpeed dict, the optimizer
     options on ``device_type``, the per-rank memory plan and the disk plan (checkpoints, a round's
     trajectories; no torch model is built)."""
-    from mcd_scale.config import grad_accum
-    from mcd_scale.parallel.deepspeed import deepspeed_config
-    from mcd_scale.distill.disk_plan import disk_plan
-    from mcd_scale.parallel.memory_plan import memory_plan
-    from mcd_scale.training.optim import adamw_options
-
     memory = memory_plan(cfg, world)
     return {"dp": world // (cfg.parallel.tp * cfg.parallel.pp), "grad_accum": grad_accum(cfg, world),
             "deepspeed": deepspeed_config(cfg, world), "optimizer": adamw_options(cfg, device_type),
@@ -61,9 +61,6 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"[rank {detect_launch_env().rank}] config error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
-    from mcd_scale.cli import debug, input_error_types, report
-    from mcd_scale.training.preflight import check_inputs
-
     try:  # paths before any heavy import or process group; --dry-run verifies the checkpoint's files too
         inputs = None if (args.dry_run and args.layout_only) else check_inputs(cfg, verify_checkpoint=args.dry_run)
     except input_error_types() as exc:
@@ -71,11 +68,10 @@ def main(argv=None) -> int:
             raise
         return report("train", exc)
     if args.dry_run:
-        import json
-
         print(json.dumps({"ok": True, "inputs": inputs, "world_size": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
                           **dry_run_report(cfg, world, args.device)}, indent=2))
         return 0
+    # heavy (torch, DeepSpeed): imported only once the config and the inputs were checked
     from mcd_scale.training.trainer import run_training
 
     try:

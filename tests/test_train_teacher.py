@@ -196,7 +196,7 @@ def test_kill_inside_a_checkpoint_save_leaves_the_previous_one_and_resumes_exact
     staged = ckpt / ".staging" / "step_000004"
     assert (staged / "model.safetensors").exists() and not (staged / "COMPLETE").exists()  # died mid-save
     assert (ckpt / "latest").read_text().strip() == "step_000002" and not (ckpt / "step_000004").exists()
-    from mcd_scale.checkpoint import convert as convert_ckpt
+    from mcd_scale.export import convert as convert_ckpt
     assert convert_ckpt.inspect(str(tmp_path / "cut"))["tags"] == ["step_000002"]
     resumed = train(tmp_path / "cut", prepared, 2, common)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
@@ -241,7 +241,7 @@ def test_universal_checkpoint_resumes_at_another_layout(prepared, zero1_ref, tmp
         assert torch.equal(uni[f"fp32/{name}"], w), name
         assert uni[f"exp_avg/{name}"].shape == w.shape and uni[f"exp_avg_sq/{name}"].abs().sum() > 0, name
     assert len(uni) == 3 * len(weights) + 2
-    from mcd_scale.checkpoint import convert as convert_ckpt
+    from mcd_scale.export import convert as convert_ckpt
     assert convert_ckpt.inspect(str(zero1_ref))["universal"] is True
     lref = losses(zero1_ref)
     for name, nproc, layout in (("z3tp2", 2, ["parallel.zero_stage=3", "parallel.tp=2"]),

@@ -20,6 +20,7 @@ import torch
 
 def allowed_globals() -> list:
     """The non-tensor classes DeepSpeed pickles into the checkpoints of our layouts (imported lazily)."""
+    # lazy: loads deepspeed; importing this module does not need it
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

@@ -31,6 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
+
+from mcd_scale.checkpoint.integrity import IntegrityError, record_files, verify
+from mcd_scale.errors import MissingCheckpoint
 
 TAG_RE = re.compile(r"^step_(\d{6,})$")
 
@@ -80,8 +84,6 @@ def read_latest(root: str) -> Optional[str]:
         return None
     with open(path, encoding="utf-8") as fh:
         tag = fh.read().strip()
-    from mcd_scale.errors import MissingCheckpoint
-
     if not os.path.exists(os.path.join(root, tag, "COMPLETE")):
         raise MissingCheckpoint(f"{path} names '{tag}' but {os.path.join(root, tag)} is missing or incomplete; "
                                 f"point 'checkpoint.load' at one of {list_tags(root)} or remove the run directory")
@@ -95,7 +97,6 @@ def resolve_load_tag(root: str, load: str) -> Optional[str]:
     if load == "latest":
         return read_latest(root)
     tag = tag_for(int(load)) if load.isdigit() else load
-    from mcd_scale.errors import MissingCheckpoint
     if not os.path.exists(os.path.join(root, tag, "COMPLETE")):
         raise MissingCheckpoint(f"'checkpoint.load' = {load!r}: no complete checkpoint {os.path.join(root, tag)}; "
                                 f"available: {list_tags(root) or 'none'}")
@@ -134,8 +135,6 @@ def save_checkpoint(engine, run_dir: str, state: TrainState, config_yaml: str, r
 
     ``on_staged`` runs on every rank once all files are staged and before COMPLETE (fault injection:
     ``MCD_FAULT_EXIT_IN_SAVE``)."""
-    from safetensors.torch import save_file
-
     root = checkpoint_root(run_dir)
     tag = tag_for(state.step)
     staging_root = os.path.join(root, ".staging")
@@ -164,8 +163,6 @@ def save_checkpoint(engine, run_dir: str, state: TrainState, config_yaml: str, r
     barrier()
     if on_staged is not None:
         on_staged()
-    from mcd_scale.checkpoint.integrity import record_files
-
     # Every rank's files are staged (barrier above): record each one's size and sha256 so readers can
     # verify what they read before anything (DeepSpeed's unpickler included) opens it.
     if gather_object is not None:
@@ -201,8 +198,6 @@ def verify_tag(root: str, tag: str, rank: int = 0, world_size: int = 1,
 
     With ``gather_object`` (collective) the ranks split the hashing (each its share, balanced by bytes) and
     agree: every rank raises the same IntegrityError when any share has a bad file."""
-    from mcd_scale.checkpoint.integrity import IntegrityError, verify
-
     ckpt = os.path.join(root, tag)
     if gather_object is None:
         return verify(ckpt)
@@ -223,8 +218,6 @@ def load_train_state(root: str, tag: str) -> TrainState:
 
 
 def load_rng_states(root: str, tag: str, rank: int) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     path = os.path.join(root, tag, f"rng_rank{rank}.safetensors")
     if not os.path.exists(path):  # resuming on a different world size: keep the fresh streams
         return {}

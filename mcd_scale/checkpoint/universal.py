@@ -25,10 +25,15 @@ partitioning.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable, Optional
 
 import torch
+import yaml
+from safetensors import safe_open
+
+from mcd_scale.parallel import collectives
 
 FILE = "universal.safetensors"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -44,10 +49,6 @@ def layout_of(parallel: Any, precision: str, world_size: int) -> dict:
 
 def saved_layout(checkpoint_dir: str) -> dict:
     """The layout that wrote ``checkpoint_dir`` (its config.resolved.yaml and COMPLETE marker)."""
-    import json
-
-    import yaml
-
     with open(os.path.join(checkpoint_dir, "config.resolved.yaml"), encoding="utf-8") as fh:
         cfg = yaml.safe_load(fh)
     with open(os.path.join(checkpoint_dir, "COMPLETE"), encoding="utf-8") as fh:
@@ -64,8 +65,6 @@ def saved_layout(checkpoint_dir: str) -> dict:
 
 
 def _marker(checkpoint_dir: str) -> dict:
-    import json
-
     with open(os.path.join(checkpoint_dir, "COMPLETE"), encoding="utf-8") as fh:
         return json.load(fh)
 
@@ -102,6 +101,7 @@ def _step_and_epoch(ds_engine) -> tuple[int, int]:
 def local_getters(ds_engine, ema=None, dims=None) -> list[tuple[str, Callable]]:
     """(key prefix, local_of) pairs of the universal file: for a parameter, this TP rank's whole fp32 master,
     each Adam moment, and (``ema`` given) the EMA shadow. Collective under ZeRO-3 (gathers over DP)."""
+    # lazy: loads deepspeed; importing this module does not need it
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     inner = _inner_optimizer(ds_engine)
@@ -126,8 +126,6 @@ def local_getters(ds_engine, ema=None, dims=None) -> list[tuple[str, Callable]]:
 def ema_getter(ema, dims) -> Callable:
     """local_of for the EMA shadow: this TP rank's whole fp32 tensor (the ZeRO-3 partitions of the shadow,
     which are laid out like the parameter's ``ds_tensor``, are all-gathered over the DP group)."""
-    from mcd_scale.parallel import collectives
-
     index = {id(p): i for i, p in enumerate(ema.params)}
 
     def get(p):
@@ -148,6 +146,7 @@ def meta_tensors(ds_engine) -> dict[str, torch.Tensor]:
 
 def gather_universal(train_engine, ema=None) -> dict[str, torch.Tensor]:
     """The universal state on global rank 0, {} elsewhere. Collective: every rank calls it."""
+    # lazy: loads megatron; importing this module does not need it
     from mcd_scale.model.weights import full_state_dict
 
     out: dict[str, torch.Tensor] = {}
@@ -163,8 +162,6 @@ def weights_of(path: str) -> dict[str, torch.Tensor]:
     """The fp32 master weights of a universal file as a logical state dict (the engine's initial weights).
     Only these are read whole; the moments are read one tensor at a time by :func:`load_universal`, so a
     rank's peak is the fp32 model plus one tensor, not three fp32 models."""
-    from safetensors import safe_open
-
     with safe_open(path, framework="pt") as fh:
         return {k.split("/", 1)[1]: fh.get_tensor(k) for k in fh.keys() if k.startswith("fp32/")}
 
@@ -175,8 +172,6 @@ def load_universal(train_engine, path: str, global_batch: int, train_step: int, 
     """Write fp32 masters, moments, Adam's step and the LR schedule of the universal file ``path`` into an
     engine of any layout whose weights were initialised from :func:`weights_of` (``TrainEngine(init_state=...)``);
     with ``ema``, its shadow too (re-sliced for this layout)."""
-    from safetensors import safe_open
-
     with safe_open(path, framework="pt") as fh:
         _init_adam_state(train_engine.engine, int(fh.get_tensor("meta/adam_step")))
         _write_masters_and_moments(train_engine, fh)
@@ -189,6 +184,7 @@ def load_universal(train_engine, path: str, global_batch: int, train_step: int, 
 def _write_ema(train_engine, ema, fh) -> None:
     """The shadow of each trainable parameter: this TP rank's slice, then (ZeRO-3) this DP rank's partition
     of its flattened, zero-padded form, the layout of the parameter's own ``ds_tensor``."""
+    # lazy: loads megatron; importing this module does not need it
     from mcd_scale.model.logical import local_slice, logical_parameters
 
     dims = train_engine.dims
@@ -228,6 +224,7 @@ def _init_adam_state(ds, step: int) -> None:
 
 
 def _write_masters_and_moments(train_engine, fh) -> None:
+    # lazy: loads deepspeed; importing this module does not need it
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     from mcd_scale.model.logical import local_slice, logical_parameters
@@ -261,8 +258,6 @@ def _set_schedule(ds, epoch: int, global_batch: int, train_step: int) -> None:
 
 
 def has_ema(path: str) -> bool:
-    from safetensors import safe_open
-
     with safe_open(path, framework="pt") as fh:
         return any(k.startswith(EMA_PREFIX + "/") for k in fh.keys())
 

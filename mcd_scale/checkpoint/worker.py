@@ -19,6 +19,10 @@ import os
 import resource
 import sys
 
+from mcd_scale.cli import input_errors_exit
+from mcd_scale.config import load_config
+from mcd_scale.parallel.distributed import init_distributed, shutdown
+
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -42,8 +46,7 @@ def _no_loss(*_args):  # the engine is never stepped here; the pipeline module s
 
 
 def _load_engine(ckpt: str):
-    from mcd_scale.config import load_config
-    from mcd_scale.parallel.distributed import init_distributed
+    # lazy: loads torch, safetensors; importing this module does not need them
     from mcd_scale.training.engine import TrainEngine
 
     cfg = load_config([os.path.join(ckpt, "config.resolved.yaml")])
@@ -69,6 +72,7 @@ def _load_engine(ckpt: str):
 
 def _write(engine, dims, ema, order, job: dict) -> dict:
     """One output file, streamed from every rank to rank 0."""
+    # lazy: loads torch, megatron; importing this module does not need them
     import torch
 
     from mcd_scale.checkpoint.consolidate import DTYPE_NAMES, StreamWriter, iter_full
@@ -112,6 +116,7 @@ def _write(engine, dims, ema, order, job: dict) -> dict:
 
 
 def convert(ckpt: str, jobs: list[dict]) -> dict:
+    # lazy: loads torch, megatron; importing this module does not need them
     from mcd_scale.parallel import collectives
     from mcd_scale.checkpoint.consolidate import global_parameters
 
@@ -127,9 +132,6 @@ def convert(ckpt: str, jobs: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
-    from mcd_scale.cli import input_errors_exit
-    from mcd_scale.parallel.distributed import shutdown
-
     job = json.loads((argv or sys.argv[1:])[0])
     with input_errors_exit("convert_ckpt"):
         result = convert(job["ckpt"], job["jobs"])

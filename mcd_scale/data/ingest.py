@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import tempfile
 import zlib
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -143,6 +144,7 @@ def _open_stream(path: str, raw: _HashingReader):
     if path.endswith(".gz"):
         return gzip.GzipFile(fileobj=buffered, mode="rb")
     if path.endswith(".zst"):
+        # lazy: loads zstandard; importing this module does not need it
         import zstandard
 
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(buffered, read_size=1 << 20),
@@ -195,8 +197,7 @@ def _column_docs(src: SourceInfo, batches, text_field: str, label: str) -> Itera
 
 
 def _parquet_docs(src: SourceInfo, text_field: str) -> Iterator[RawDoc]:
-    import tempfile
-
+    # lazy: loads pyarrow; importing this module does not need it
     import pyarrow.parquet as pq
 
     tmp = None
@@ -244,6 +245,7 @@ def _parquet_docs(src: SourceInfo, text_field: str) -> Iterator[RawDoc]:
 
 def _dataset_docs(src: SourceInfo, text_field: str, split: str) -> Iterator[RawDoc]:
     try:
+        # lazy: an optional dependency, its absence handled here
         import datasets
     except ImportError:
         raise IngestError(f"input '{src.path}' needs the 'datasets' package (pip install -r requirements.txt)") from None

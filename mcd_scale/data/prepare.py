@@ -27,8 +27,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
+import multiprocessing as mp
 
 import numpy as np
+import sentencepiece
+from tqdm import tqdm
 
 from mcd_scale.cli import InputError
 from mcd_scale.data.ingest import BadDocument, IngestError, RawDoc, SourceInfo, decode_document, find_sources, \
@@ -36,7 +39,7 @@ from mcd_scale.data.ingest import BadDocument, IngestError, RawDoc, SourceInfo, 
 from mcd_scale.data.loader import SPLITS, TOKENS_FORMAT, TOKENS_FORMAT_VERSION
 from mcd_scale.data.manifest import manifest_path, sha256_bytes, sha256_file, write_manifest
 from mcd_scale.data.packing import PACKS, Packer, SplitAssigner, smallest_keys, token_dtype
-from mcd_scale.data.shards import write_shards
+from mcd_scale.data.shards import ShardedDataset, write_shards
 from mcd_scale.data.tokenizer import (TextTokenizer, TokenizerError, load_tokenizer, train_tokenizer,
                                       training_lines)
 
@@ -142,8 +145,6 @@ class _Encoder:
         self.pending: collections.deque = collections.deque()
         self.limit = 2 * workers
         if workers > 1:
-            import multiprocessing as mp
-
             # spawn: a forked child would inherit the parent's tokenizer thread pools (and their locks)
             self.pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=init_args)
         else:
@@ -439,8 +440,6 @@ def _prepare(o: PrepareOptions) -> dict:
     encoder = _Encoder(o.workers, (tok_path, o.text_field, o.tokenizer == "train"), loaded=tok)
     bar = None
     if o.progress:
-        from tqdm import tqdm
-
         bar = tqdm(desc="prepare", unit="doc", initial=next_doc, smoothing=0.1, dynamic_ncols=True)
     t_loop = time.time()
     docs_iter = iter_documents(sources, o.text_field, o.doc_boundary, o.dataset_split)
@@ -508,8 +507,6 @@ def _prepare(o: PrepareOptions) -> dict:
         raise PrepareError(f"no training sequences ({counts}): more text, or smaller --val-docs/--heldout-docs")
 
     # heldout.txt: the held-out sequences decoded (EOS as a blank line), separated by blank lines
-    from mcd_scale.data.shards import ShardedDataset
-
     heldout_path = os.path.join(o.out, "heldout.txt")
     with open(heldout_path + ".tmp", "w", encoding="utf-8") as fh:
         if writers["heldout"].records:
@@ -551,8 +548,6 @@ def _prepare(o: PrepareOptions) -> dict:
         "flags": flags,
     }
     if tok.kind == "sentencepiece":
-        import sentencepiece
-
         manifest["sentencepiece_version"] = sentencepiece.__version__
     write_manifest(o.out, manifest)
     state.remove()

@@ -11,6 +11,7 @@ from typing import Optional
 
 def skipped_keys(micro_batches: list, expected: list) -> list[str]:
     """Shard keys (``KEY_FORMAT``) of ``expected`` ids (this rank's, per micro-batch) missing from ``micro_batches``."""
+    # lazy: loads torch, webdataset; importing this module does not need them
     from mcd_scale.data.shards import KEY_FORMAT
 
     kept = {int(i) for mb in micro_batches for i in mb["sample_id"].tolist()}

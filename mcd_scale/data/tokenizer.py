@@ -41,6 +41,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import sentencepiece as spm
+import yaml
 
 from mcd_scale.errors import InputError
 
@@ -267,6 +268,7 @@ class HFTokenizer(TextTokenizer):
 
     @classmethod
     def from_dir(cls, directory: str) -> "HFTokenizer":
+        # lazy: loads tokenizers; importing this module does not need it
         import tokenizers
 
         path = os.path.join(directory, "tokenizer.json")
@@ -292,6 +294,7 @@ class HFTokenizer(TextTokenizer):
     def from_hub(cls, name: str) -> "HFTokenizer":
         """A hub name (``gpt2``) through transformers and the HF cache; needs the network the first time."""
         try:
+            # lazy: loads transformers; importing this module does not need it
             from transformers import AutoTokenizer
 
             hf = AutoTokenizer.from_pretrained(name)
@@ -345,8 +348,6 @@ def load_tokenizer(source: str) -> TextTokenizer:
             return SentencePieceTokenizer.from_file(os.path.join(source, "tokenizer.model"))
         resolved = os.path.join(source, "config.resolved.yaml")
         if os.path.isfile(resolved):
-            import yaml
-
             try:
                 with open(resolved, encoding="utf-8") as fh:
                     data_path = ((yaml.safe_load(fh) or {}).get("data") or {}).get("path")

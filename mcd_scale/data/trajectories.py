@@ -31,6 +31,11 @@ import torch
 from mcd_scale.data.manifest import (Expect, ManifestError, check_manifest, get_field, load_manifest,
                                      manifest_path)
 from mcd_scale.data.shards import KEY_FORMAT, Sample, ShardedDataset, ShardError
+from mcd_scale.diffusion.schedules import get_schedule
+from mcd_scale.distill.checkpoints import teacher_digest
+from mcd_scale.distill.reveal_order import ordered_thresholds
+from mcd_scale.distill.rounds import round_dt, round_temperature
+from mcd_scale.rng import keyed_uniform
 
 TRAJ_FORMAT = "mcd_scale.trajectories"
 TRAJ_FORMAT_VERSION = 1
@@ -47,8 +52,6 @@ def threshold_K(vocab_size: int) -> int:
 
 def sample_time(seed: int, round_idx: int, sample_id: int, t_min: float) -> float:
     """The raw time t in [t_min, 1] of one sample in one round (before :func:`coupled_times`)."""
-    from mcd_scale.rng import keyed_uniform
-
     u = float(keyed_uniform(TIME_PURPOSE, (seed, round_idx, sample_id), (1,))[0])
     return t_min + (1.0 - t_min) * u
 
@@ -58,9 +61,8 @@ def thresholds_for(sample_ids: torch.Tensor | Sequence[int], manifest: Mapping[s
     ``reveal_thresholds(sample_ids, seq_len, thresholds.seed, thresholds.form, K=thresholds.K,
     round_idx=thresholds.round_idx)``, banded when ``thresholds.order`` is 'strided' (``thresholds.stride``;
     mcd_scale/distill/reveal_order.py). Identical on any rank, worker or batch composition."""
+    # lazy: loads scipy; importing this module does not need it
     from mcd_scale.diffusion.duality import reveal_thresholds
-    from mcd_scale.diffusion.schedules import get_schedule
-    from mcd_scale.distill.reveal_order import ordered_thresholds
 
     th = manifest["thresholds"]
     ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1)
@@ -75,8 +77,8 @@ def thresholds_for(sample_ids: torch.Tensor | Sequence[int], manifest: Mapping[s
 
 def coupled_from_batch(batch: Mapping[str, Any], manifest: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(z_t, z_s) int64 [B, L] of a collated trajectory batch (``ids``, ``t``, ``s``, ``sample_id``)."""
+    # lazy: loads scipy; importing this module does not need it
     from mcd_scale.diffusion.duality import coupled_pair
-    from mcd_scale.diffusion.schedules import get_schedule
 
     u = thresholds_for(batch["sample_id"], manifest)
     schedule = get_schedule(manifest["schedule"], manifest["eps"])
@@ -209,8 +211,6 @@ class TrajectoryDataset:
 
 def expected_fields(cfg) -> dict[str, Expect]:
     """The manifest fields a distillation config pins, as :class:`Expect` entries (no file access)."""
-    from mcd_scale.distill.rounds import round_dt, round_temperature
-
     d, m, diff = cfg.distill, cfg.model, cfg.diffusion
     n = d.round
     redo = f"re-run {TOOL} with this config (--round {n}) into a new --out, or fix the config"
@@ -250,8 +250,6 @@ def open_trajectories(cfg, directory: Optional[str] = None) -> TrajectoryDataset
     source = manifest_path(directory)
     check_manifest(manifest, expected_fields(cfg), source)
     if cfg.distill.teacher:
-        from mcd_scale.distill.checkpoints import teacher_digest
-
         digest = teacher_digest(cfg.distill.teacher)
         check_manifest(manifest, {"teacher.sha256": Expect(
             digest, f"the sha256 of distill.teacher ({cfg.distill.teacher})",

@@ -9,13 +9,12 @@ from typing import Optional, Sequence
 
 from mcd_scale.demo.pipeline import Demo, DemoInputError
 from mcd_scale.demo.plan import make_plan
+from mcd_scale.cli import ArgumentParser, add_out_arg
 
 DESCRIPTION = "The end-to-end demo: data -> teachers -> distillation -> sampling -> evaluation -> report."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mcd_scale.cli import ArgumentParser, add_out_arg
-
     ap = ArgumentParser(prog="tools/demo.py", description=DESCRIPTION)
     add_out_arg(ap, default="runs/demo", help="report.md, report.json, plots, samples and every stage's run "
                                               "directory; rerunning with the same --out resumes")

@@ -16,9 +16,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+import yaml
+
 from mcd_scale.demo.paths import BIN, ROOT
 from mcd_scale.demo.plan import STRIDED, Plan
-from mcd_scale.eval.report import DEFAULT_SAMPLER
+from mcd_scale.eval.report import DEFAULT_SAMPLER, render_summary_table
+from mcd_scale.config import from_dict
 
 
 class Demo:
@@ -306,6 +309,7 @@ class Demo:
         return jobs + strided
 
     def sample_all(self) -> None:
+        # lazy: loads torch, sentencepiece; importing this module does not need them
         from mcd_scale import inference as sample_cli
 
         sdir = os.path.join(self.run, "samples")
@@ -387,8 +391,6 @@ class Demo:
         """The strided rows with the default sampler's teacher rows, scored like the main report (the AR
         evaluator trained by ``evaluate`` is reused) into ``<run>/strided/``; the summary goes into
         report.md."""
-        from mcd_scale.eval.report import render_summary_table
-
         out = os.path.dirname(self.strided_samples_path)
         with open(self.strided_samples_path, encoding="utf-8") as fh:
             benches = sorted({json.loads(line)["benchmark"] for line in fh if line.strip()})
@@ -491,9 +493,7 @@ class DemoInputError(Exception):
 def trained_steps_of(run: str) -> Optional[int]:
     """The sampler step count the student under ``run`` was distilled for, from the resolved config saved
     with its latest checkpoint (mcd_scale.distill.rounds.checkpoint_trained_steps; None for a teacher)."""
-    import yaml
-
-    from mcd_scale.config import from_dict
+    # lazy: loads torch; importing this module does not need it
     from mcd_scale.distill.rounds import checkpoint_trained_steps
 
     from mcd_scale.inference import resolve_weights

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from mcd_scale.demo.paths import ROOT
+from mcd_scale.config import load_config
 
 STRIDED = "coupled-strided"  # report name of the coupled sampler with reveal_order="strided"
 
@@ -118,6 +119,7 @@ class Plan:
     def distill_schedule(self, bench: str, objective: str) -> tuple[int, float, int]:
         """(rounds, dt0, steps per round) of one benchmark's distillation by ``objective``: dt0 is the one
         whose last round learns the few-step jump (fair SDTT, docs/method.md section 5)."""
+        # lazy: loads torch; importing this module does not need it
         from mcd_scale.distill.rounds import dt0_for_sampler_steps
 
         rounds, steps = ((self.rounds, self.distill_steps) if bench == "synthetic"
@@ -126,8 +128,6 @@ class Plan:
 
     def distill_config(self, bench: str):
         """The demo's distillation config (configs/demo/distill.yaml on the benchmark's teacher config)."""
-        from mcd_scale.config import load_config
-
         return load_config([os.path.join(ROOT, f"configs/demo/{bench}_teacher.yaml"),
                             os.path.join(ROOT, "configs/demo/distill.yaml")], list(self.distill_overrides)).distill
 

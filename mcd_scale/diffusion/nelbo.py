@@ -23,6 +23,7 @@ from mcd_scale.parallel import collectives
 
 from mcd_scale.diffusion.schedules import Schedule
 from mcd_scale.diffusion.subs import subs_log_probs
+from mcd_scale.diffusion.masking import mask_tokens, sample_times
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,8 +43,6 @@ def make_mdlm_labels(x: torch.Tensor, sample_ids: torch.Tensor, positions: torch
     positions: each sample's position in the global batch (for antithetic times);
     sample_ids: global dataset ids (the masking RNG key). See masking.py for the draws.
     """
-    from mcd_scale.diffusion.masking import mask_tokens, sample_times  # local: keeps this module light
-
     t = sample_times(positions, global_batch, step, seed, t_min=t_min, antithetic=antithetic)
     z_t = mask_tokens(x, t, sample_ids, step, seed, schedule, mask_id)
     return z_t, t, (x, nelbo_token_weights(z_t, t, schedule, mask_id))
@@ -125,6 +124,7 @@ def _resolve_group(tp_size: int, group):
     if tp_size == 1:
         return None  # no collective: works without torch.distributed
     if group is None:
+        # lazy: loads megatron; importing this module does not need it
         from megatron.core import parallel_state as ps
 
         group = ps.get_tensor_model_parallel_group()

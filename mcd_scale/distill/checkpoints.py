@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 
 import torch
+from safetensors.torch import load_file
+
+from mcd_scale.checkpoint.integrity import sha256_file, verify_file
 
 
 def resolve_teacher_file(path: str) -> str:
@@ -43,10 +46,6 @@ def resolve_teacher_file(path: str) -> str:
 def load_teacher_weights(path: str) -> dict[str, torch.Tensor]:
     """The teacher's weights, verified first against its checkpoint's integrity record (IntegrityError
     names a truncated or altered file)."""
-    from safetensors.torch import load_file
-
-    from mcd_scale.checkpoint.integrity import verify_file
-
     file = resolve_teacher_file(path)
     verify_file(file)
     return load_file(file)
@@ -54,8 +53,6 @@ def load_teacher_weights(path: str) -> dict[str, torch.Tensor]:
 
 def teacher_digest(path: str) -> str:
     """sha256 of the teacher weights file (recorded in trajectory manifests and checked by readers)."""
-    from mcd_scale.checkpoint.integrity import sha256_file, verify_file
-
     file = resolve_teacher_file(path)
     verify_file(file)  # IntegrityError (an input error) names a truncated or altered teacher file
     return sha256_file(file)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 NPY_HEADER = 128  # np.save's header for these small shapes (format 1.0, padded to 64-byte multiples)
 TAR_BLOCK = 512  # one ustar header per member, data padded to whole blocks
@@ -39,6 +40,7 @@ def _fixed_member(payload: int) -> int:
 
 def masked_fraction_at_s(cfg, round_idx: int | None = None, points: int = 4096) -> float:
     """E[1 - alpha_s] over the round's pairs: the expected fraction of positions a record stores."""
+    # lazy: loads torch; importing this module does not need it
     import torch
 
     from mcd_scale.diffusion.schedules import get_schedule
@@ -119,8 +121,6 @@ FREE_BYTES_ENV = "MCD_FAULT_FREE_BYTES"  # tests: pretend the file system has th
 def free_bytes(path: str) -> tuple[int, str]:
     """(free bytes, the existing directory measured) of the file system ``path`` would be created on.
     Fault injection for tests: ``MCD_FAULT_FREE_BYTES=n`` reports n bytes free."""
-    import shutil
-
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)

@@ -26,6 +26,7 @@ its next step / shard boundary and exits 4; the driver starts no further child a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -34,13 +35,15 @@ import subprocess
 import sys
 import time
 
+from mcd_scale.checkpoint.integrity import verify_file
+from mcd_scale.cli import ArgumentParser, add_config_args, add_out_arg, fail, input_errors
+from mcd_scale.config import ConfigError, load_config
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 """The checkout: each round runs its entry points (tools/precompute_trajectories.py, mcd_scale/train.py) as programs."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mcd_scale.cli import ArgumentParser, add_config_args, add_out_arg
-
     p = ArgumentParser(prog="tools/distill_rounds.py", description=__doc__)
     p.add_argument("--teacher", required=True, help="round-0 teacher: run dir, checkpoint dir or model.safetensors")
     add_config_args(p, required=True, set_help="config override passed to every child (repeatable)")
@@ -139,12 +142,9 @@ def round_metrics(run_dir: str) -> dict:
 
 
 def main(argv=None) -> int:
-    from mcd_scale.config import ConfigError, load_config
+    # lazy: loads torch; importing this module does not need it
     from mcd_scale.distill.checkpoints import resolve_teacher_file
     from mcd_scale.distill.rounds import plan_rounds
-
-    from mcd_scale.cli import fail, input_errors
-    from mcd_scale.checkpoint.integrity import verify_file
 
     args = parse_args(argv)
     try:  # the inputs before any child starts: one line, exit 2
@@ -154,8 +154,6 @@ def main(argv=None) -> int:
         n_rounds = args.rounds if args.rounds is not None else d.rounds
         if n_rounds < 1:
             raise ConfigError(f"--rounds must be >= 1, got {n_rounds}")
-        import dataclasses
-
         plans = plan_rounds(dataclasses.replace(d, rounds=n_rounds), cfg.diffusion.t_min)
         teacher = os.path.abspath(resolve_teacher_file(args.teacher))
         verify_file(teacher)  # a truncated/altered teacher now, not after the first child started (streamed sha256)

@@ -35,12 +35,21 @@ teacher runs ``distill.sdtt_teacher_steps`` stochastic steps of size dt_n (gener
 from __future__ import annotations
 
 from typing import Optional
+import os
 
 import torch
 
 from mcd_scale.config import Config
 from mcd_scale.diffusion.schedules import get_schedule
 from mcd_scale.parallel.distributed import ParallelDims
+from mcd_scale.diffusion.masking import mask_tokens, sample_times
+from mcd_scale.distill.loss import DenseTopK, mcd_loss
+from mcd_scale.distill.reveal_order import ordered_thresholds
+from mcd_scale.distill.rounds import pair_span, round_dt, round_temperature, round_times
+from mcd_scale.distill.sdtt import sdtt_loss, sdtt_targets
+from mcd_scale.distill.targets import full_from_logits
+from mcd_scale.distill.teacher import FrozenTeacher
+from mcd_scale.rng import keyed_generator
 
 OFFLINE_KEYS = ("ids", "sample_id", "position", "t", "s", "tk_mask", "tk_ids", "tk_logp", "tk_tail")
 
@@ -53,12 +62,11 @@ def _time_input(cfg: Config, t: torch.Tensor) -> torch.Tensor:
 def debug_checks() -> bool:
     """``MCD_DEBUG_CHECKS=1``: validate the loss's inputs in the training loop (host syncs every micro-batch;
     tests and debugging only). Read once, when an objective is built."""
-    import os
-
     return os.environ.get("MCD_DEBUG_CHECKS", "0") == "1"
 
 
 def _gather(logits: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    # lazy: loads megatron; importing this module does not need it
     from mcd_scale.model.tp_layers import gather_vocab_logits
 
     return gather_vocab_logits(logits, dims.tp, dims.tp_group)
@@ -67,7 +75,7 @@ def _gather(logits: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
 def build_frozen_teacher(cfg: Config, dims: ParallelDims, teacher_state: Optional[dict]):
     """A :class:`FrozenTeacher` on this rank's TP shard from full logical weights (plain replica, never
     ZeRO-partitioned: ``build_model`` without a DeepSpeed config), moved to this rank's device."""
-    from mcd_scale.distill.teacher import FrozenTeacher
+    # lazy: loads megatron; importing this module does not need it
     from mcd_scale.model.build import build_model
     from mcd_scale.model.weights import load_full_state_dict
 
@@ -120,8 +128,6 @@ class McdObjective(_TeacherMixin):
     name = "mcd"
 
     def __init__(self, cfg: Config, dims: ParallelDims, teacher_state: Optional[dict] = None):
-        from mcd_scale.distill.rounds import round_dt, round_temperature
-
         self.cfg, self.dims = cfg, dims
         d = cfg.distill
         self.mode = d.teacher_mode
@@ -142,8 +148,8 @@ class McdObjective(_TeacherMixin):
         them (mcd_scale.data.trajectories.thresholds_for): ``reveal_thresholds(ids, L, train.seed,
         diffusion.duality_form, K=V+1, round_idx=distill.round)``, banded by ``distill.reveal_order``
         (mcd_scale/distill/reveal_order.py); one fixed trajectory per sample and round."""
+        # lazy: loads scipy; importing this module does not need it
         from mcd_scale.diffusion.duality import reveal_thresholds
-        from mcd_scale.distill.reveal_order import ordered_thresholds
 
         d = self.cfg.distill
         u = reveal_thresholds(sample_ids.long(), seq_len, self.cfg.train.seed, self.cfg.diffusion.duality_form,
@@ -154,9 +160,6 @@ class McdObjective(_TeacherMixin):
     def times(self, positions: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(t, s) float64 [B] of this step: antithetic t, then the pair of ``distill.times`` with dt_n (the
         affine coupled map, or the sampler's grid step)."""
-        from mcd_scale.diffusion.masking import sample_times
-        from mcd_scale.distill.rounds import round_times
-
         d = self.cfg.diffusion
         t = sample_times(positions.long(), self.cfg.parallel.global_batch, step, self.cfg.train.seed, d.t_min,
                          d.antithetic)
@@ -166,8 +169,8 @@ class McdObjective(_TeacherMixin):
         return self._prepare_offline(micro) if self.mode == "offline" else self._prepare_online(micro, step)
 
     def _prepare_online(self, micro: dict, step: int) -> tuple[tuple, tuple]:
+        # lazy: loads scipy; importing this module does not need it
         from mcd_scale.diffusion.duality import coupled_pair
-        from mcd_scale.distill.targets import full_from_logits
 
         x = micro["ids"].long()
         t, s = self.times(micro["position"], step)
@@ -179,14 +182,13 @@ class McdObjective(_TeacherMixin):
         return (z_t, _time_input(self.cfg, t)), (x, z_t, z_s, target)
 
     def _prepare_offline(self, micro: dict) -> tuple[tuple, tuple]:
+        # lazy: loads scipy; importing this module does not need it
         from mcd_scale.diffusion.duality import coupled_pair
 
         missing = [k for k in OFFLINE_KEYS if k not in micro]
         if missing:
             raise KeyError(f"offline MCD micro-batch lacks {missing} (has {sorted(micro)}): 'data.trajectories' "
                            f"must point at tools/precompute_trajectories.py output.")
-        from mcd_scale.distill.rounds import pair_span
-
         x = micro["ids"].long()
         t, s = micro["t"].double(), micro["s"].double()
         bad_dt = (t - s - pair_span(self.dt, self.cfg.distill.times)).abs() > 1e-6 * max(1.0, self.dt)
@@ -215,8 +217,6 @@ class McdObjective(_TeacherMixin):
         return _gather(logits_shard, self.dims)
 
     def loss_and_stats(self, logits_shard: torch.Tensor, labels: tuple) -> tuple[torch.Tensor, dict]:
-        from mcd_scale.distill.loss import DenseTopK, mcd_loss
-
         logits = self.full_logits(logits_shard)
         if len(labels) == 4:  # labels are on the device already (TrainEngine moved them)
             x, z_t, z_s, target = labels
@@ -239,8 +239,6 @@ class SdttObjective(_TeacherMixin):
     name = "sdtt"
 
     def __init__(self, cfg: Config, dims: ParallelDims, teacher_state: Optional[dict] = None):
-        from mcd_scale.distill.rounds import round_dt, round_temperature
-
         self.cfg, self.dims = cfg, dims
         d = cfg.distill
         self.schedule = get_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
@@ -254,10 +252,6 @@ class SdttObjective(_TeacherMixin):
         self.teacher = build_frozen_teacher(cfg, dims, teacher_state)
 
     def prepare(self, micro: dict, step: int) -> tuple[tuple, tuple]:
-        from mcd_scale.diffusion.masking import mask_tokens, sample_times
-        from mcd_scale.distill.sdtt import sdtt_targets
-        from mcd_scale.rng import keyed_generator
-
         d, seed = self.cfg.diffusion, self.cfg.train.seed
         x = micro["ids"].long()
         t = sample_times(micro["position"].long(), self.cfg.parallel.global_batch, step, seed, d.t_min, d.antithetic)
@@ -269,8 +263,6 @@ class SdttObjective(_TeacherMixin):
         return (z_t, _time_input(self.cfg, t)), (z_t, target)
 
     def loss_and_stats(self, logits_shard: torch.Tensor, labels: tuple) -> tuple[torch.Tensor, dict]:
-        from mcd_scale.distill.sdtt import sdtt_loss
-
         logits = _gather(logits_shard, self.dims)
         z_t, target = labels  # on the device already (TrainEngine moved them)
         return sdtt_loss(logits, z_t, target, self.vocab_size)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from mcd_scale.rng import keyed_generator
+from mcd_scale.diffusion.sampling import sampling_times
 
 REVEAL_ORDERS = ("random", "strided")
 BAND_PURPOSE = "coupled-strided-bands"  # keyed_generator purpose of the per-sample band permutation
@@ -32,8 +33,6 @@ def ordered_thresholds(u: torch.Tensor, sample_ids: torch.Tensor, seed: int, rou
         raise ValueError(f"reveal order must be one of {REVEAL_ORDERS}, got {order!r}")
     if stride < 2:
         raise ValueError(f"the strided reveal order needs a stride >= 2, got {stride}")
-    from mcd_scale.diffusion.sampling import sampling_times
-
     B, L = u.shape
     grid = schedule.alpha(sampling_times(stride).to(torch.float64))  # increasing: alpha(1) ~ 0 ... alpha(t_N) ~ 1
     classes = torch.arange(L) % stride

@@ -13,6 +13,7 @@ import torch
 
 from mcd_scale.config import DistillConfig
 from mcd_scale.config import round_dt as schema_round_dt
+from mcd_scale.diffusion.sampling import T_END, sampling_times
 
 
 def _check_round(n: int) -> None:
@@ -81,8 +82,6 @@ def grid_times(t: torch.Tensor, dt: float, t_min: float = 1e-3) -> tuple[torch.T
     stratified over the n steps and a larger t picks an earlier (noisier) step. t' - s = (1 - T_END) / n,
     not exactly dt (:func:`pair_span`). dt must be 1/n for an integer n (within 1e-9).
     """
-    from mcd_scale.diffusion.sampling import sampling_times
-
     n = round(1.0 / dt) if dt > 0 else 0
     if n < 1 or abs(n * dt - 1.0) > 1e-9:
         raise ValueError(f"'distill.times: grid' needs every round's dt to be 1/n for a whole number of sampler "
@@ -106,8 +105,6 @@ def round_times(t: torch.Tensor, dt: float, t_min: float, mode: str) -> tuple[to
 
 def pair_span(dt: float, mode: str) -> float:
     """t - s of every pair :func:`round_times` makes: dt ('uniform'), (1 - T_END) dt ('grid')."""
-    from mcd_scale.diffusion.sampling import T_END
-
     return dt if mode == "uniform" else (1.0 - T_END) * dt
 
 

@@ -141,6 +141,7 @@ def render(table: Mapping) -> str:
 
 def write_table(sample_files: Sequence[str], chain_path: str, out_prefix: str, many_steps: int, few_steps: int,
                 draws: int = 1000, pair_prefix: bool = False) -> dict:
+    # lazy: loads torch; importing this module does not need it
     from mcd_scale.eval.synthetic import load_source
     chain = load_source(chain_path)
     rows = []

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mcd_scale.eval.synthetic import MarkovChain2, SwitchingChain
+
 
 def _inverse_cdf_cols(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Column-wise inverse CDF: weights [n, B] (unnormalised, >= 0), u [B] -> index [B]."""
@@ -37,9 +39,6 @@ def sample_posterior(chain, z: torch.Tensor, uniforms: torch.Tensor, chunk: int 
     uniforms: float64 [B, L] in [0, 1), the row's randomness (see the module docstring).
     chunk: rows per forward pass (the stored messages take L * chunk * S^2 float64).
     """
-    from mcd_scale.eval.synthetic import MarkovChain2
-    from mcd_scale.eval.synthetic import SwitchingChain
-
     if isinstance(chain, MarkovChain2):
         sample_chunk = _sample_chunk
     elif isinstance(chain, SwitchingChain):

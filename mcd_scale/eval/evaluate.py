@@ -38,6 +38,11 @@ from mcd_scale.eval.bootstrap import SampleScores
 from mcd_scale.eval.metrics import gen_ppl, mean_unigram_entropy, per_sample_unigram_entropy
 from mcd_scale.eval.report import DEFAULT_SAMPLER, SAMPLERS, config_key, sampler_of, write_report
 from mcd_scale.eval.synthetic import load_source
+from mcd_scale.cli import ArgumentParser, add_out_arg, fail, input_errors
+from mcd_scale.data.manifest import load_manifest
+from mcd_scale.eval.ar_evaluator import AREvaluator, train_ar_evaluator
+from mcd_scale.eval.gen_ppl import GenPPLEvaluator
+from mcd_scale.eval.hf_evaluator import HFEvaluator
 
 GROUP_KEYS = ("benchmark", "model", "round", "steps", "temperature")
 
@@ -97,8 +102,6 @@ class MDLMGenPPL:
     """--gen-ppl: MDLM's convention over one configuration's rows (their texts, retokenized together)."""
 
     def __init__(self, args: argparse.Namespace, tokenizer=None):
-        from mcd_scale.eval.gen_ppl import GenPPLEvaluator
-
         self.tokenizer = tokenizer
         self._loaded: dict = {}
         self.max_length = args.gen_ppl_max_length
@@ -111,6 +114,7 @@ class MDLMGenPPL:
         if self.tokenizer is not None or not row.get("tokenizer"):
             return self.tokenizer
         if row["tokenizer"] not in self._loaded:
+            # lazy: loads sentencepiece; importing this module does not need it
             from mcd_scale.data.tokenizer import TokenizerError, load_tokenizer
             try:
                 self._loaded[row["tokenizer"]] = load_tokenizer(row["tokenizer"])
@@ -163,11 +167,11 @@ class TextScorer:
     def __init__(self, args: argparse.Namespace):
         self.tokenizer = None
         if args.tokenizer:
+            # lazy: loads sentencepiece; importing this module does not need it
             from mcd_scale.data.tokenizer import load_tokenizer
             self.tokenizer = load_tokenizer(args.tokenizer)
         self.ar = self.hf = None
         if args.ar_evaluator:
-            from mcd_scale.eval.ar_evaluator import AREvaluator
             if args.train_ar_evaluator and not os.path.isdir(args.ar_evaluator):
                 self.ar = train_from_prepared(args)
                 self.ar.save(args.ar_evaluator)
@@ -175,7 +179,6 @@ class TextScorer:
                 self.ar = AREvaluator.load(args.ar_evaluator)
             self.name = f"ar:{args.ar_evaluator}"
         elif args.hf_model or args.smollm2:
-            from mcd_scale.eval.hf_evaluator import HFEvaluator
             self.hf = HFEvaluator.smollm2() if args.smollm2 else HFEvaluator(args.hf_model, gguf_file=args.gguf_file)
             self.name = f"hf:{self.hf.name}"
         else:
@@ -217,6 +220,7 @@ class TextScorer:
 
 
 def prepared_ids(data: str, split: str, limit: int) -> torch.Tensor:
+    # lazy: loads webdataset; importing this module does not need it
     from mcd_scale.data.loader import open_prepared
     ds = open_prepared(data, split)
     n = len(ds) if limit <= 0 else min(limit, len(ds))
@@ -224,8 +228,6 @@ def prepared_ids(data: str, split: str, limit: int) -> torch.Tensor:
 
 
 def train_from_prepared(args: argparse.Namespace):
-    from mcd_scale.data.manifest import load_manifest
-    from mcd_scale.eval.ar_evaluator import train_ar_evaluator
     if not args.data:
         raise EvaluateError("--train-ar-evaluator needs --data (a prepared token directory)")
     vocab = int(load_manifest(args.data)["vocab_size"])
@@ -261,8 +263,6 @@ def aggregate(rows: list[dict], score: Callable[[list[dict]], tuple[np.ndarray, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mcd_scale.cli import ArgumentParser, add_out_arg
-
     ap = ArgumentParser(prog="tools/evaluate.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", required=True, metavar="FILE", help="samples.jsonl")
     add_out_arg(ap, required=True, help="where report.json/.md and plots go")
@@ -293,8 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from mcd_scale.cli import fail, input_errors
-
     args = build_parser().parse_args(argv)
     try:
         rows = read_samples(args.samples)
@@ -335,6 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise EvaluateError(f"--gen-ppl-batch-size must be >= 1, got {args.gen_ppl_batch_size}")
             tokenizer = None
             if args.tokenizer:
+                # lazy: loads sentencepiece, only needed with --tokenizer
                 from mcd_scale.data.tokenizer import load_tokenizer
                 tokenizer = load_tokenizer(args.tokenizer)
             mdlm = MDLMGenPPL(args, tokenizer) if args.gen_ppl else None

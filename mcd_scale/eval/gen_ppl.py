@@ -84,6 +84,7 @@ class GenPPLEvaluator:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # evaluators must never reach the network
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         transformers = import_transformers()
+        # lazy: loads torch; importing this module does not need it
         import torch
 
         self._torch = torch

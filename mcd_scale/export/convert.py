@@ -25,10 +25,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+import warnings
+
+import yaml
 
 from mcd_scale.cli import InputError
-from mcd_scale.checkpoint.integrity import IntegrityError, sha256_file, verify
+from mcd_scale.checkpoint.integrity import IntegrityError, read_marker, record_files, sha256_file, verify
+from mcd_scale.config import ConfigError, from_dict, load_config, to_yaml, validate_layout
 
 EXPORT_FORMAT = "mcd_scale-export-v1"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the worker ranks import mcd_scale from here
@@ -50,6 +59,7 @@ def checkpoint_dir(path: str) -> str:
 def check_safetensors(path: str) -> None:
     """A header that parses and a data section of the size it declares (catches truncation even for
     a checkpoint written before integrity records)."""
+    # lazy: loads safetensors; importing this module does not need it
     from safetensors import safe_open
 
     try:
@@ -63,11 +73,8 @@ def check_safetensors(path: str) -> None:
 
 def param_count_from_config(cfg_dict: dict) -> tuple[int, int]:
     """(tensors, parameters) of the model a config describes, built on the meta device (no memory)."""
-    import warnings
-
+    # lazy: loads torch, megatron; importing this module does not need them
     import torch
-
-    from mcd_scale.config import from_dict
 
     with warnings.catch_warnings():  # megatron's import-time notes about optional fused kernels
         warnings.simplefilter("ignore")
@@ -110,10 +117,10 @@ def _sizes(ckpt: str) -> dict:
 def inspect(path: str) -> dict:
     """Summary of the latest (or given) tag. An integrity failure is recorded in ``info['integrity']`` as
     ``{"status": "bad", "error": ...}`` and nothing of the bad file is read; main() reports it and exits 2."""
+    # lazy: loads torch, safetensors; importing this module does not need them
     from safetensors import safe_open
 
     from mcd_scale.checkpoint.store import list_tags
-    from mcd_scale.checkpoint.integrity import read_marker
 
     ckpt = checkpoint_dir(path)
     root = os.path.dirname(ckpt)
@@ -217,8 +224,6 @@ class OutputDir:
         return self.adopt(rel)
 
     def copy(self, rel: str, src: str) -> str:
-        import shutil
-
         return self.place(rel, lambda tmp: shutil.copyfile(src, tmp))
 
     def text(self, rel: str, text: str) -> str:
@@ -242,8 +247,6 @@ class OutputDir:
 
 
 def read_cfg(ckpt: str) -> dict:
-    import yaml
-
     with open(os.path.join(ckpt, "config.resolved.yaml"), encoding="utf-8") as fh:
         return yaml.safe_load(fh)
 
@@ -256,6 +259,7 @@ def tag_step(ckpt: str) -> int:
 def run_tokenizer(cfg: dict):
     """The tokenizer of the run's prepared data (its manifest's entry), or None for data without one
     (the synthetic benchmark)."""
+    # lazy: loads numpy, sentencepiece; importing this module does not need them
     from mcd_scale.data.tokenizer import load_tokenizer
 
     data = (cfg.get("data") or {}).get("path") or ""
@@ -269,8 +273,6 @@ def run_tokenizer(cfg: dict):
 
 
 def export(path: str, out: str, ema: bool, force: bool = False) -> str:
-    import yaml
-
     ckpt = checkpoint_dir(path)
     name = "model_ema.safetensors" if ema else "model.safetensors"
     src = os.path.join(ckpt, name)
@@ -297,8 +299,6 @@ def export(path: str, out: str, ema: bool, force: bool = False) -> str:
 
 # ------------------------------------------------------------------ conversion ranks (mcd_scale/checkpoint/worker.py)
 def _free_port() -> int:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -307,12 +307,6 @@ def _free_port() -> int:
 def run_workers(ckpt: str, jobs: list[dict]) -> dict:
     """Rebuild the tag's layout on local CPU ranks (one process per saved rank, gloo) and run ``jobs`` there.
     Returns rank 0's JSON report; an input error of any rank becomes this process's InputError."""
-    import subprocess
-    import tempfile
-    import time
-
-    from mcd_scale.checkpoint.integrity import read_marker
-
     world = int(read_marker(ckpt).get("world_size", 1))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_"))}
     env.update({"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
@@ -363,8 +357,6 @@ def check_weights_choice(cfg: dict, weights: str, ckpt: str) -> None:
 
 def consolidate(path: str, out: str, weights: str = "raw", dtype: str | None = None, force: bool = False) -> dict:
     """``model.safetensors`` (+ configs) in ``out``, built from the tag's DeepSpeed shards."""
-    import yaml
-
     ckpt = checkpoint_dir(path)
     replaced = prepare_out(out, force)
     verify(ckpt)  # every file: DeepSpeed unpickles its shards
@@ -387,8 +379,7 @@ def reshard(path: str, out: str, tp: int, pp: int, zero: int | None = None, worl
             force: bool = False) -> dict:
     """A run directory in ``out`` whose latest tag resumes training at tp/pp/zero (any DP size): a
     universal-only tag (universal.safetensors + consolidated weights + TrainState) and config.yaml."""
-    from mcd_scale.config import ConfigError, load_config, to_yaml, validate_layout
-    from mcd_scale.checkpoint.integrity import read_marker, record_files
+    # lazy: loads torch; importing this module does not need it
     from mcd_scale.checkpoint.universal import FILE, UNIVERSAL_ONLY, has_ema
 
     ckpt = checkpoint_dir(path)

@@ -14,10 +14,13 @@ import json
 import os
 from typing import Optional, Sequence
 
+import yaml
+
 from mcd_scale.cli import InputError
 from mcd_scale.export.convert import (OutputDir, check_safetensors, check_weights_choice, checkpoint_dir,
                                           param_count_from_config, prepare_out, read_cfg, run_workers, tag_step)
 from mcd_scale.checkpoint.integrity import verify
+from mcd_scale.config import ModelConfig, from_dict
 
 HF_MODELING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_export", "modeling_mcd.py")
 SAMPLERS = ("ancestral", "coupled")
@@ -28,8 +31,6 @@ SP_BYTE, SP_NORMAL, SP_UNKNOWN, SP_CONTROL, SP_USER = 6, 1, 2, 3, 4  # sentencep
 
 def hf_config(model: dict, dtype: str, diffusion: Optional[dict] = None, sampling: Optional[dict] = None) -> dict:
     """config.json of an export-hf directory from the resolved ``model`` (and ``diffusion``) sections."""
-    from mcd_scale.config import ModelConfig
-
     m = ModelConfig(**model)
     diffusion = diffusion or {}
     return {"architectures": ["MCDModel"], "model_type": "mcd_mdlm",
@@ -48,6 +49,7 @@ def sentencepiece_to_fast(model_file: str):
     identity normalisation, no dummy prefix, whitespace as U+2581, byte fallback, ``"\\n"`` a user piece).
     BPE merges are every split of a normal piece into two known pieces, in piece order (SentencePiece
     BPE scores pieces by merge rank)."""
+    # lazy: loads sentencepiece, tokenizers; importing this module does not need them
     from sentencepiece import sentencepiece_model_pb2 as pb
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
@@ -214,8 +216,6 @@ same seed. `model(input_ids, timesteps=t).logits` is the raw network ([B, L, {pa
 
 def model_card(cfg: dict, step: int, params: int, weights: str, sampling: dict, license: str,
                datasets: Sequence[str], evaluation: Optional[list[dict]], repo_id: str) -> str:
-    import yaml
-
     model = cfg.get("model", {})
     front = {"license": license, "library_name": "transformers", "pipeline_tag": "text-generation",
              "tags": ["masked-diffusion", "mcd_scale", str(cfg.get("train", {}).get("objective", "mdlm"))]}
@@ -224,8 +224,6 @@ def model_card(cfg: dict, step: int, params: int, weights: str, sampling: dict, 
     table = (_table(evaluation) + "\nRows as `tools/evaluate.py` wrote them (docs/evaluation.md of mcd_scale).\n"
              if evaluation else "No evaluation was attached to this export (`export-hf --evaluation FILE`).\n")
     vocab = int(model.get("vocab_size", 0))
-    from mcd_scale.config import ModelConfig
-
     m = ModelConfig(**model)
     return CARD.format(front=yaml.safe_dump(front, sort_keys=False), name=cfg.get("run", {}).get("name", "mcd_scale model"),
                        objective=cfg.get("train", {}).get("objective"), step=step, params=params, weights=weights,
@@ -238,7 +236,7 @@ def recommended_steps(cfg: dict) -> int:
     """256 for a teacher (MDLM's tables sample with up to 1,024); 1/dt of the trained round for a student."""
     if cfg.get("train", {}).get("objective", "mdlm") == "mdlm":
         return 256
-    from mcd_scale.config import from_dict
+    # lazy: loads torch; importing this module does not need it
     from mcd_scale.distill.rounds import round_dt
 
     c = from_dict(cfg)
@@ -251,8 +249,7 @@ def export_hf(path: str, out: str, weights: str = "raw", tokenizer: Optional[str
               steps: Optional[int] = None, sampler: str = "ancestral", temperature: float = 1.0,
               repo_id: Optional[str] = None) -> dict:
     """Write the directory (module docstring) for the checkpoint ``path`` into ``out``."""
-    import yaml
-
+    # lazy: loads numpy, sentencepiece; importing this module does not need them
     from mcd_scale.data.tokenizer import TokenizerError, load_tokenizer
 
     ckpt = checkpoint_dir(path)

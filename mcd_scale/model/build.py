@@ -29,6 +29,7 @@ def zero3_init_context(ds_config: Optional[dict], dims, dtype: torch.dtype):
     world would mix different TP shards), or a null context when ZeRO-3 is off."""
     if not ds_config or ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
         return contextlib.nullcontext()
+    # lazy: loads deepspeed; importing this module does not need it
     import deepspeed
 
     # dtype is left to the DeepSpeed config: zero.Init's explicit `dtype` argument is ignored on

@@ -10,6 +10,8 @@ peak memory is one full logical tensor, never the whole model.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -33,11 +35,10 @@ def logical_init_tensor(name: str, shape: tuple[int, ...], init_kind: str, std: 
 def _zero3_gathered(param: nn.Parameter):
     """A context in which ``param.data`` is the full local (TP-shard) tensor; written back on exit."""
     if hasattr(param, "ds_id"):
+        # lazy: loads deepspeed; importing this module does not need it
         import deepspeed
 
         return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
-    import contextlib
-
     return contextlib.nullcontext()
 
 

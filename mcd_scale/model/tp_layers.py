@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import ModelParallelConfig
+from megatron.core import ModelParallelConfig, parallel_state
 from mcd_scale.parallel import collectives
 from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                            copy_to_tensor_model_parallel_region)
@@ -137,8 +137,6 @@ def gather_vocab_logits(logits_shard: torch.Tensor, tp_size: int, tp_group=None)
     if tp_size == 1:
         return logits_shard
     if tp_group is None:
-        from megatron.core import parallel_state
-
         tp_group = parallel_state.get_tensor_model_parallel_group()
     if tp_group.size() != tp_size:
         raise ValueError(f"gather_vocab_logits: tp_size={tp_size} but the group has {tp_group.size()} ranks")

@@ -100,6 +100,7 @@ def _register_tied_for_zero3(module: nn.Module, weight: nn.Parameter) -> None:
     """Under ZeRO-3 a parameter is gathered only inside its owner's forward; the tied head uses the
     embedding weight outside it, so register it as an external parameter of ``module``."""
     if hasattr(weight, "ds_id"):
+        # lazy: loads deepspeed; importing this module does not need it
         import deepspeed
 
         deepspeed.zero.register_external_parameter(module, weight)

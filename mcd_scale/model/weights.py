@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from mcd_scale.parallel import collectives
 from mcd_scale.model.logical import local_slice, logical_parameters
@@ -20,6 +22,7 @@ from mcd_scale.model.logical import local_slice, logical_parameters
 def _gathered(param: nn.Parameter, modify: bool):
     """ZeRO-3: make ``param.data`` the full local tensor (collective over the param's DP group)."""
     if hasattr(param, "ds_id"):
+        # lazy: loads deepspeed; importing this module does not need it
         import deepspeed
 
         return deepspeed.zero.GatheredParameters([param], modifier_rank=0 if modify else None)
@@ -129,8 +132,6 @@ def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor], dims
 
 def save_safetensors(state: dict[str, torch.Tensor], path: str, metadata: Optional[dict[str, str]] = None) -> None:
     """Write ``state`` as safetensors atomically (temp file in the same directory, then rename)."""
-    from safetensors.torch import save_file
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -144,8 +145,6 @@ def save_safetensors(state: dict[str, torch.Tensor], path: str, metadata: Option
 
 def load_safetensors(path: str) -> dict[str, torch.Tensor]:
     """Read a safetensors file (no pickle) into CPU tensors."""
-    from safetensors.torch import load_file
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file '{path}' does not exist")
     return load_file(path, device="cpu")
@@ -153,7 +152,5 @@ def load_safetensors(path: str) -> dict[str, torch.Tensor]:
 
 def safetensors_metadata(path: str) -> dict[str, str]:
     """The string metadata stored with :func:`save_safetensors`."""
-    from safetensors import safe_open
-
     with safe_open(path, framework="pt") as fh:
         return dict(fh.metadata() or {})

@@ -16,6 +16,7 @@ initialise it from the same object so the two agree.)
 """
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import socket
@@ -165,6 +166,7 @@ class ParallelDims:
 
     def __post_init__(self):
         if self.device is None:  # a layout built by hand (tests, tools without a process group): the host
+            # lazy: loads torch; importing this module does not need it
             import torch
 
             self.device = torch.device("cpu")
@@ -223,6 +225,7 @@ class ParallelDims:
 
         ``timeout_s`` bounds every collective on those groups (ZeRO's and TP's traffic runs on them, not on
         the world group): megatron-core's own default is 30 minutes."""
+        # lazy: loads torch, megatron; importing this module does not need them
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
@@ -258,6 +261,7 @@ class ParallelDims:
 
     def deepspeed_topology(self):
         """DeepSpeed's pipeline topology (axes pipe, data, model) for the same layout."""
+        # lazy: loads deepspeed; importing this module does not need it
         from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
         return PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
@@ -310,6 +314,7 @@ def backend_for_device(env: Optional[dict] = None) -> str:
     ``DS_ACCELERATOR`` (set by the tests, or by anyone forcing DeepSpeed onto the host) wins over CUDA's
     presence: DeepSpeed then keeps its tensors on the host, and an NCCL group would reject them, so a
     test suite run on a GPU machine would fail where it passes on a CPU one."""
+    # lazy: loads torch; importing this module does not need it
     import torch
 
     env = os.environ if env is None else env
@@ -346,6 +351,7 @@ def disable_deepspeed_shm_allreduce() -> None:
     thrash. The op only serves ``inference_all_reduce``, which training never calls; gloo/NCCL do
     every collective we use. Marking it incompatible is DeepSpeed's own switch for "op unavailable".
     """
+    # lazy: loads deepspeed; importing this module does not need it
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -357,9 +363,8 @@ def init_distributed(tp: int = 1, pp: int = 1, timeout_s: float = 600.0) -> Para
     ``timeout_s`` (config ``distributed.timeout_s``) bounds the rendezvous and every collective, on the
     world group and on megatron-core's groups: a rank whose peer died or hangs fails after it instead of
     waiting forever (docs/reliability.md)."""
+    # lazy: loads torch, deepspeed; importing this module does not need them
     import torch
-
-    import datetime
 
     import deepspeed
 
@@ -391,6 +396,7 @@ def shutdown(drain: bool = True) -> None:
     (measured abort rates: docs/architecture.md, "Teardown"). On an error path a peer may never
     reach the barrier, so callers pass ``drain=False``.
     """
+    # lazy: loads torch, megatron; importing this module does not need them
     import torch.distributed as dist
 
     from mcd_scale.parallel import collectives
@@ -411,6 +417,7 @@ def shutdown(drain: bool = True) -> None:
 
 def all_ranks_agree_ok(ok: bool, message: str = "") -> None:
     """Raise on every rank if any rank failed (so errors never leave peers hanging in a collective)."""
+    # lazy: loads torch; importing this module does not need it
     import torch
 
     from mcd_scale.parallel import collectives
@@ -431,6 +438,7 @@ def to_device(obj: Any, device: "torch.device") -> Any:
     Called once per micro-batch by the engine (mcd_scale/training/engine.py). To a CUDA device the host tensors go
     through pinned memory with ``non_blocking=True``, so the copy overlaps the previous micro-batch's compute;
     tensors already there are returned as they are (no copy)."""
+    # lazy: loads torch; importing this module does not need it
     import torch
 
     if torch.is_tensor(obj):
@@ -448,6 +456,7 @@ def to_device(obj: Any, device: "torch.device") -> Any:
 
 def backend_device() -> "torch.device":
     """cuda:<current> when the process group's backend is NCCL, else the host (gloo, or no group)."""
+    # lazy: loads torch; importing this module does not need it
     from mcd_scale.parallel.collectives import comm_device
 
     return comm_device()

@@ -9,6 +9,11 @@ import os
 import numpy as np
 import torch
 
+from mcd_scale.config import load_config, save_resolved
+from mcd_scale.data.manifest import write_manifest
+from mcd_scale.parallel.distributed import shutdown
+from mcd_scale.rng import keyed_generator
+
 # The checkout's configs/ (benchmarks run from a checkout, never from an installed package).
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -20,13 +25,11 @@ def tiny_overrides(a) -> list[str]:
 
 
 def make_inputs(root: str, a):
-    from mcd_scale.config import load_config, save_resolved
+    # lazy: loads megatron, webdataset; importing this module does not need them
     from mcd_scale.data.loader import TOKENS_FORMAT, TOKENS_FORMAT_VERSION
-    from mcd_scale.data.manifest import write_manifest
     from mcd_scale.data.shards import write_shards
     from mcd_scale.model.build import build_model
     from mcd_scale.model.weights import full_state_dict, save_safetensors
-    from mcd_scale.rng import keyed_generator
 
     cfg = load_config([os.path.join(REPO, "configs", "tiny", "teacher.yaml")], tiny_overrides(a))
     teacher = os.path.join(root, "teacher")
@@ -48,7 +51,7 @@ def make_inputs(root: str, a):
 
 
 def run_precompute(teacher: str, tokens: str, out: str, a) -> float:
-    from mcd_scale.parallel.distributed import shutdown
+    # lazy: loads webdataset; importing this module does not need it
     from mcd_scale.training.precompute import build_parser, precompute
 
     args = build_parser().parse_args(["--teacher", teacher, "--data", tokens, "--out", out, "--no-progress",

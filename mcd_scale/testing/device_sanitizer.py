@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import runpy
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from mcd_scale.parallel import collectives, distributed
 
 STAND_IN = torch.device("cpu")  # the run's "device"; recognised by identity (torch.device('cpu') is a new object)
 
@@ -190,8 +193,6 @@ class DeviceSanitizer(TorchFunctionMode):
         return module
 
     def __enter__(self):
-        from mcd_scale.parallel import collectives, distributed
-
         original_to_device = distributed.to_device
 
         def to_device(obj, device):
@@ -297,8 +298,6 @@ def main(argv: Optional[list] = None) -> int:
     """``python -m mcd_scale.testing.device_sanitizer SCRIPT.py ARGS`` or ``... -m MODULE ARGS``: run a tool or
     an entry point under the sanitizer (from before its process group starts, so its ``dims.device`` is the
     stand-in). Exit 3 with the violations on stderr if anything mixed, else the program's own exit code."""
-    import runpy
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] == "-m" and len(argv) < 2):
         print("usage: python -m mcd_scale.testing.device_sanitizer (SCRIPT.py | -m MODULE) [ARGS...]", file=sys.stderr)

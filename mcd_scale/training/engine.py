@@ -24,6 +24,9 @@ from mcd_scale.config import Config
 from mcd_scale.parallel.deepspeed import deepspeed_config
 from mcd_scale.parallel.distributed import ParallelDims, to_device
 from mcd_scale.training.nonfinite import GradFiniteGuard, PipelineNonFiniteGuard, guard_nonfinite, poisoned
+from mcd_scale.data.bad_input import stop_every_rank
+from mcd_scale.training import faults
+from mcd_scale.training.optim import build_optimizer
 
 
 def lr_lambda(cfg: Config) -> Callable[[int], float]:
@@ -56,6 +59,7 @@ class TrainEngine:
     """
 
     def __init__(self, cfg: Config, dims: ParallelDims, loss_fn: Callable, init_state: Optional[dict] = None):
+        # lazy: loads deepspeed; importing this module does not need it
         import deepspeed
 
         self.cfg, self.dims, self.loss_fn = cfg, dims, loss_fn
@@ -65,8 +69,6 @@ class TrainEngine:
         module = self._build_module(ds_cfg, init=init_state is None)
         self._load_init_state(module, init_state)
         trainable = [p for p in module.parameters() if p.requires_grad]
-        from mcd_scale.training.optim import build_optimizer
-
         optimizer = build_optimizer(cfg, trainable, dims.device)  # fused kernel on CUDA (mcd_scale/training/optim.py)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         # DeepSpeed would put its engine on cuda:LOCAL_RANK; under a one-GPU-per-rank binding that is not the
@@ -76,8 +78,6 @@ class TrainEngine:
             args=args, model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
             mpu=None if self.pipeline else dims.mpu(), dist_init_required=False)
         self.module = module
-        from mcd_scale.training import faults
-
         # Fault injection first (tests/faults): a hook registered earlier runs earlier, so the guard sees it.
         faults.install(module, dims.rank, lambda: int(self.engine.global_steps) + 1)
         # Both menus: this rank's own parameters (a pipeline stage's, under pp > 1).
@@ -89,6 +89,7 @@ class TrainEngine:
 
     # ------------------------------------------------------------------ construction
     def _build_module(self, ds_cfg: dict, init: bool):
+        # lazy: loads deepspeed; importing this module does not need it
         from mcd_scale.model.build import build_model
 
         if self.pipeline:
@@ -100,6 +101,7 @@ class TrainEngine:
 
     def _load_init_state(self, module, init_state: Optional[dict]) -> None:
         if init_state is not None:
+            # lazy: loads megatron; importing this module does not need it
             from mcd_scale.model.weights import load_full_state_dict
 
             load_full_state_dict(module, init_state, self.dims)
@@ -172,8 +174,6 @@ class TrainEngine:
                                        torch.full_like(loss_sum, float(bad_input is not None))])
                 bad_total, loss_total, stop_total, bad_inputs = collectives.all_reduce(summary, "sum").tolist()
                 if bad_inputs > 0:  # every rank, before any update (mcd_scale/data/bad_input.py)
-                    from mcd_scale.data.bad_input import stop_every_rank
-
                     stop_every_rank(bad_input)
                 skipped = bad_total > 0
                 old = self.set_lr_scale(0.0) if skipped else None
@@ -219,6 +219,7 @@ class TrainEngine:
         return float(self.engine.optimizer.param_groups[0]["lr"])
 
     def full_state_dict(self) -> dict:
+        # lazy: loads megatron; importing this module does not need it
         from mcd_scale.model.weights import full_state_dict
 
         return full_state_dict(self.module, self.dims)

@@ -30,6 +30,7 @@ number means the same step in a resumed run.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -81,8 +82,6 @@ def pause_for_preemption(name: str, timeout_s: float = 120.0) -> None:
     without any timing guess. Callers: the trainer after step ``MCD_FAULT_PAUSE_AT_STEP`` (rank 0), the
     precompute tool after ``MCD_FAULT_PAUSE_AFTER_SHARDS`` shards (rank 0).
     """
-    import time
-
     directory = os.environ.get(PAUSE_DIR_ENV, "")
     if not directory:
         return
@@ -177,8 +176,6 @@ class SampleLog:
         return cls(directory, rank) if directory else None
 
     def record(self, step: int, micro_batches: list) -> None:
-        import json
-
         ids = [int(i) for mb in micro_batches for i in mb["sample_id"].tolist()]
         pos = [int(p) for mb in micro_batches for p in mb["position"].tolist()]
         with open(self.path, "a", encoding="utf-8") as fh:

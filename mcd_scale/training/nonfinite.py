@@ -86,6 +86,7 @@ class PipelineNonFiniteGuard:
 
     def __init__(self, engine, loss_fn: Callable, device, set_lr_scale: Callable[[float], list],
                  restore_lr: Callable[[list], None], grad_guard=None):
+        # lazy: loads deepspeed; importing this module does not need it
         from deepspeed.runtime.pipe import schedule
 
         self.engine, self.loss_fn, self.device, self.grad_guard = engine, loss_fn, device, grad_guard

@@ -14,6 +14,9 @@ import torch
 from mcd_scale.config import Config
 from mcd_scale.diffusion.schedules import get_schedule
 from mcd_scale.parallel.distributed import ParallelDims
+from mcd_scale.diffusion.masking import mask_tokens, sample_times
+from mcd_scale.diffusion.nelbo import nelbo_loss_vocab_parallel, nelbo_token_weights
+from mcd_scale.distill.objective import build_distill_objective
 
 
 class MdlmObjective:
@@ -27,9 +30,6 @@ class MdlmObjective:
         self.mask_id = cfg.model.mask_id
 
     def prepare(self, micro: dict, step: int, seed_offset: int = 0) -> tuple[tuple, tuple]:
-        from mcd_scale.diffusion.masking import mask_tokens, sample_times
-        from mcd_scale.diffusion.nelbo import nelbo_token_weights
-
         d = self.cfg.diffusion
         x = micro["ids"].long()
         seed = self.cfg.train.seed + seed_offset
@@ -40,8 +40,6 @@ class MdlmObjective:
         return (z_t, t_in), (x, weights)
 
     def loss(self, logits: torch.Tensor, labels: tuple) -> torch.Tensor:
-        from mcd_scale.diffusion.nelbo import nelbo_loss_vocab_parallel
-
         x, weights = labels
         m = self.cfg.model
         return nelbo_loss_vocab_parallel(logits, x, weights, m.vocab_size, m.padded_vocab,
@@ -51,6 +49,4 @@ class MdlmObjective:
 def build_objective(cfg: Config, dims: ParallelDims, teacher=None):
     if cfg.train.objective == "mdlm":
         return MdlmObjective(cfg, dims)
-    from mcd_scale.distill.objective import build_distill_objective
-
     return build_distill_objective(cfg, dims, teacher)

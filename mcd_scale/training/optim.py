@@ -26,6 +26,7 @@ def adamw_options(cfg: Config, device_type: str) -> dict:
 
 def build_optimizer(cfg: Config, params: Iterable, device) -> "torch.optim.Optimizer":  # noqa: F821
     """AdamW over ``params`` for a model living on ``device`` (``ParallelDims.device``)."""
+    # lazy: loads torch; importing this module does not need it
     import torch
 
     device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]

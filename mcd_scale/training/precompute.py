@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from mcd_scale.data.manifest import (ManifestError, dumps_manifest, load_manifest, manifest_path,
                                      sha256_file, write_manifest)
@@ -43,6 +44,20 @@ from mcd_scale.training.signals import PreemptionFlag
 from mcd_scale.data.trajectories import (THRESHOLD_PURPOSE, TIME_PURPOSE, TRAJ_FORMAT,
                                          TRAJ_FORMAT_VERSION, sample_time, threshold_K,
                                          thresholds_for)
+from mcd_scale.cli import (ArgumentParser, add_config_args, add_out_arg, add_quiet_arg, debug, input_error_types,
+                           rank_prefix)
+from mcd_scale.config import ConfigError, load_config
+from mcd_scale.data.loader import open_prepared
+from mcd_scale.data.shards import write_shards
+from mcd_scale.diffusion.schedules import get_schedule
+from mcd_scale.distill.checkpoints import resolve_teacher_file, teacher_digest
+from mcd_scale.distill.disk_plan import (free_bytes, human, round_samples, trajectory_round_bytes,
+                                         trajectory_sample_bytes)
+from mcd_scale.distill.rounds import round_dt, round_temperature, round_times
+from mcd_scale.distill.targets import pack_batch, topk_from_logits
+from mcd_scale.parallel import collectives
+from mcd_scale.parallel.distributed import detect_launch_env, init_distributed, shutdown
+from mcd_scale.training.faults import pause_for_preemption
 
 TOOL_VERSION = "1"
 PARAMS_NAME = "precompute.json"  # the run's parameters, written on first start; a resume must match
@@ -74,10 +89,6 @@ def find_teacher_config(teacher_file: str) -> str:
 def load_inputs(args) -> tuple:
     """(cfg, teacher_file, teacher_digest, train dataset, token manifest, config files). Pure reads,
     identical on every rank, so every rank fails the same way before any collective."""
-    from mcd_scale.config import ConfigError, load_config
-    from mcd_scale.data.loader import open_prepared
-    from mcd_scale.distill.checkpoints import resolve_teacher_file, teacher_digest
-
     try:
         teacher_file = resolve_teacher_file(args.teacher)
     except (FileNotFoundError, ValueError) as exc:
@@ -104,8 +115,6 @@ def load_inputs(args) -> tuple:
 
 def run_params(args, cfg, teacher_file: str, digest: str, tokens: dict, num_samples: int, S: int) -> dict:
     """Everything that determines the payloads (the manifest minus the shard list)."""
-    from mcd_scale.distill.rounds import round_dt, round_temperature
-
     n = cfg.distill.round
     seed = cfg.train.seed
     dt = round_dt(cfg.distill, n)
@@ -215,10 +224,8 @@ def trajectory_batch(model, cfg, params: dict, x: torch.Tensor, gids: torch.Tens
     z_s and s move to the teacher's device once; the vocab gather, the log-softmax and the top-k run
     there, and only the packed top-k (bytes per sample proportional to k, not V) comes back
     (:func:`mcd_scale.distill.targets.pack_batch`)."""
+    # lazy: loads megatron, scipy; importing this module does not need them
     from mcd_scale.diffusion.duality import coupled_pair
-    from mcd_scale.diffusion.schedules import get_schedule
-    from mcd_scale.distill.rounds import round_times
-    from mcd_scale.distill.targets import pack_batch, topk_from_logits
     from mcd_scale.model.tp_layers import gather_vocab_logits
 
     seed, n, t_min, V = params["seed"], params["round"], params["t_min"], params["vocab_size"]
@@ -241,8 +248,6 @@ def trajectory_batch(model, cfg, params: dict, x: torch.Tensor, gids: torch.Tens
 
 def compute_shard(model, cfg, params, train, dims, split_dir: str, j: int, first: int, last: int,
                   batch_size: int, progress) -> dict:
-    from mcd_scale.data.shards import write_shards
-
     def samples():
         for lo in range(first, last + 1, batch_size):
             hi = min(lo + batch_size, last + 1)
@@ -297,16 +302,12 @@ class Preempted(Exception):
 
 def _agree(ok: bool) -> bool:
     """True on every rank iff every rank is ok."""
-    from mcd_scale.parallel import collectives
-
     return not collectives.any_rank(not ok)
 
 
 def round_limit(limit: Optional[str], cfg, available: int) -> int:
     """Samples to precompute: ``--limit N``, ``--limit all`` (the whole split), or by default what the round
     reads (``distill.steps_per_round x parallel.global_batch``; the distillation job reads no further)."""
-    from mcd_scale.distill.disk_plan import round_samples
-
     if limit is None:
         want = round_samples(cfg)
     elif str(limit).lower() == "all":
@@ -325,9 +326,6 @@ def round_limit(limit: Optional[str], cfg, available: int) -> int:
 def dry_run(args, cfg, N: int, S: int, available: int) -> dict:
     """The round's trajectory bytes against the free space of --out's file system; PrecomputeError (exit 2)
     when it does not fit. Nothing is written or launched."""
-    from mcd_scale.distill.disk_plan import free_bytes, human, round_samples, trajectory_round_bytes, \
-        trajectory_sample_bytes
-
     existing = 0
     split_dir = os.path.join(args.out, "train")
     if os.path.isdir(split_dir):  # a resumed round: its finished shards stay
@@ -346,8 +344,7 @@ def dry_run(args, cfg, N: int, S: int, available: int) -> dict:
 
 
 def precompute(args) -> dict:
-    from mcd_scale.parallel import collectives
-    from mcd_scale.parallel.distributed import detect_launch_env, init_distributed
+    # lazy: loads megatron; importing this module does not need it
     from mcd_scale.model.build import build_model
     from mcd_scale.model.weights import load_full_state_dict, load_safetensors
 
@@ -409,8 +406,6 @@ def precompute(args) -> dict:
         todo = collectives.broadcast_object(todo, src=dims.rank_of(0, dims.dp_rank, 0), group=dims.tp_group)
     progress = None
     if rank == 0:
-        from tqdm import tqdm
-
         progress = tqdm(total=sum(last - first + 1 for _, first, last in todo), unit="sample",
                         desc=f"round {params['round']} rank0 (dp={dims.dp})", disable=args.no_progress,
                         file=sys.stderr)
@@ -448,8 +443,6 @@ def precompute(args) -> dict:
                         trajectory_batch(model, cfg, params, x, torch.arange(lo, hi), dims)
                 done += last - first + 1
                 if pause_after and rank == 0 and i + 1 == pause_after:
-                    from mcd_scale.training.faults import pause_for_preemption
-
                     pause_for_preemption(f"precompute-shard{pause_after}")
             if collectives.any_rank(preempt.requested):
                 raise Preempted(f"preemption signal: stopped after {written} shard(s) of this rank; rerun to resume")
@@ -478,8 +471,6 @@ def precompute(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mcd_scale.cli import ArgumentParser, add_config_args, add_out_arg, add_quiet_arg
-
     ap = ArgumentParser(prog="tools/precompute_trajectories.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", required=True, help="teacher run dir, checkpoint dir or model.safetensors")
     ap.add_argument("--data", required=True, metavar="DIR",
@@ -503,9 +494,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from mcd_scale.cli import debug, input_error_types, rank_prefix
-    from mcd_scale.parallel.distributed import shutdown
-
     try:
         res = precompute(args)
     except Preempted as exc:  # every rank agreed at a shard boundary: finished shards are kept

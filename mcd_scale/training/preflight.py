@@ -13,6 +13,7 @@ from mcd_scale.errors import InputError
 
 def check_inputs(cfg, verify_checkpoint: bool = False) -> dict:
     """What the launch will read, checked; returns {what: path} for the dry-run report."""
+    # lazy: loads torch, webdataset; importing this module does not need them
     from mcd_scale.checkpoint.store import checkpoint_root, resolve_load_tag, verify_tag
     from mcd_scale.data.loader import open_prepared
 

@@ -30,6 +30,7 @@ class MetricsLogger:
             os.makedirs(run_dir, exist_ok=True)
             self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
             if tensorboard:
+                # lazy: loads torch; importing this module does not need it
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(log_dir=os.path.join(run_dir, "tb"))
@@ -71,6 +72,40 @@ class MetricsLogger:
             self._tb = None
 
 
+class ThroughputMeter:
+    """Throughput over the steps since the last log line: tokens/s, TFLOP/s per device, MFU and the share of the
+    wall time spent waiting for data (the formulas are in this module's docstring)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, world_size: int,
+                 peak_tflops: Optional[float], start_step: int):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.world_size, self.peak_tflops = world_size, peak_tflops
+        self.last_t, self.last_step, self.wait_s = time.time(), start_step, 0.0
+
+    def add_data_wait(self, seconds: float) -> None:
+        self.wait_s += seconds
+
+    def measure(self, step: int) -> dict[str, Optional[float]]:
+        """tokens_per_s, tflops, mfu, data_wait_pct since the last call (or the start); starts a new window."""
+        now = time.time()
+        dt = max(now - self.last_t, 1e-9)
+        tps = self.tokens_per_step * (step - self.last_step) / dt
+        tflops = self.flops_per_token * tps / self.world_size / 1e12
+        peak = self.peak_tflops
+        out = {"tokens_per_s": tps, "tflops": tflops, "mfu": (tflops / peak) if peak else None,
+               "data_wait_pct": 100.0 * self.wait_s / dt}
+        self.last_t, self.last_step, self.wait_s = now, step, 0.0
+        return out
+
+
+def train_console_line(step: int, total_steps: int, record: dict[str, Any], eta_s: Optional[float]) -> str:
+    """The rank-0 console line of a logged training step (``record`` as written to metrics.jsonl)."""
+    gn = record["grad_norm"]
+    return (f"step {step}/{total_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+            f"gnorm {gn if gn is None else f'{gn:.3f}'} tok/s {record['tokens_per_s']:,.0f} "
+            f"data-wait {record['data_wait_pct']:.1f}% eta {format_eta(eta_s)}")
+
+
 def format_eta(seconds: Optional[float]) -> str:
     if seconds is None:
         return "--:--"
@@ -95,6 +130,7 @@ def plot_loss_curves(run_dir: str) -> Optional[str]:
     val = [(r["step"], r["nelbo"]) for r in rows if r.get("split") == "val" and r.get("nelbo") is not None]
     if not train and not val:
         return None
+    # lazy: loads matplotlib; importing this module does not need it
     import matplotlib
 
     matplotlib.use("Agg")

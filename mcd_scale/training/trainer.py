@@ -15,31 +15,30 @@ import os
 import time
 from typing import Iterator, Optional
 
-from mcd_scale.data import bad_input
+from mcd_scale.data import bad_input, skip_log
 from mcd_scale.parallel import collectives
 from mcd_scale import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
-from mcd_scale.checkpoint.store import (TrainState, checkpoint_root, load_rng_states, load_train_state,
-                                  resolve_load_tag, restore_rng, save_checkpoint, verify_tag)
-from mcd_scale.config import Config, ConfigError, save_resolved, to_yaml
+from mcd_scale.checkpoint.manager import CheckpointManager
+from mcd_scale.checkpoint.store import TrainState
+from mcd_scale.config import Config, save_resolved
 from mcd_scale.parallel.distributed import ParallelDims, init_distributed, shutdown
 from mcd_scale.training.signals import PreemptionFlag
 from mcd_scale.training.validation import validation_nelbo
-from mcd_scale.data.loader import step_batches
-from mcd_scale.training.telemetry import MetricsLogger, format_eta, plot_loss_curves
-
-
-def _barrier():
-    collectives.barrier()
+from mcd_scale.data.loader import MicroBatchLoader, open_prepared, step_batches
+from mcd_scale.training.telemetry import MetricsLogger, ThroughputMeter, plot_loss_curves, train_console_line
+from mcd_scale.data.sampler import GlobalBatchSampler
+from mcd_scale.data.trajectories import open_trajectories
+from mcd_scale.distill.checkpoints import load_teacher_weights
+from mcd_scale.distill.ema import EMA
+from mcd_scale.training.engine import TrainEngine
+from mcd_scale.training.faults import Faults, SampleLog
+from mcd_scale.training.objectives import MdlmObjective, build_objective
 
 
 def build_data(cfg: Config, objective_name: str):
     """(train dataset, validation dataset): token shards, or trajectory shards for offline MCD."""
-    from mcd_scale.data.loader import open_prepared
-
     m = cfg.model
     if objective_name == "mcd" and cfg.distill.teacher_mode == "offline":
-        from mcd_scale.data.trajectories import open_trajectories
-
         train = open_trajectories(cfg)
     else:
         train = open_prepared(cfg.data.path, "train", vocab_size=m.vocab_size, seq_len=m.seq_len,
@@ -65,48 +64,34 @@ def run_training(cfg: Config, dims: Optional[ParallelDims] = None) -> int:
 
 class Trainer:
     def __init__(self, cfg: Config, dims: ParallelDims):
-        from mcd_scale.training.engine import TrainEngine
-        from mcd_scale.training.faults import Faults
-        from mcd_scale.training.objectives import MdlmObjective, build_objective
-
         self.cfg, self.dims = cfg, dims
         self.rank = collectives.rank()
         self.faults = Faults()  # fault injection from MCD_FAULT_* (all off by default)
         self.run_dir = cfg.run.dir
-        self.root = checkpoint_root(self.run_dir)
-        # Every rank resolves the tag itself: checkpoints live on a filesystem all ranks share. Every rank
-        # verifies the tag's integrity record before anything reads it (DeepSpeed unpickles its .pt files),
-        # so a bad file is one line naming it on every rank.
-        self.resume_tag = resolve_load_tag(self.root, cfg.checkpoint.load)
-        if self.resume_tag is not None:  # the ranks split the hashing and agree (a 1B tag is ~17 GB)
-            verify_tag(self.root, self.resume_tag, self.rank, dims.world_size, collectives.all_gather_object)
-        self.universal = self._universal_resume()  # path of universal.safetensors when the layout changed
+        self.checkpoints = CheckpointManager(cfg, dims, self.rank)  # resolves and verifies the tag to resume
         teacher_state = self._teacher_state()
         self.objective = build_objective(cfg, dims, teacher_state)
         self.eval_objective = MdlmObjective(cfg, dims)  # validation NELBO for every stage
-        init_state = teacher_state
-        if self.universal is not None:
-            from mcd_scale.checkpoint.universal import weights_of
-
-            init_state = weights_of(self.universal)
-        self.engine = TrainEngine(cfg, dims, self.objective.loss, init_state=init_state)
+        self.engine = TrainEngine(cfg, dims, self.objective.loss,
+                                  init_state=self.checkpoints.initial_weights(teacher_state))
         if hasattr(self.objective, "attach"):
             self.objective.attach(self.engine)
         self.train_set, self.val_set = build_data(cfg, cfg.train.objective)
         self.state = TrainState(round=cfg.distill.round)
         self.ema = None
         if cfg.train.ema_decay > 0:
-            from mcd_scale.distill.ema import EMA
-
             # Under ZeRO-3 DeepSpeed caches gathered parameters between forwards; swapping EMA weights into
             # the partitions must drop that cache or evaluation silently uses the trained weights.
             release = self.engine.engine.empty_partition_cache if cfg.parallel.zero_stage == 3 else None
             self.ema = EMA([p for p in self.engine.module.parameters() if p.requires_grad], cfg.train.ema_decay,
                            release_cache=release)
-        self._maybe_resume()
+        resumed = self.checkpoints.resume(self.engine, self.ema)  # step, data cursor, round of the resumed run
+        if resumed is not None:
+            self.state = resumed
         if self.rank == 0:  # only once the inputs were read: a failed launch leaves the run's files as they were
             save_resolved(cfg, os.path.join(self.run_dir, "config.resolved.yaml"))
         self.logger = MetricsLogger(self.run_dir, self.rank == 0, cfg.logging.tensorboard, cfg.train.steps)
+        # lazy: loads megatron; importing this module does not need it
         from mcd_scale.model.flops import train_flops_per_token
 
         self.flops_per_token = train_flops_per_token(cfg.model)
@@ -116,100 +101,11 @@ class Trainer:
         """Distillation: the student starts from the teacher's consolidated weights."""
         if self.cfg.train.objective == "mdlm" or not self.cfg.distill.teacher:
             return None
-        from mcd_scale.distill.checkpoints import load_teacher_weights
-
         return load_teacher_weights(self.cfg.distill.teacher)
 
-    def _universal_resume(self) -> Optional[str]:
-        """The universal file to resume from when the checkpoint to resume was written by another layout (None when the
-        layout is the same or there is nothing to resume); a ConfigError naming the fix when it cannot be."""
-        from mcd_scale.checkpoint.universal import FILE, layout_of, native_resume_ok, refuse_reason, saved_layout
-
-        if self.resume_tag is None:
-            return None
-        ckpt = os.path.join(self.root, self.resume_tag)
-        saved = saved_layout(ckpt)
-        here = layout_of(self.cfg.parallel, self.cfg.train.precision, self.dims.world_size)
-        changed = [k for k in here if saved[k] != here[k]]
-        if not changed or native_resume_ok(saved, here):
-            return None
-        diff = ", ".join(f"{k} {saved[k]} -> {here[k]}" for k in changed)
-        path = os.path.join(ckpt, FILE)
-        if not os.path.exists(path):
-            raise ConfigError(f"{ckpt} was written by another layout ({diff}) and has no {FILE}: resume with the "
-                              f"saved layout, or write checkpoints with 'checkpoint.universal: true' to resume "
-                              f"at any layout")
-        reason = refuse_reason(self.cfg, path)
-        if reason:
-            raise ConfigError(f"{ckpt}: resuming at another layout ({diff}): {reason}")
-        if self.rank == 0:
-            print(f"universal resume from {path}: {diff}", flush=True)
-        return path
-
-    def _maybe_resume(self) -> None:
-        tag = self.resume_tag
-        if tag is None:
-            return
-        self.state = load_train_state(self.root, tag)  # layout-independent: step, data cursor, round
-        if self.universal is not None:  # another layout: no per-rank RNG or EMA files apply; EMA from the file
-            from mcd_scale.checkpoint.universal import load_universal
-
-            load_universal(self.engine, self.universal, global_batch=self.cfg.parallel.global_batch,
-                           train_step=self.state.step, ema=self.ema,
-                           ema_updates=int(self.state.extra.get("ema_updates", 0)))
-        else:
-            self._load_native(tag)
-        if self.rank == 0:
-            print(f"resumed from {os.path.join(self.root, tag)} at step {self.state.step}", flush=True)
-
-    def _load_native(self, tag: str) -> None:
-        """DeepSpeed's own checkpoint, this rank's RNG streams and EMA shard (same layout)."""
-        from mcd_scale.checkpoint.deepspeed_files import use_safe_loader
-
-        use_safe_loader(self.engine.engine)  # DeepSpeed's .pt files: weights_only=True with an explicit allowlist
-        self.engine.engine.load_checkpoint(self.root, tag=tag)
-        rest = restore_rng(load_rng_states(self.root, tag, self.rank))
-        if self.ema is not None:
-            from safetensors.torch import load_file
-
-            ema_file = os.path.join(self.root, tag, f"ema_rank{self.rank}.safetensors")
-            if not os.path.exists(ema_file):
-                raise FileNotFoundError(f"{ema_file} is missing: the checkpoint was written without EMA or at another "
-                                        f"world size; resume with the same layout or set train.ema_decay: 0")
-            shadow = load_file(ema_file)
-            self.ema.load_state_dict({"decay": self.ema.decay, "num_updates": int(self.state.extra.get("ema_updates", 0)),
-                                      "shadow": [shadow[str(i)] for i in range(len(shadow))]})
-        rng = getattr(self.engine.module, "rng", None)
-        if rest and rng is not None:
-            rng.set_states({k.split("/", 1)[1]: v for k, v in rest.items() if k.startswith("dropout/")})
-
     def _save(self) -> None:
-        full = self.engine.full_state_dict() if self.cfg.checkpoint.consolidated else None
-        rng = getattr(self.engine.module, "rng", None)
-        extra = {f"dropout/{k}": v for k, v in rng.get_states().items()} if rng is not None else None
-        self.state.data_cursor = {"consumed_samples": self.state.consumed_samples,
-                                  "global_batch": self.cfg.parallel.global_batch, "seed": self.cfg.train.seed}
-        extra_files = {}
-        if self.ema is not None:
-            st = self.ema.state_dict()
-            self.state.extra["ema_updates"] = st["num_updates"]
-            extra_files[f"ema_rank{self.rank}.safetensors"] = {str(i): t for i, t in enumerate(st["shadow"])}
-            if self.cfg.checkpoint.consolidated:
-                with self.ema.swap_in():
-                    ema_full = self.engine.full_state_dict()
-                if self.rank == 0:
-                    extra_files["model_ema.safetensors"] = ema_full
-        if self.cfg.checkpoint.universal:
-            from mcd_scale.checkpoint.universal import FILE, gather_universal
-
-            tensors = gather_universal(self.engine, self.ema)  # collective; the whole state on rank 0 only
-            if self.rank == 0:
-                extra_files[FILE] = tensors
-        save_checkpoint(self.engine.engine, self.run_dir, self.state, to_yaml(self.cfg), self.rank,
-                        self.dims.world_size, self.cfg.checkpoint.keep_last,
-                        full_weights=full if self.rank == 0 else None, rng_extra=extra, barrier=_barrier,
-                        extra_files=extra_files, on_staged=lambda: self.faults.in_save(self.state.step),
-                        gather_object=collectives.all_gather_object)
+        self.checkpoints.save(self.engine, self.state, self.ema,
+                              on_staged=lambda: self.faults.in_save(self.state.step))
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> dict:
@@ -226,19 +122,14 @@ class Trainer:
     def fit(self) -> int:
         cfg, state = self.cfg, self.state
         faults = self.faults
-        from mcd_scale.data.loader import MicroBatchLoader
-        from mcd_scale.data.sampler import GlobalBatchSampler
-
         sampler = GlobalBatchSampler(len(self.train_set), cfg.parallel.global_batch, cfg.train.seed)
         loader = MicroBatchLoader(self.train_set, sampler, self.dims.dp_rank, self.dims.dp, cfg.parallel.micro_batch,
                                   start_step=state.step, num_workers=cfg.data.num_workers, stand_in=True)
         it = step_batches(loader)
-        from mcd_scale.training.faults import SampleLog
-
         sample_log = SampleLog.from_env(self.rank)  # MCD_FAULT_SAMPLE_LOG (soak tests): None otherwise
-        tokens_per_step = cfg.parallel.global_batch * cfg.model.seq_len
         exit_code = EXIT_OK
-        last_log_t, last_log_step, wait_acc = time.time(), state.step, 0.0
+        throughput = ThroughputMeter(cfg.parallel.global_batch * cfg.model.seq_len, self.flops_per_token,
+                                     self.dims.world_size, cfg.logging.peak_tflops, start_step=state.step)
         val = None
         # SIGTERM/SIGUSR1 set a flag; the step's one collective carries it (TrainEngine.train_step), so the ranks
         # agree at a step boundary (never mid-step). The handlers are put back when fit() returns, whatever way.
@@ -247,12 +138,10 @@ class Trainer:
             while state.step < cfg.train.steps:
                 t_wait = time.time()
                 micro = next(it)
-                wait_acc += time.time() - t_wait
+                throughput.add_data_wait(time.time() - t_wait)
                 if sample_log is not None:
                     sample_log.record(state.step + 1, micro)
                 if cfg.data.skip_corrupt:  # opt-in skips are named, never silent (mcd_scale/data/skip_log.py)
-                    from mcd_scale.data import skip_log
-
                     skip_log.report(self.rank, state.step + 1, micro, sampler, self.dims.dp_rank, self.dims.dp,
                                     cfg.parallel.micro_batch, loader.skipped)
                 # Lazily: each micro-batch is prepared just before its forward (an online teacher's fp32 target is
@@ -279,22 +168,12 @@ class Trainer:
                     if self.ema is not None:
                         self.ema.update()
                 if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-                    now = time.time()
-                    dt = max(now - last_log_t, 1e-9)
-                    steps = state.step - last_log_step
-                    tps = tokens_per_step * steps / dt
-                    tflops = self.flops_per_token * tps / self.dims.world_size / 1e12
-                    peak = cfg.logging.peak_tflops
-                    rec = {"loss": loss, "lr": self.engine.lr(), "grad_norm": self.engine.grad_norm(),
-                           "tokens_per_s": tps, "tflops": tflops, "mfu": (tflops / peak) if peak else None,
-                           "data_wait_pct": 100.0 * wait_acc / dt, "skipped_total": state.nonfinite_skipped}
+                    rates = throughput.measure(state.step)
+                    rec = {"loss": loss, "lr": self.engine.lr(), "grad_norm": self.engine.grad_norm(), **rates,
+                           "skipped_total": state.nonfinite_skipped}
                     self.logger.log(state.step, rec)
-                    gn = rec["grad_norm"]
-                    self.logger.console(
-                        f"step {state.step}/{cfg.train.steps} loss {loss:.4f} lr {rec['lr']:.2e} "
-                        f"gnorm {gn if gn is None else f'{gn:.3f}'} tok/s {tps:,.0f} data-wait {rec['data_wait_pct']:.1f}% "
-                        f"eta {format_eta(self.logger.eta_s(state.step))}")
-                    last_log_t, last_log_step, wait_acc = now, state.step, 0.0
+                    self.logger.console(train_console_line(state.step, cfg.train.steps, rec,
+                                                           self.logger.eta_s(state.step)))
                 if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
                     if cfg.train.eval_ema and self.ema is not None:  # MDLM reports the EMA weights' NELBO
                         with self.ema.swap_in():

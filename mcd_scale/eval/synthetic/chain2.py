@@ -117,6 +117,7 @@ class MarkovChain2(SourceFile):
         is the stationary law of the S x S stochastic matrix K = f E (I - T_s)^-1 P (where the chain is
         when it next leaks; K > 0 entrywise, so r is unique). Residual checked to 1e-10.
         """
+        # lazy: loads scipy; importing this module does not need it
         import scipy.sparse as sp
         from scipy.sparse.linalg import splu
 
