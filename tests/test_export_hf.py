@@ -169,7 +169,7 @@ class _Stub(torch.nn.Module):
 
 @pytest.mark.parametrize("schedule_name", ["loglinear", "cosine"])
 def test_exported_samplers_equal_ours_token_for_token(schedule_name):
-    from mcd_scale.checkpoint.hf_export import modeling_mcd as exported
+    from mcd_scale.export.hf_export import modeling_mcd as exported
     from mcd_scale.diffusion.sampling import ancestral_sample, coupled_sample
     from mcd_scale.diffusion.schedules import get_schedule
 
