@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_script(relpath: str, name: str):
     """A script that is not part of the package (a benchmark under tools/bench/, the fake SLURM binaries) as a
-    module, loaded by path once, without touching ``sys.path``: tests import the package, and exercise a script
+    module, loaded by path once, without touching the import path: tests import the package, and exercise a script
     only where the script itself is the unit under test."""
     import importlib.util
 
