@@ -177,14 +177,14 @@ def test_reshard_teacher_from_shards_resumes_at_tp2_pp2_and_zero3(teacher, tmp_p
     tp2pp2 = str(tmp_path / "tp2pp2")
     shutil.copytree(out, tp2pp2)
     _resume(tp2pp2, 4, f"run.dir={tp2pp2}", "parallel.zero_stage=1", "parallel.pp=2")
-    assert_close(losses(tp2pp2), ref, [4, 5, 6], 1e-5, "reshard -> TP=2 x PP=2")
+    assert_close(losses(tp2pp2), ref, [4, 5, 6], 1e-5, "reshard -> TP=2 x PP=2", scale=max(map(abs, ref.values())))
     # consolidate from TP=2 x PP=2 shards (TP concatenation, the second stage sent to rank 0): the live run's file
     res = convert("consolidate", tp2pp2, "--out", str(tmp_path / "from_tp2pp2"))
     assert res.returncode == 0, res.stderr[-4000:]
     _equal_files(str(tmp_path / "from_tp2pp2" / "model.safetensors"),
                  os.path.join(tp2pp2, "checkpoints", "step_000006", "model.safetensors"))
     _resume(out, 2)  # config.yaml as written: TP=2 + ZeRO-3
-    assert_close(losses(out), ref, [4, 5, 6], 1e-5, "reshard -> TP=2 + ZeRO-3")
+    assert_close(losses(out), ref, [4, 5, 6], 1e-5, "reshard -> TP=2 + ZeRO-3", scale=max(map(abs, ref.values())))
 
 
 def test_ema_student_consolidates_and_reshards_with_its_shadow(student, tmp_path):
@@ -212,7 +212,9 @@ def test_ema_student_consolidates_and_reshards_with_its_shadow(student, tmp_path
     uni = load_file(os.path.join(out, "checkpoints", "step_000003", "universal.safetensors"))
     assert {k.split("/")[0] for k in uni} == {"fp32", "exp_avg", "exp_avg_sq", "ema", "meta"}
     _resume(out, 2)
-    assert_close(losses(out), losses(student), [4, 5, 6], 1e-5, "EMA student reshard -> TP=2 + ZeRO-3")
+    ref = losses(student)
+    assert_close(losses(out), ref, [4, 5, 6], 1e-5, "EMA student reshard -> TP=2 + ZeRO-3",
+                 scale=max(map(abs, ref.values())))
     for name in ("model.safetensors", "model_ema.safetensors"):
         _equal_files(os.path.join(out, "checkpoints", "step_000006", name),
                      os.path.join(student, "checkpoints", "step_000006", name), rtol=1e-5)
