@@ -179,6 +179,8 @@ def _fill(z: torch.Tensor, reveal: torch.Tensor, logits: torch.Tensor, ids: list
     if greedy:
         chosen = score.argmax(-1)
     else:
+        # On the host on purpose: the keyed uniforms come from numpy generators keyed by (purpose, sample id, seed),
+        # one per revealed token (never positions x V), and cross to the device in one copy below.
         u = torch.empty(rows.numel(), dtype=torch.float64)
         for b in range(len(ids)):
             sel = rows == b

@@ -48,7 +48,7 @@ def masked_fraction_at_s(cfg, round_idx: int | None = None, points: int = 4096) 
 
     n = cfg.distill.round if round_idx is None else round_idx
     t_min = cfg.diffusion.t_min
-    u = (torch.arange(points, dtype=torch.float64) + 0.5) / points  # midpoints of the uniform law of t
+    u = (torch.arange(points, dtype=torch.float64) + 0.5) / points  # midpoints of the uniform law of t (a host-side estimate, no model)
     _t, s = round_times(t_min + (1.0 - t_min) * u, round_dt(cfg.distill, n), t_min, cfg.distill.times)
     alpha = get_schedule(cfg.diffusion.schedule, cfg.diffusion.eps).alpha(s)
     return float((1.0 - alpha).mean())
