@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -141,7 +142,12 @@ def run_tool(inputs: list[str], tokenizer: str, out: str, workers: int) -> dict:
     env = dict(os.environ, PYTHONPATH=REPO)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _pid, status, usage = os.wait4(proc.pid, 0)  # ru_maxrss: the largest process of the tree (KB)
+    try:
+        _pid, status, usage = os.wait4(proc.pid, 0)  # ru_maxrss: the largest process of the tree (KB)
+    except BaseException:  # SIGTERM / Ctrl-C: stop the tool before the corpora are removed
+        proc.terminate()
+        proc.wait()
+        raise
     wall = time.perf_counter() - t0
     stdout, stderr = proc.stdout.read(), proc.stderr.read()
     if status != 0:
@@ -171,6 +177,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.dir and not os.path.isdir(args.dir):
         raise SystemExit(f"--dir '{args.dir}' is not a directory; create it or pass another")
+    # a SIGTERM (timeout, kill) unwinds through the finally below, which removes the generated corpora
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = tempfile.mkdtemp(prefix="bench_prepare_", dir=args.dir)
     print(f"bench: working in {tmp}", file=sys.stderr, flush=True)
     try:
