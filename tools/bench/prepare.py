@@ -31,6 +31,8 @@ measured CPU times, not a measured speed-up (it ignores waiting and the cores' s
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import gzip
 import importlib.util
 import json
@@ -51,6 +53,7 @@ if REPO not in sys.path:
 import numpy as np  # noqa: E402
 
 
+@functools.lru_cache(maxsize=1)  # once per corpus-writing process
 def word_table(limit: int = 30000) -> tuple[np.ndarray, np.ndarray]:
     with gzip.open(os.path.join(REPO, "data", "austen.txt.gz"), "rt", encoding="utf-8") as fh:
         counts = Counter(re.findall(r"\S+", fh.read()))
@@ -59,37 +62,46 @@ def word_table(limit: int = 30000) -> tuple[np.ndarray, np.ndarray]:
     return np.array(words, dtype=object), p / p.sum()
 
 
-def write_corpus(directory: str, files: int, mb_per_file: float, seed: int, progress: bool) -> int:
-    """``files`` .jsonl.zst files of about ``mb_per_file`` MB of text each; returns the text bytes."""
+def write_file(path: str, mb: float, seed: int, k: int) -> int:
+    """One .jsonl.zst file of about ``mb`` MB of text (its draws keyed by (seed, k)); returns the text bytes."""
     import zstandard
 
     words, p = word_table()
+    rng = np.random.default_rng([seed, k])
+    target = int(mb * 1e6)
+    nbytes = 0
+    with open(path, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as out:
+        while nbytes < target:
+            lengths = np.clip(rng.lognormal(np.log(700), 0.9, size=256).astype(int), 5, 50000)
+            ids = rng.choice(len(words), size=int(lengths.sum()), p=p)
+            pos = 0
+            lines = []
+            for n in lengths:
+                doc = words[ids[pos:pos + n]]
+                pos += n
+                text = " ".join(doc.tolist())
+                # paragraph breaks about every 80 words
+                parts = [" ".join(doc[i:i + 80].tolist()) for i in range(0, len(doc), 80)] if n > 80 else [text]
+                text = "\n\n".join(parts)
+                nbytes += len(text.encode("utf-8"))
+                lines.append(json.dumps({"text": text}, ensure_ascii=False))
+            out.write(("\n".join(lines) + "\n").encode("utf-8"))
+    return nbytes
+
+
+def write_corpus(directory: str, files: int, mb_per_file: float, seed: int, progress: bool) -> int:
+    """``files`` .jsonl.zst files of about ``mb_per_file`` MB of text each, written by one process per core
+    (each file is its own keyed draw: the same files for any core count); returns the text bytes."""
     os.makedirs(directory, exist_ok=True)
+    paths = [os.path.join(directory, f"part-{k:05d}.jsonl.zst") for k in range(files)]
     total = 0
-    for k in range(files):
-        path = os.path.join(directory, f"part-{k:05d}.jsonl.zst")
-        rng = np.random.default_rng([seed, k])
-        target = int(mb_per_file * 1e6)
-        nbytes = 0
-        with open(path, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as out:
-            while nbytes < target:
-                lengths = np.clip(rng.lognormal(np.log(700), 0.9, size=256).astype(int), 5, 50000)
-                ids = rng.choice(len(words), size=int(lengths.sum()), p=p)
-                pos = 0
-                lines = []
-                for n in lengths:
-                    doc = words[ids[pos:pos + n]]
-                    pos += n
-                    text = " ".join(doc.tolist())
-                    # paragraph breaks about every 80 words
-                    parts = [" ".join(doc[i:i + 80].tolist()) for i in range(0, len(doc), 80)] if n > 80 else [text]
-                    text = "\n\n".join(parts)
-                    nbytes += len(text.encode("utf-8"))
-                    lines.append(json.dumps({"text": text}, ensure_ascii=False))
-                out.write(("\n".join(lines) + "\n").encode("utf-8"))
-        total += nbytes
-        if progress:
-            print(f"corpus: {path} {nbytes / 1e6:.0f} MB", file=sys.stderr, flush=True)
+    with concurrent.futures.ProcessPoolExecutor(min(files, os.cpu_count() or 1)) as pool:
+        jobs = [pool.submit(write_file, path, mb_per_file, seed, k) for k, path in enumerate(paths)]
+        for path, job in zip(paths, jobs):
+            nbytes = job.result()
+            total += nbytes
+            if progress:
+                print(f"corpus: {path} {nbytes / 1e6:.0f} MB", file=sys.stderr, flush=True)
     return total
 
 
