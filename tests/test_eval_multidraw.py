@@ -89,13 +89,18 @@ def test_targets_cache_round_trips_and_refuses_other_settings(tmp_path):
         load_targets(path, {"draws": 16, "states": 4})
 
 
-def test_disagreement_of_two_target_estimates_is_their_kl():
+def test_disagreement_of_two_target_estimates_is_their_jensen_shannon_divergence():
     a, b = _targets(4, 0), _targets(4, 0)
-    assert target_disagreement(a, b, V) == 0.0
+    assert abs(target_disagreement(a, b, V)) < 1e-7            # float32 rounding of log(2) terms
     b.logq = torch.log_softmax(b.logq + 0.5 * torch.randn(b.logq.shape, generator=torch.Generator().manual_seed(3)), -1)
-    # independent reference: torch's kl_div(input=log b, target=log a) is KL(a || b) per element
-    per_row = torch.nn.functional.kl_div(b.logq, a.logq, log_target=True, reduction="none").sum(-1)
-    assert float(per_row.mean()) > 0.01
+    # independent reference: torch's kl_div(input=log m, target=log p) is KL(p || m) per element
+    m = (a.logq.exp() + b.logq.exp()) / 2
+    kl = torch.nn.functional.kl_div
+    per_row = 0.5 * kl(m.log(), a.logq, log_target=True, reduction="none").sum(-1) \
+        + 0.5 * kl(m.log(), b.logq, log_target=True, reduction="none").sum(-1)
+    assert float(per_row.mean()) > 0.001
     assert abs(target_disagreement(a, b, V) - float(per_row.mean())) < 1e-6
     a.z[:, :3] = 0                                   # revealed positions do not count
     assert abs(target_disagreement(a, b, V) - float(per_row[:, 3:].mean())) < 1e-6
+    b.logq[:, :, 0] = -1e4                           # a token one estimate never drew: finite, at most log 2
+    assert 0 < target_disagreement(a, b, V) <= math.log(2) + 1e-6

@@ -36,8 +36,8 @@ def main(argv=None) -> int:
                     help="prefix of safetensors files holding the targets: read if present (and built with the same "
                          "settings), written otherwise; lets other fits reuse the costly targets")
     ap.add_argument("--noise-check", action="store_true",
-                    help="also build the held-out targets from independent draws and report the KL between the two "
-                         "estimates (the targets' own Monte Carlo noise)")
+                    help="also build the held-out targets from independent draws and report the Jensen-Shannon "
+                         "divergence between the two estimates (the targets' own Monte Carlo noise)")
     a = ap.parse_args(argv)
     import torch
     torch.set_num_threads(1)
