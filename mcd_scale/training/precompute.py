@@ -90,9 +90,9 @@ def load_inputs(args) -> tuple:
     """(cfg, teacher_file, teacher_digest, train dataset, token manifest, config files). Pure reads,
     identical on every rank, so every rank fails the same way before any collective."""
     try:
-        teacher_file = resolve_teacher_file(args.teacher)
+        teacher_file = resolve_teacher_file(args.teacher, what="--teacher")
     except (FileNotFoundError, ValueError) as exc:
-        raise PrecomputeError(f"--teacher: {exc}") from None
+        raise PrecomputeError(str(exc)) from None
     files = list(args.config) if args.config else [find_teacher_config(teacher_file)]
     overrides = list(args.overrides)
     if args.round is not None:
