@@ -41,7 +41,7 @@ def _label(what: str, path: str) -> str:
 def _start(path: str, what: str, accepted: str) -> str:
     """``path`` with a ``latest`` file standing for the directory that holds it; refuses an empty path."""
     if not path:
-        raise MissingCheckpoint(f"{what or 'the checkpoint path'} is empty: set it to {accepted}")
+        raise MissingCheckpoint(f"{what.rstrip(' =') or 'the checkpoint path'} is empty: set it to {accepted}")
     if os.path.basename(os.path.normpath(path)) == LATEST and os.path.isfile(path):
         return os.path.dirname(os.path.abspath(path))
     return path
@@ -115,5 +115,5 @@ def resolve_checkpoint_dir(path: str, what: str = "") -> str:
         tag_dir = _tag_dir(root, what, path)
         if tag_dir is not None:
             return tag_dir
-    raise MissingCheckpoint(f"{_label(what, path)} is not a run directory, checkpoints directory or checkpoint (no COMPLETE "
-                            f"marker or '{LATEST}' file found)")
+    raise MissingCheckpoint(f"{_label(what, path)} is not a run directory, checkpoints directory or checkpoint (no "
+                            f"COMPLETE marker or '{LATEST}' file found)")
