@@ -13,9 +13,10 @@ from tests.mp import REPO, base_env
 
 def test_prepare_bench_reports_its_ratios(tmp_path_factory):
     tok = smollm2_tokenizer_dir(tmp_path_factory)
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "bench", "prepare.py"), "--mb", "0.6",
-                           "--files-mb", "0.3", "--bare-mb", "0.2", "--skip-4x", "--tokenizer", tok], env=base_env(),
-                          capture_output=True, text=True, timeout=600)
+    work = tmp_path_factory.mktemp("bench_dir")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "bench", "prepare.py"), "--size", "0.6",
+                           "--files-mb", "0.3", "--bare-mb", "0.2", "--skip-4x", "--tokenizer", tok, "--dir", str(work)],
+                          env=base_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["files"] == 2 and out["corpus_mb"] > 0.5
@@ -24,3 +25,8 @@ def test_prepare_bench_reports_its_ratios(tmp_path_factory):
     assert out["w1_over_bare"] == w1["tokens_per_s"] / out["bare"]["tokens_per_s"]
     assert out["speedup_2w"] == w2["tokens_per_s"] / w1["tokens_per_s"]
     assert w1["peak_rss_mb"] > 50 and w2["peak_rss_mb"] > 50 and "rss_4x_over_1x" not in out  # --skip-4x
+    # CPU: the 1-worker run encodes in its own process, the 2-worker run in its pool
+    assert w1["worker_cpu_s"] == 0 and w1["main_cpu_s"] > 0 and w2["worker_cpu_s"] > 0
+    assert out["main_cpu_share_2w"] == w2["main_cpu_s"] / (w2["main_cpu_s"] + w2["worker_cpu_s"])
+    assert 0 < out["main_cpu_share_2w"] < 1 and out["cpu_bound_speedup_2w"] > 0
+    assert os.listdir(work) == []  # what it generated under --dir is gone

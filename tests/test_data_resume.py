@@ -58,7 +58,8 @@ def reference(corpus, smol, tmp_path_factory):
 
 
 def test_workers_give_identical_bytes(corpus, smol, reference, tmp_path):
-    prepare(_opts(corpus, tmp_path / "w2", smol, workers=2, chunk_docs=37))
+    # chunks of 37 documents, and chunks cut short by a byte cap of a few documents
+    prepare(_opts(corpus, tmp_path / "w2", smol, workers=2, chunk_docs=37, chunk_bytes=2000))
     assert _files(str(tmp_path / "w2")) == reference
     assert not os.path.exists(tmp_path / "w2" / ".prepare-state")
 
@@ -134,3 +135,25 @@ def test_other_flags_are_refused_and_force_replaces_only_ours(corpus, smol, refe
     left = _files(str(out))
     assert left["notes.txt"] == b"the user's own file"
     assert "train/shard-000001.tar" not in left and "train/shard-000000.tar" in left  # old shards gone
+
+
+def test_tokenizing_workers_start_light_and_return_one_buffer_per_chunk(smol):
+    """A spawned worker imports the encoder, not prepare's imports that reach torch (~2 s of CPU per worker,
+    part of every run's time); a chunk comes back as one ids buffer with per-document lengths (-1: bad)."""
+    from mcd_scale.data.encode_worker import encode_chunk
+    from mcd_scale.data.prepare import _Encoder
+    from mcd_scale.data.tokenizer import load_tokenizer
+
+    encoder = _Encoder(2, (smol, "text", False, "uint16"))
+    try:
+        assert encoder.pool.apply(eval, ("'torch' in __import__('sys').modules",)) is False
+        chunk = [("jsonl", b'{"text": "hello world"}', "f:1"), ("jsonl", b'{"body": 1}', "f:2"),
+                 ("text", "caf\u00e9 au lait".encode("utf-8"), "f:3")]
+        ids, lengths, bad, nbytes = encoder.pool.apply(encode_chunk, (chunk,))
+    finally:
+        encoder.close()
+    tok = load_tokenizer(smol)
+    first, third = tok.encode(["hello world", "caf\u00e9 au lait"])
+    assert ids.dtype == "uint16" and lengths.tolist() == [len(first), -1, len(third)]
+    assert ids.tolist() == first.tolist() + third.tolist()
+    assert [w for w, _ in bad] == ["f:2"] and nbytes == len(chunk[0][1]) + len(chunk[2][1])

@@ -8,6 +8,7 @@ import torch
 
 from mcd_scale.diffusion.schedules import LogLinear
 from mcd_scale.eval.multidraw import (TargetSet, forward_states, load_targets, save_targets, target_cross_entropy,
+                                     target_disagreement,
                                      train_on_targets)
 
 V, L = 5, 6
@@ -86,3 +87,15 @@ def test_targets_cache_round_trips_and_refuses_other_settings(tmp_path):
     assert torch.equal(back.z, t.z) and torch.equal(back.t, t.t) and torch.equal(back.logq, t.logq)
     with pytest.raises(ValueError, match="draws=8.*16"):
         load_targets(path, {"draws": 16, "states": 4})
+
+
+def test_disagreement_of_two_target_estimates_is_their_kl():
+    a, b = _targets(4, 0), _targets(4, 0)
+    assert target_disagreement(a, b, V) == 0.0
+    b.logq = torch.log_softmax(b.logq + 0.5 * torch.randn(b.logq.shape, generator=torch.Generator().manual_seed(3)), -1)
+    # independent reference: torch's kl_div(input=log b, target=log a) is KL(a || b) per element
+    per_row = torch.nn.functional.kl_div(b.logq, a.logq, log_target=True, reduction="none").sum(-1)
+    assert float(per_row.mean()) > 0.01
+    assert abs(target_disagreement(a, b, V) - float(per_row.mean())) < 1e-6
+    a.z[:, :3] = 0                                   # revealed positions do not count
+    assert abs(target_disagreement(a, b, V) - float(per_row[:, 3:].mean())) < 1e-6

@@ -26,15 +26,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # runnable as `python tools/prepare_data.py` from any directory
     sys.path.insert(0, REPO)
 
-from mcd_scale.data.prepare import (DEFAULT_TOKENIZER_SAMPLE_BYTES, PrepareError, PrepareOptions,  # noqa: E402
-                                    prepare, split_value)
-
 DEFAULT_INPUT = os.path.join(REPO, "data", "austen.txt.gz")
 DEFAULT_OUT = os.path.join(REPO, "data", "prepared")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # imported here, not at the top: the spawned workers re-run this file's top level, and prepare's imports
+    # reach torch (~2 s of CPU per worker)
     from mcd_scale.cli import ArgumentParser, add_out_arg, add_quiet_arg, fail, input_errors
+    from mcd_scale.data.prepare import (DEFAULT_TOKENIZER_SAMPLE_BYTES, PrepareError, PrepareOptions, prepare,
+                                        split_value)
     from mcd_scale.data.ingest import IngestError
     from mcd_scale.data.loader import SPLITS
 
@@ -79,7 +80,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except input_errors(PrepareError, IngestError) as exc:
         return fail("prepare_data", exc)  # one line, exit 2 (MCD_DEBUG=1: the traceback)
     counts = ", ".join(f"{k} {m['splits'][k]['num_samples']}" for k in SPLITS)
-    done = "already complete" if m.get("up_to_date") else f"{m.get('seconds', 0):.1f} s"
+    done = "already complete" if m.get("up_to_date") else \
+        f"{m['seconds']:.1f} s; CPU: main {m['main_cpu_s']:.1f} s, workers {m['worker_cpu_s']:.1f} s"
     print(f"prepare_data: {m['num_documents']} documents ({len(m['skipped_documents'])} skipped), {m['num_tokens']} "
           f"tokens, vocab {m['vocab_size']} (mask id {m['mask_id']}), seq_len {m['seq_len']}, pack {m['pack']}: "
           f"{counts} sequences -> {args.out} ({done})")

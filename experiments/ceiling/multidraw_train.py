@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     ap.add_argument("--targets-cache", default=None,
                     help="prefix of safetensors files holding the targets: read if present (and built with the same "
                          "settings), written otherwise; lets other fits reuse the costly targets")
+    ap.add_argument("--noise-check", action="store_true",
+                    help="also build the held-out targets from independent draws and report the KL between the two "
+                         "estimates (the targets' own Monte Carlo noise)")
     a = ap.parse_args(argv)
     import torch
     torch.set_num_threads(1)
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
                              draws=a.draws, groups=a.groups, continuation_steps=a.continuation_steps,
                              train_states=a.train_states, val_states=a.val_states, num_samples=a.num_samples,
                              seed=a.seed, max_epochs=a.max_epochs, lr=a.lr,
-                             targets_cache=a.targets_cache, log=lambda m: print(m, flush=True))
+                             targets_cache=a.targets_cache, noise_check=a.noise_check, log=lambda m: print(m, flush=True))
     except input_errors(FileNotFoundError, ValueError, KeyError) as exc:
         return fail("multidraw_train", exc)
     print(f"multidraw_train: held-out KL to the targets {out['val_kl_start']:.4f} (the teacher) -> "

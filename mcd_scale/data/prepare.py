@@ -22,6 +22,7 @@ import collections
 import json
 import os
 import re
+import resource
 import shutil
 import sys
 import time
@@ -34,8 +35,8 @@ import sentencepiece
 from tqdm import tqdm
 
 from mcd_scale.cli import InputError
-from mcd_scale.data.ingest import BadDocument, IngestError, RawDoc, SourceInfo, decode_document, find_sources, \
-    iter_documents
+from mcd_scale.data.encode_worker import encode_chunk, worker_init
+from mcd_scale.data.ingest import BadDocument, IngestError, SourceInfo, decode_document, find_sources, iter_documents
 from mcd_scale.data.loader import SPLITS, TOKENS_FORMAT, TOKENS_FORMAT_VERSION
 from mcd_scale.data.manifest import manifest_path, sha256_bytes, sha256_file, write_manifest
 from mcd_scale.data.packing import PACKS, Packer, SplitAssigner, smallest_keys, token_dtype
@@ -72,6 +73,7 @@ class PrepareOptions:
     skip_bad_docs: bool = False
     workers: int = 1
     chunk_docs: int = 512
+    chunk_bytes: int = 1 << 20  # a chunk also ends at this many payload bytes (not a flag: see _chunks)
     force: bool = False
     progress: bool = True
     display_root: str = ""  # source paths inside it are recorded relative to it (the repo)
@@ -105,38 +107,6 @@ def _tokenizer_identity(tok: TextTokenizer, source: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- workers
-_WORKER: dict = {}
-
-
-def _worker_init(tokenizer_path: str, text_field: str, roundtrip: bool, loaded=None) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: --workers is the parallelism
-    _WORKER.update(tok=loaded or load_tokenizer(tokenizer_path), text_field=text_field, roundtrip=roundtrip)
-
-
-def _encode_chunk(items: list[tuple]) -> tuple[list, int]:
-    """Decode and encode one chunk. Returns ([ids array | (where, reason)] per document, text bytes)."""
-    tok: TextTokenizer = _WORKER["tok"]
-    texts, slots, out = [], [], []
-    nbytes = 0
-    for fmt, payload, where in items:
-        try:
-            text = decode_document(RawDoc(fmt, payload, where), _WORKER["text_field"])
-        except BadDocument as bad:
-            out.append((bad.where, bad.reason))
-            continue
-        nbytes += len(payload) if isinstance(payload, bytes) else len(text.encode("utf-8"))
-        slots.append(len(out))
-        out.append(None)
-        texts.append(text)
-    dtype = token_dtype(tok.vocab_size)
-    for slot, text, ids in zip(slots, texts, tok.encode(texts)):
-        if _WORKER["roundtrip"] and tok._decode_run(ids.tolist()) != text:
-            out[slot] = (items[slot][2], "does not round-trip through the tokenizer (please report this input)")
-        else:
-            out[slot] = ids.astype(dtype)
-    return out, nbytes
-
-
 class _Encoder:
     """Chunks in, results out in submission order; at most ``2 * workers`` chunks in flight (bounded memory)."""
 
@@ -146,16 +116,16 @@ class _Encoder:
         self.limit = 2 * workers
         if workers > 1:
             # spawn: a forked child would inherit the parent's tokenizer thread pools (and their locks)
-            self.pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=init_args)
+            self.pool = mp.get_context("spawn").Pool(workers, initializer=worker_init, initargs=init_args)
         else:
-            _worker_init(*init_args, loaded=loaded)
+            worker_init(*init_args, loaded=loaded)
 
     def submit(self, first: int, chunk: list[tuple]):
         """Yields (first document index, result) of the chunks that are done, oldest first."""
         if self.pool is None:
-            yield first, _encode_chunk(chunk)
+            yield first, encode_chunk(chunk)
             return
-        self.pending.append((first, self.pool.apply_async(_encode_chunk, (chunk,))))
+        self.pending.append((first, self.pool.apply_async(encode_chunk, (chunk,))))
         while len(self.pending) >= self.limit:
             f, r = self.pending.popleft()
             yield f, r.get()
@@ -280,7 +250,7 @@ def _check_options(o: PrepareOptions) -> None:
                            f"(got {o.seq_len}, {o.vocab_size}, {o.samples_per_shard})")
     if o.pack not in PACKS:
         raise PrepareError(f"--pack must be one of {', '.join(PACKS)} (got {o.pack})")
-    if o.workers < 1 or o.chunk_docs < 1:
+    if o.workers < 1 or o.chunk_docs < 1 or o.chunk_bytes < 1:
         raise PrepareError(f"--workers and --chunk-docs must be >= 1 (got {o.workers}, {o.chunk_docs})")
     for flag, v in (("--val-docs", o.val), ("--heldout-docs", o.heldout)):
         if v < 0 or (v >= 1 and v != int(v)):
@@ -341,15 +311,19 @@ def _tokenizer_entry(out: str, tok: TextTokenizer) -> dict:
                                      os.path.basename(tok.name.rstrip(os.sep))}
 
 
-def _chunks(docs, size: int, start: int):
-    chunk, first = [], start
+def _chunks(docs, size: int, start: int, max_bytes: int):
+    """Chunks of at most ``size`` documents that end at the first document reaching ``max_bytes`` of
+    payload: with long documents a chunk of ``size`` would be a few MB, too few chunks to keep every worker
+    busy to the end of a modest corpus. Where chunks end does not change the output, only the checkpoints."""
+    chunk, first, nbytes = [], start, 0
     for i, d in enumerate(docs):
         if i < start:
             continue
         chunk.append((d.fmt, d.payload, d.where))
-        if len(chunk) == size:
+        nbytes += len(d.payload) if isinstance(d.payload, (bytes, str)) else 0
+        if len(chunk) == size or nbytes >= max_bytes:
             yield first, chunk
-            first, chunk = first + len(chunk), []
+            first, chunk, nbytes = first + len(chunk), [], 0
     if chunk:
         yield first, chunk
 
@@ -400,6 +374,7 @@ def _prepare(o: PrepareOptions) -> dict:
         _remove_ours(o.out)  # only files this tool writes; a fresh start
 
     t0 = time.time()
+    cpu0, children0 = time.process_time(), _children_cpu()  # the benchmark's serial fraction: see docs/performance.md
     tok = _install_tokenizer(o, sources, resumed, given)
     dtype = token_dtype(tok.vocab_size)
     if o.val >= 1 or o.heldout >= 1:  # counts: one bounded pass to rank the documents' keys
@@ -437,7 +412,7 @@ def _prepare(o: PrepareOptions) -> dict:
                     os.remove(os.path.join(d, n))
 
     tok_path = os.path.join(o.out, "tokenizer.model" if tok.kind == "sentencepiece" else "tokenizer")
-    encoder = _Encoder(o.workers, (tok_path, o.text_field, o.tokenizer == "train"), loaded=tok)
+    encoder = _Encoder(o.workers, (tok_path, o.text_field, o.tokenizer == "train", dtype.name), loaded=tok)
     bar = None
     if o.progress:
         bar = tqdm(desc="prepare", unit="doc", initial=next_doc, smoothing=0.1, dynamic_ncols=True)
@@ -447,25 +422,29 @@ def _prepare(o: PrepareOptions) -> dict:
 
     def consume(first: int, result: tuple) -> bool:
         nonlocal next_doc, num_bytes, run_tokens, run_bytes
-        results, nbytes = result
+        ids, lengths, bad, nbytes = result
         finished = False
-        for j, r in enumerate(results):
+        bad_docs = iter(bad)
+        start = 0
+        for j, n in enumerate(lengths.tolist()):
             doc_index = first + j
-            if isinstance(r, tuple):
+            if n < 0:
+                where, reason = next(bad_docs)
                 if not o.skip_bad_docs:
-                    raise PrepareError(f"{r[0]}: {r[1]}")
-                skipped.append({"document": doc_index, "where": r[0], "reason": r[1]})
+                    raise PrepareError(f"{where}: {reason}")
+                skipped.append({"document": doc_index, "where": where, "reason": reason})
                 continue
             split = assigner.split(doc_index)
-            run_tokens += len(r) + 2
-            for seq in packers[split].add(r):
+            run_tokens += n + 2
+            for seq in packers[split].add(ids[start:start + n]):
                 finished |= writers[split].add(seq)
-        next_doc = first + len(results)
+            start += n
+        next_doc = first + len(lengths)
         num_bytes += nbytes
         run_bytes += nbytes
         if bar is not None:
             el = max(time.time() - t_loop, 1e-9)
-            bar.update(len(results))
+            bar.update(len(lengths))
             bar.set_postfix_str(f"{run_tokens / el:,.0f} tok/s, {run_bytes / el / 1e6:.1f} MB/s", refresh=False)
         return finished
 
@@ -484,7 +463,7 @@ def _prepare(o: PrepareOptions) -> dict:
     if not resumed:
         checkpoint()  # from here on the directory always names its flags: a kill is resumed, not refused
     try:
-        for first, chunk in _chunks(docs_iter, o.chunk_docs, next_doc):
+        for first, chunk in _chunks(docs_iter, o.chunk_docs, next_doc, o.chunk_bytes):
             for done_first, result in encoder.submit(first, chunk):
                 if consume(done_first, result):
                     checkpoint()
@@ -551,7 +530,14 @@ def _prepare(o: PrepareOptions) -> dict:
         manifest["sentencepiece_version"] = sentencepiece.__version__
     write_manifest(o.out, manifest)
     state.remove()
-    return manifest | {"seconds": time.time() - t0}
+    return manifest | {"seconds": time.time() - t0, "main_cpu_s": time.process_time() - cpu0,
+                       "worker_cpu_s": _children_cpu() - children0}
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's reaped children (the pool's workers, once closed)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _complete(out: str, manifest: dict) -> bool:

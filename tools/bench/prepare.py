@@ -2,9 +2,11 @@
 """tools/prepare_data.py at corpus scale: throughput, worker scaling, peak memory. Prints one JSON object.
 
     python tools/bench/prepare.py                       # 250 MB of text (+ 4x for the memory figure)
-    python tools/bench/prepare.py --mb 8 --skip-4x      # a quick look
+    python tools/bench/prepare.py --size 8 --skip-4x    # a quick look
+    python tools/bench/prepare.py --dir /big/disk/tmp   # where the corpora go (1.2 GB of .zst at full size)
 
-In a temporary directory (removed at the end unless ``--keep``): a generated corpus of ``.jsonl.zst``
+In a temporary directory under ``--dir`` (default: the system's; removed at the end unless ``--keep``): a
+generated corpus of ``.jsonl.zst``
 files (``--files-mb`` of text each) whose documents have a long-tailed length distribution (log-normal
 word counts, median ~700 words, mean ~5.9 kB; OpenWebText's mean is ~5 kB) of words drawn by their
 frequency in the embedded Austen corpus, with paragraph breaks; and the SmolLM2 tokenizer directory
@@ -14,22 +16,30 @@ frequency in the embedded Austen corpus, with paragraph breaks; and the SmolLM2 
   ``--bare-mb`` of the same documents, already in memory: the ceiling for one worker;
 - ``w1`` / ``w2``: ``tools/prepare_data.py --pack wrap --seq-len 1024`` on the whole corpus with 1 and 2
   workers, each a fresh process; tokens/s from the manifest's ``num_tokens`` over the wall time of the
-  tokenizing loop (the tool's ``seconds``), and the process tree's peak RSS (``wait4``);
+  tokenizing loop (the tool's ``seconds``), the CPU seconds of the main process and of the workers (the
+  tool's summary line), and the process tree's peak RSS (``wait4``);
 - ``w2_4x``: the same with 2 workers on 4x the corpus (the first quarter is the same files), for the
   peak-RSS ratio.
 
 Ratios come from one run on one machine: ``w1_over_bare`` (target >= 0.8), ``speedup_2w`` (target >= 1.7
-on 2 cores), ``rss_4x_over_1x`` (target <= 1.1).
+on 2 cores), ``rss_4x_over_1x`` (target <= 1.1). ``speedup_2w`` is wall time and needs an otherwise idle
+machine; on a loaded one read the CPU figures: ``main_cpu_share_2w`` (the serial part: the main process's
+share of the 2-worker run's CPU) and ``cpu_bound_speedup_2w``, the speed-up the 2-worker run's CPU seconds
+allow on 2 idle cores: the 1-worker run's CPU over max(main CPU, all CPU / 2). It is a bound computed from
+measured CPU times, not a measured speed-up (it ignores waiting and the cores' sharing of caches).
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import gzip
 import importlib.util
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +53,7 @@ if REPO not in sys.path:
 import numpy as np  # noqa: E402
 
 
+@functools.lru_cache(maxsize=1)  # once per corpus-writing process
 def word_table(limit: int = 30000) -> tuple[np.ndarray, np.ndarray]:
     with gzip.open(os.path.join(REPO, "data", "austen.txt.gz"), "rt", encoding="utf-8") as fh:
         counts = Counter(re.findall(r"\S+", fh.read()))
@@ -51,37 +62,46 @@ def word_table(limit: int = 30000) -> tuple[np.ndarray, np.ndarray]:
     return np.array(words, dtype=object), p / p.sum()
 
 
-def write_corpus(directory: str, files: int, mb_per_file: float, seed: int, progress: bool) -> int:
-    """``files`` .jsonl.zst files of about ``mb_per_file`` MB of text each; returns the text bytes."""
+def write_file(path: str, mb: float, seed: int, k: int) -> int:
+    """One .jsonl.zst file of about ``mb`` MB of text (its draws keyed by (seed, k)); returns the text bytes."""
     import zstandard
 
     words, p = word_table()
+    rng = np.random.default_rng([seed, k])
+    target = int(mb * 1e6)
+    nbytes = 0
+    with open(path, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as out:
+        while nbytes < target:
+            lengths = np.clip(rng.lognormal(np.log(700), 0.9, size=256).astype(int), 5, 50000)
+            ids = rng.choice(len(words), size=int(lengths.sum()), p=p)
+            pos = 0
+            lines = []
+            for n in lengths:
+                doc = words[ids[pos:pos + n]]
+                pos += n
+                text = " ".join(doc.tolist())
+                # paragraph breaks about every 80 words
+                parts = [" ".join(doc[i:i + 80].tolist()) for i in range(0, len(doc), 80)] if n > 80 else [text]
+                text = "\n\n".join(parts)
+                nbytes += len(text.encode("utf-8"))
+                lines.append(json.dumps({"text": text}, ensure_ascii=False))
+            out.write(("\n".join(lines) + "\n").encode("utf-8"))
+    return nbytes
+
+
+def write_corpus(directory: str, files: int, mb_per_file: float, seed: int, progress: bool) -> int:
+    """``files`` .jsonl.zst files of about ``mb_per_file`` MB of text each, written by one process per core
+    (each file is its own keyed draw: the same files for any core count); returns the text bytes."""
     os.makedirs(directory, exist_ok=True)
+    paths = [os.path.join(directory, f"part-{k:05d}.jsonl.zst") for k in range(files)]
     total = 0
-    for k in range(files):
-        path = os.path.join(directory, f"part-{k:05d}.jsonl.zst")
-        rng = np.random.default_rng([seed, k])
-        target = int(mb_per_file * 1e6)
-        nbytes = 0
-        with open(path, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as out:
-            while nbytes < target:
-                lengths = np.clip(rng.lognormal(np.log(700), 0.9, size=256).astype(int), 5, 50000)
-                ids = rng.choice(len(words), size=int(lengths.sum()), p=p)
-                pos = 0
-                lines = []
-                for n in lengths:
-                    doc = words[ids[pos:pos + n]]
-                    pos += n
-                    text = " ".join(doc.tolist())
-                    # paragraph breaks about every 80 words
-                    parts = [" ".join(doc[i:i + 80].tolist()) for i in range(0, len(doc), 80)] if n > 80 else [text]
-                    text = "\n\n".join(parts)
-                    nbytes += len(text.encode("utf-8"))
-                    lines.append(json.dumps({"text": text}, ensure_ascii=False))
-                out.write(("\n".join(lines) + "\n").encode("utf-8"))
-        total += nbytes
-        if progress:
-            print(f"corpus: {path} {nbytes / 1e6:.0f} MB", file=sys.stderr, flush=True)
+    with concurrent.futures.ProcessPoolExecutor(min(files, os.cpu_count() or 1)) as pool:
+        jobs = [pool.submit(write_file, path, mb_per_file, seed, k) for k, path in enumerate(paths)]
+        for path, job in zip(paths, jobs):
+            nbytes = job.result()
+            total += nbytes
+            if progress:
+                print(f"corpus: {path} {nbytes / 1e6:.0f} MB", file=sys.stderr, flush=True)
     return total
 
 
@@ -134,37 +154,53 @@ def run_tool(inputs: list[str], tokenizer: str, out: str, workers: int) -> dict:
     env = dict(os.environ, PYTHONPATH=REPO)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _pid, status, usage = os.wait4(proc.pid, 0)  # ru_maxrss: the largest process of the tree (KB)
+    try:
+        _pid, status, usage = os.wait4(proc.pid, 0)  # ru_maxrss: the largest process of the tree (KB)
+    except BaseException:  # SIGTERM / Ctrl-C: stop the tool before the corpora are removed
+        proc.terminate()
+        proc.wait()
+        raise
     wall = time.perf_counter() - t0
     stdout, stderr = proc.stdout.read(), proc.stderr.read()
     if status != 0:
         raise SystemExit(f"prepare_data failed ({status}): {stderr[-2000:]}")
     m = json.load(open(os.path.join(out, "manifest.json")))
-    loop_s = float(re.search(r"\(([\d.]+) s\)", stdout).group(1))
+    times = re.search(r"\(([\d.]+) s; CPU: main ([\d.]+) s, workers ([\d.]+) s\)", stdout)
+    if times is None:
+        raise SystemExit(f"prepare_data printed no timing line: {stdout[-500:]}")
+    loop_s, main_cpu, worker_cpu = (float(g) for g in times.groups())
     return {"workers": workers, "documents": m["num_documents"], "tokens": m["num_tokens"],
             "text_mb": m["text_bytes"] / 1e6, "wall_s": wall, "seconds": loop_s,
             "tokens_per_s": m["num_tokens"] / loop_s, "mb_per_s": m["text_bytes"] / 1e6 / loop_s,
-            "peak_rss_mb": usage.ru_maxrss / 1024, "summary": stdout.strip()}
+            "main_cpu_s": main_cpu, "worker_cpu_s": worker_cpu, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "summary": stdout.strip()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mb", type=float, default=250, help="MB of text in the 1x corpus")
+    ap.add_argument("--size", "--mb", dest="mb", type=float, default=250, help="MB of text in the 1x corpus")
     ap.add_argument("--files-mb", type=float, default=32, help="MB of text per .jsonl.zst file")
     ap.add_argument("--bare-mb", type=float, default=64, help="MB of documents for the bare encode")
     ap.add_argument("--tokenizer", help="an HF tokenizer directory (default: SmolLM2's, from its GGUF)")
     ap.add_argument("--skip-4x", action="store_true", help="no 4x corpus (no memory ratio)")
-    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--dir", help="where the temporary directory (corpora, outputs) goes (default: the system's)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (its path goes to stderr)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    tmp = tempfile.mkdtemp(prefix="bench_prepare_")
+    if args.dir and not os.path.isdir(args.dir):
+        raise SystemExit(f"--dir '{args.dir}' is not a directory; create it or pass another")
+    # a SIGTERM (timeout, kill) unwinds through the finally below, which removes the generated corpora
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    tmp = tempfile.mkdtemp(prefix="bench_prepare_", dir=args.dir)
+    print(f"bench: working in {tmp}", file=sys.stderr, flush=True)
     try:
         tok = args.tokenizer or smollm2_dir(tmp)
         files = max(1, round(args.mb / args.files_mb))
         c1 = os.path.join(tmp, "corpus1x")
         cx = os.path.join(tmp, "corpus4x_rest")
         text1 = write_corpus(c1, files, args.files_mb, args.seed, True)
-        res = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        res = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                           "load_1min_at_start": os.getloadavg()[0]},
                "corpus_mb": text1 / 1e6, "files": files}
         res["bare"] = bare(c1, tok, args.bare_mb)
         print(json.dumps({"progress": "bare", **res["bare"]}), file=sys.stderr, flush=True)
@@ -176,10 +212,15 @@ def main() -> None:
         shutil.rmtree(os.path.join(tmp, "o2"))
         res["w1_over_bare"] = res["w1"]["tokens_per_s"] / res["bare"]["tokens_per_s"]
         res["speedup_2w"] = res["w2"]["tokens_per_s"] / res["w1"]["tokens_per_s"]
+        w1_cpu = res["w1"]["main_cpu_s"] + res["w1"]["worker_cpu_s"]
+        w2_main, w2_all = res["w2"]["main_cpu_s"], res["w2"]["main_cpu_s"] + res["w2"]["worker_cpu_s"]
+        res["main_cpu_share_2w"] = w2_main / w2_all
+        res["cpu_bound_speedup_2w"] = w1_cpu / max(w2_main, w2_all / 2)
         if not args.skip_4x:
             write_corpus(cx, 3 * files, args.files_mb, args.seed + 1, True)
             res["w2_4x"] = run_tool([c1, cx], tok, os.path.join(tmp, "o4"), 2)
             res["rss_4x_over_1x"] = res["w2_4x"]["peak_rss_mb"] / res["w2"]["peak_rss_mb"]
+        res["machine"]["load_1min_at_end"] = os.getloadavg()[0]
         print(json.dumps(res, indent=1))
     finally:
         if not args.keep:
