@@ -29,13 +29,12 @@ from mcd_scale.diffusion.sampling import SampleResult, ancestral_sample, coupled
 from mcd_scale.diffusion.schedules import get_schedule
 from mcd_scale.parallel import collectives
 from mcd_scale.checkpoint.integrity import verify_file
-from mcd_scale.checkpoint.store import checkpoint_root, read_latest
+from mcd_scale.checkpoint.weights_path import WEIGHT_FILES, resolve_weights_path  # noqa: F401 (re-exported)
 from mcd_scale.cli import InputError
 from mcd_scale.distill.rounds import checkpoint_trained_steps
 from mcd_scale.parallel.device import DeviceFlagError, resolve_device
 from mcd_scale.parallel.distributed import detect_launch_env, export_launch_env
 
-WEIGHT_FILES = {"model": "model.safetensors", "ema": "model_ema.safetensors"}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -62,24 +61,9 @@ class LoadedModel:
 
 
 def resolve_weights(checkpoint: str, weights: str = "model") -> str:
-    """Path of the weights file for a run dir, a checkpoint dir or a file (raises FileNotFoundError)."""
-    name = WEIGHT_FILES[weights]
-    if os.path.isfile(checkpoint):
-        return checkpoint
-    if not os.path.isdir(checkpoint):
-        raise FileNotFoundError(f"--checkpoint '{checkpoint}' does not exist")
-    if os.path.isfile(os.path.join(checkpoint, name)):
-        return os.path.join(checkpoint, name)
-    root = checkpoint_root(checkpoint)
-    if os.path.basename(os.path.normpath(checkpoint)) == "checkpoints":
-        root = checkpoint
-    tag = read_latest(root)
-    if tag is None:
-        raise FileNotFoundError(f"no complete checkpoint under '{root}' (no 'latest'); train first")
-    path = os.path.join(root, tag, name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"'{path}' is missing (checkpoint.consolidated off, or no EMA for --weights ema)")
-    return path
+    """Path of the weights file ``--checkpoint`` designates (:mod:`mcd_scale.checkpoint.weights_path`: a run,
+    checkpoints or checkpoint directory, an export or a .safetensors file); an input error names the fix."""
+    return resolve_weights_path(checkpoint, weights, what="--checkpoint")
 
 
 def load_model(checkpoint: str, config_files: Sequence[str] = (), overrides: Sequence[str] = (),

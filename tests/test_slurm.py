@@ -210,10 +210,10 @@ def assert_bit_equal(a: str, b: str) -> None:
         assert wa[k].dtype == wb[k].dtype and torch.equal(wa[k], wb[k]), k
 
 
-# The whole train split (22 samples, 4 shards of 6 over 2 ranks), not precompute's default of what the round reads
-# (4 x 4 here: 3 shards, so a rank can finish its last shard before the warning signal reaches it): the precompute
-# stage must still be mid-run when it is preempted, in both chains alike.
-SPLIT = 22
+# precompute's default --limit: what the round reads, distill.steps_per_round x parallel.global_batch (4 x 4 in the
+# pipeline's sets, 3 shards of 6 over 2 ranks). A rank may finish its last shard before the warning signal reaches
+# it; it then exits 0 (the entry point keeps its handlers until the process exits, docs/slurm.md).
+ROUND_READS = 4 * 4
 
 
 @pytest.fixture(scope="module")
@@ -249,9 +249,9 @@ def pipeline(tmp_path_factory):
               {"MCD_FAULT_PAUSE_AT_STEP": 2}, *sets)
         if preempt:  # the reference distill precomputes round 0 itself, uninterrupted
             stage("precompute", "precompute_trajectories_1b.sh", "configs/tiny/distill.yaml", distill,
-                  {"MCD_FAULT_PAUSE_AFTER_SHARDS": 1}, "--limit", str(SPLIT), *sets)
+                  {"MCD_FAULT_PAUSE_AFTER_SHARDS": 1}, *sets)
         stage("distill", "distill_1b.sh", "configs/tiny/distill.yaml", distill,
-              {"MCD_FAULT_PAUSE_AT_STEP": 2}, "--rounds", "1", "--limit", str(SPLIT), *sets)
+              {"MCD_FAULT_PAUSE_AT_STEP": 2}, "--rounds", "1", *sets)
         chains[name] = {"teacher": teacher, "distill": distill, "results": results}
     return chains
 
@@ -292,7 +292,7 @@ def test_resumed_pipeline_equals_the_uninterrupted_one_bit_for_bit(pipeline):
     assert_bit_equal(resolve_teacher_file(pre["teacher"]), resolve_teacher_file(ref["teacher"]))
     traj = os.path.join("round_0", "trajectories")
     a, b = read_all(os.path.join(pre["distill"], traj)), read_all(os.path.join(ref["distill"], traj))
-    assert sorted(a) == sorted(b) == list(range(SPLIT))
+    assert sorted(a) == sorted(b) == list(range(ROUND_READS))
     for g in a:  # every field, bytes (not a tolerance: same teacher, same keyed draws, same layout)
         assert sorted(a[g]) == sorted(b[g]) and len(a[g]) >= 6
         for key in a[g]:

@@ -188,12 +188,39 @@ def test_kill_and_resume(env, tmp_path, capsys):
     assert load_manifest(out) == m
 
 
+def test_warning_signal_after_the_work_exits_0(env, tmp_path):
+    """SLURM's warning signal (SIGUSR1) reaching a rank after precompute() returned, before the process exits
+    (a rank that finished its last shard first): the set is complete, so exit 0, not SIGUSR1's default
+    action (killed, 138 in a shell). The tool sends itself the signal at that point (no timing race)."""
+    out = str(tmp_path / "signalled")
+    shutil.copytree(env["ref"], out)  # every shard resumes: the run is short, the point is what follows it
+    os.remove(os.path.join(out, "manifest.json"))
+    res = run_cli(tool_cmd(env["teacher"], env["data"], out), timeout=240,
+                  env={"MCD_FAULT_SIGNAL_AFTER_WORK": "1"})
+    assert res.returncode == 0, (res.returncode, res.stdout[-3000:])
+    assert "preemption signal after the set was complete; exit 0" in res.stdout
+    assert load_manifest(out) == load_manifest(env["ref"])
+
+
+def test_inprocess_main_puts_the_signal_handlers_back(env, tmp_path, capsys):
+    """Only the process entry keeps its preemption handlers until exit; a caller of main() gets its own back."""
+    import signal
+
+    out = str(tmp_path / "inprocess")
+    shutil.copytree(env["ref"], out)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    rc, _ = run_inprocess(tool_args(env["teacher"], env["data"], out), capsys)
+    assert rc == 0
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
 def test_cli_errors_exit_2(env, tmp_path, capsys):
     from mcd_scale.training.precompute import main
 
     base = ["--data", env["data"], "--samples-per-shard", str(S), "--no-progress"]
     assert main(["--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "o1"), *base]) == 2
-    assert "no model.safetensors" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--teacher {tmp_path / 'nope'} does not exist" in err and "a run directory" in err
     assert main(["--teacher", env["teacher"], "--out", str(tmp_path / "o2"), "--set", "model.seq_len=32", *base]) == 2
     err = capsys.readouterr().err
     assert "seq_len" in err and "model.seq_len is 32" in err

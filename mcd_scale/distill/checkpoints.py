@@ -1,46 +1,25 @@
 """Find and load a teacher's layout-independent weights (``model.safetensors``).
 
-Accepted forms of ``distill.teacher`` (so a user can point at whatever they have):
-a ``.safetensors`` file; a checkpoint directory (``.../checkpoints/step_000600``); a checkpoints root
-(``.../checkpoints``, its ``latest`` is used); or a run directory (``runs/x``, its
-``checkpoints/latest``). Loading never unpickles anything.
+Accepted forms of ``distill.teacher`` (so a user can point at whatever they have) are those of every tool that
+reads a trained model (:mod:`mcd_scale.checkpoint.weights_path`, docs/checkpoints.md): a ``.safetensors`` file; a
+checkpoint directory (``.../checkpoints/step_000600``); a checkpoints root (``.../checkpoints``, its ``latest`` is
+used) or its ``latest`` file; a run directory (``runs/x``, its ``checkpoints/latest``); or an exported directory.
+Loading never unpickles anything.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 from safetensors.torch import load_file
 
 from mcd_scale.checkpoint.integrity import sha256_file, verify_file
+from mcd_scale.checkpoint.weights_path import resolve_weights_path
 
 
-def resolve_teacher_file(path: str) -> str:
-    """The model.safetensors that `path` designates, or a clear FileNotFoundError."""
-    if not path:
-        raise FileNotFoundError("'distill.teacher' is empty: set it to the teacher's run directory, checkpoint "
-                                "directory or model.safetensors file")
-    if os.path.isfile(path):
-        if not path.endswith(".safetensors"):
-            raise ValueError(f"'distill.teacher' = {path}: expected a .safetensors file (convert other formats "
-                             f"with tools/convert_ckpt.py); pickled checkpoints are never loaded")
-        return path
-    candidates = [path, os.path.join(path, "checkpoints")]
-    for root in candidates:
-        direct = os.path.join(root, "model.safetensors")
-        if os.path.isfile(direct):
-            return direct
-        latest = os.path.join(root, "latest")
-        if os.path.isfile(latest):
-            with open(latest, encoding="utf-8") as fh:
-                tag = fh.read().strip()
-            f = os.path.join(root, tag, "model.safetensors")
-            if os.path.isfile(f):
-                return f
-            raise FileNotFoundError(f"{latest} names {tag}, but {f} is missing: the teacher was saved with "
-                                    f"'checkpoint.consolidated: false'; consolidate it with tools/convert_ckpt.py")
-    raise FileNotFoundError(f"'distill.teacher' = {path}: no model.safetensors found there, in "
-                            f"{os.path.join(path, 'checkpoints')}, or via a 'latest' file")
+def resolve_teacher_file(path: str, what: str = "'distill.teacher' =") -> str:
+    """The teacher's model.safetensors that ``path`` designates (:mod:`mcd_scale.checkpoint.weights_path`: a run,
+    checkpoints or checkpoint directory, an export or a .safetensors file); an input error (a
+    FileNotFoundError too when nothing is there) names ``what`` (the flag or field) and the fix."""
+    return resolve_weights_path(path, "model", what)
 
 
 def load_teacher_weights(path: str) -> dict[str, torch.Tensor]:

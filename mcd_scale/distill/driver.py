@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         if n_rounds < 1:
             raise ConfigError(f"--rounds must be >= 1, got {n_rounds}")
         plans = plan_rounds(dataclasses.replace(d, rounds=n_rounds), cfg.diffusion.t_min)
-        teacher = os.path.abspath(resolve_teacher_file(args.teacher))
+        teacher = os.path.abspath(resolve_teacher_file(args.teacher, what="--teacher"))
         verify_file(teacher)  # a truncated/altered teacher now, not after the first child started (streamed sha256)
     except input_errors(ValueError, FileNotFoundError) as exc:
         return fail("distill_rounds", exc)
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
             sets.append(f"data.trajectories={traj}")
         cmd = launch + [os.path.join(REPO, "mcd_scale/train.py"), "--config", *args.config] + _sets(sets)
         train_s = run_child(cmd, f"round {n} train", preemption)
-        student = os.path.abspath(resolve_teacher_file(rdir))
+        student = os.path.abspath(resolve_teacher_file(rdir, what=f"round {n} student"))
         entry.update(round_metrics(rdir), student=student, precompute_s=round(precompute_s, 2),
                      train_s=round(train_s, 2), seconds=round(precompute_s + train_s, 2), status="done")
         record["rounds"].append(entry)

@@ -37,23 +37,11 @@ import yaml
 
 from mcd_scale.cli import InputError
 from mcd_scale.checkpoint.integrity import IntegrityError, read_marker, record_files, sha256_file, verify
+from mcd_scale.checkpoint.weights_path import resolve_checkpoint_dir, weights_in
 from mcd_scale.config import ConfigError, from_dict, load_config, to_yaml, validate_layout
 
 EXPORT_FORMAT = "mcd_scale-export-v1"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the worker ranks import mcd_scale from here
-
-
-def checkpoint_dir(path: str) -> str:
-    """A complete checkpoint directory from a run dir, checkpoints root or checkpoint dir."""
-    for root in (path, os.path.join(path, "checkpoints")):
-        if os.path.exists(os.path.join(root, "COMPLETE")):
-            return root
-        latest = os.path.join(root, "latest")
-        if os.path.isfile(latest):
-            with open(latest, encoding="utf-8") as fh:
-                return os.path.join(root, fh.read().strip())
-    raise InputError(f"{path} is not a run directory, checkpoints directory or checkpoint "
-                     f"(no COMPLETE marker or 'latest' file found)")
 
 
 def check_safetensors(path: str) -> None:
@@ -122,7 +110,7 @@ def inspect(path: str) -> dict:
 
     from mcd_scale.checkpoint.store import list_tags
 
-    ckpt = checkpoint_dir(path)
+    ckpt = resolve_checkpoint_dir(path)
     root = os.path.dirname(ckpt)
     info: dict = {"checkpoint": ckpt, "tags": list_tags(root)}
     bad: set = set()
@@ -273,13 +261,9 @@ def run_tokenizer(cfg: dict):
 
 
 def export(path: str, out: str, ema: bool, force: bool = False) -> str:
-    ckpt = checkpoint_dir(path)
-    name = "model_ema.safetensors" if ema else "model.safetensors"
-    src = os.path.join(ckpt, name)
-    if not os.path.exists(src):
-        raise InputError(f"{src} is missing (saved with checkpoint.consolidated: false"
-                         f"{' or without EMA (train.ema_decay: 0)' if ema else ''}); build it from the DeepSpeed "
-                         f"shards with 'tools/convert_ckpt.py consolidate'")
+    ckpt = resolve_checkpoint_dir(path)
+    src = weights_in(ckpt, "ema" if ema else "model")
+    name = os.path.basename(src)
     replaced = prepare_out(out, force)
     verify(ckpt, [name, "config.resolved.yaml", "train_state.json"])  # before reading any of them
     check_safetensors(src)
@@ -357,7 +341,7 @@ def check_weights_choice(cfg: dict, weights: str, ckpt: str) -> None:
 
 def consolidate(path: str, out: str, weights: str = "raw", dtype: str | None = None, force: bool = False) -> dict:
     """``model.safetensors`` (+ configs) in ``out``, built from the tag's DeepSpeed shards."""
-    ckpt = checkpoint_dir(path)
+    ckpt = resolve_checkpoint_dir(path)
     replaced = prepare_out(out, force)
     verify(ckpt)  # every file: DeepSpeed unpickles its shards
     cfg = read_cfg(ckpt)
@@ -382,7 +366,7 @@ def reshard(path: str, out: str, tp: int, pp: int, zero: int | None = None, worl
     # lazy: loads torch; importing this module does not need it
     from mcd_scale.checkpoint.universal import FILE, UNIVERSAL_ONLY, has_ema
 
-    ckpt = checkpoint_dir(path)
+    ckpt = resolve_checkpoint_dir(path)
     src_cfg_file = os.path.join(ckpt, "config.resolved.yaml")
     sets = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"run.dir={os.path.abspath(out)}", "checkpoint.load=latest"]
     if zero is not None:

@@ -17,9 +17,10 @@ from typing import Optional, Sequence
 import yaml
 
 from mcd_scale.cli import InputError
-from mcd_scale.export.convert import (OutputDir, check_safetensors, check_weights_choice, checkpoint_dir,
-                                          param_count_from_config, prepare_out, read_cfg, run_workers, tag_step)
+from mcd_scale.export.convert import (OutputDir, check_safetensors, check_weights_choice, param_count_from_config,
+                                      prepare_out, read_cfg, run_workers, tag_step)
 from mcd_scale.checkpoint.integrity import verify
+from mcd_scale.checkpoint.weights_path import WEIGHT_FILES, resolve_checkpoint_dir
 from mcd_scale.config import ModelConfig, from_dict
 
 HF_MODELING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_export", "modeling_mcd.py")
@@ -252,7 +253,7 @@ def export_hf(path: str, out: str, weights: str = "raw", tokenizer: Optional[str
     # lazy: loads numpy, sentencepiece; importing this module does not need them
     from mcd_scale.data.tokenizer import TokenizerError, load_tokenizer
 
-    ckpt = checkpoint_dir(path)
+    ckpt = resolve_checkpoint_dir(path)
     cfg = read_cfg(ckpt)
     check_weights_choice(cfg, weights, ckpt)
     if sampler not in SAMPLERS:
@@ -270,7 +271,7 @@ def export_hf(path: str, out: str, weights: str = "raw", tokenizer: Optional[str
                          f"pass the tokenizer the run's data was prepared with")
     rows = read_evaluation(evaluation) if evaluation else None
     replaced = prepare_out(out, force)
-    name = "model_ema.safetensors" if weights == "ema" else "model.safetensors"
+    name = WEIGHT_FILES["ema" if weights == "ema" else "model"]
     have = os.path.exists(os.path.join(ckpt, name))
     verify(ckpt, [name, "config.resolved.yaml", "train_state.json"] if have else None)
     o = OutputDir(out, replaced)

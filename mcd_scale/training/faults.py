@@ -26,6 +26,9 @@ optimizer steps:
 The step is read from the DeepSpeed engine (``global_steps`` + 1), which a resume restores, so a step
 number means the same step in a resumed run.
 
+``MCD_FAULT_SIGNAL_AFTER_WORK=1``: the precompute tool sends itself SIGUSR1 after its work returned
+(:func:`signal_self_after_work`).
+
 ``MCD_FAULT_SAMPLE_LOG=DIR`` records the samples every rank consumes (:class:`SampleLog`, the soak test).
 """
 from __future__ import annotations
@@ -109,6 +112,17 @@ def pause_for_preemption(name: str, timeout_s: float = 120.0) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+SIGNAL_AFTER_WORK_ENV = "MCD_FAULT_SIGNAL_AFTER_WORK"
+
+
+def signal_self_after_work() -> None:
+    """With ``MCD_FAULT_SIGNAL_AFTER_WORK=1`` this process sends itself SIGUSR1 (SLURM's warning signal): called
+    by the precompute tool once its work has returned, it reproduces, without any timing guess, a rank that
+    finished its last shard before the warning signal reached it. The signal is delivered before this returns."""
+    if os.environ.get(SIGNAL_AFTER_WORK_ENV, "") not in ("", "0"):
+        os.kill(os.getpid(), signal.SIGUSR1)
 
 
 ENV_DIES = "MCD_FAULT_RANK_DIES"

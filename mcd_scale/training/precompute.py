@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from mcd_scale.data.manifest import (ManifestError, dumps_manifest, load_manifest, manifest_path,
                                      sha256_file, write_manifest)
+from mcd_scale.errors import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED
 from mcd_scale.training.signals import PreemptionFlag
 from mcd_scale.data.trajectories import (THRESHOLD_PURPOSE, TIME_PURPOSE, TRAJ_FORMAT,
                                          TRAJ_FORMAT_VERSION, sample_time, threshold_K,
@@ -57,7 +58,7 @@ from mcd_scale.distill.rounds import round_dt, round_temperature, round_times
 from mcd_scale.distill.targets import pack_batch, topk_from_logits
 from mcd_scale.parallel import collectives
 from mcd_scale.parallel.distributed import detect_launch_env, init_distributed, shutdown
-from mcd_scale.training.faults import pause_for_preemption
+from mcd_scale.training.faults import pause_for_preemption, signal_self_after_work
 
 TOOL_VERSION = "1"
 PARAMS_NAME = "precompute.json"  # the run's parameters, written on first start; a resume must match
@@ -90,9 +91,9 @@ def load_inputs(args) -> tuple:
     """(cfg, teacher_file, teacher_digest, train dataset, token manifest, config files). Pure reads,
     identical on every rank, so every rank fails the same way before any collective."""
     try:
-        teacher_file = resolve_teacher_file(args.teacher)
+        teacher_file = resolve_teacher_file(args.teacher, what="--teacher")
     except (FileNotFoundError, ValueError) as exc:
-        raise PrecomputeError(f"--teacher: {exc}") from None
+        raise PrecomputeError(str(exc)) from None
     files = list(args.config) if args.config else [find_teacher_config(teacher_file)]
     overrides = list(args.overrides)
     if args.round is not None:
@@ -343,7 +344,10 @@ def dry_run(args, cfg, N: int, S: int, available: int) -> dict:
     return {"dry_run": plan, "rank": 0}
 
 
-def precompute(args) -> dict:
+def precompute(args, preempt: Optional[PreemptionFlag] = None) -> dict:
+    """One round's trajectory set (module docstring). ``preempt``: the caller's preemption flag, installed for
+    longer than this call (the entry point's, for the process's lifetime); without one, a flag is installed for
+    the shard loop only and the previous handlers are put back after it."""
     # lazy: loads megatron; importing this module does not need it
     from mcd_scale.model.build import build_model
     from mcd_scale.model.weights import load_full_state_dict, load_safetensors
@@ -417,7 +421,9 @@ def precompute(args) -> dict:
     # number of boundary agreements (the longest work list), idle ranks just vote.
     # The handlers only set a flag, so they are put back when this loop ends, however it ends (a handler left
     # behind would make the process immune to SIGTERM afterwards: a caller's timeout could not stop it).
-    preempt = PreemptionFlag()
+    own_flag = preempt is None
+    if own_flag:
+        preempt = PreemptionFlag()
     try:
         rounds = int(collectives.all_reduce(torch.tensor([float(len(todo))], dtype=torch.float64, device=dims.device),
                                              op="max").item())
@@ -447,7 +453,8 @@ def precompute(args) -> dict:
             if collectives.any_rank(preempt.requested):
                 raise Preempted(f"preemption signal: stopped after {written} shard(s) of this rank; rerun to resume")
     finally:
-        preempt.restore()
+        if own_flag:
+            preempt.restore()
     elapsed = time.perf_counter() - t0
     if progress is not None:
         progress.close()
@@ -492,31 +499,53 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, process_entry: bool = False) -> int:
+    """The tool: exit 0 (the set is complete), 2 (bad input), 4 (preempted: finished shards kept, rerun).
+
+    The preemption handlers are installed here, before any work, not only around the shard loop: a rank that
+    finishes its last shard and returns from :func:`precompute` before SLURM's warning signal reaches it would
+    otherwise be killed by SIGUSR1's default action (exit 138, which no batch script requeues or accepts). A
+    signal that arrives once the set is complete changes nothing (exit 0). As the process's entry point
+    (``process_entry``, tools/precompute_trajectories.py) the handlers stay installed until the process exits;
+    an in-process caller (the tests) gets its previous handlers back.
+    """
     args = build_parser().parse_args(argv)
+    preempt = PreemptionFlag()
     try:
-        res = precompute(args)
+        return _run(args, preempt)
+    finally:
+        if not process_entry:
+            preempt.restore()
+
+
+def _run(args, preempt: PreemptionFlag) -> int:
+    try:
+        res = precompute(args, preempt)
+        signal_self_after_work()
     except Preempted as exc:  # every rank agreed at a shard boundary: finished shards are kept
         print(f"precompute_trajectories: {exc}", file=sys.stderr, flush=True)
         shutdown()
-        return 4
+        return EXIT_PREEMPTED
     except (PrecomputeError, *input_error_types()) as exc:  # a truncated/altered teacher file is one too
         if debug():  # MCD_DEBUG=1: the traceback too
             raise
         print(f"{rank_prefix()}precompute_trajectories: error: {' '.join(str(exc).split())}", file=sys.stderr,
               flush=True)
         shutdown(drain=False)
-        return 2
+        return EXIT_CONFIG
+    if preempt.requested:  # after the last boundary: the work is done, nothing to save or rerun
+        print(f"{rank_prefix()}precompute_trajectories: preemption signal after the set was complete; exit 0",
+              file=sys.stderr, flush=True)
     if "dry_run" in res:
         print(json.dumps(res["dry_run"], indent=2), flush=True)
-        return 0
+        return EXIT_OK
     if res["rank"] == 0:
         print(f"precompute_trajectories: {res['manifest']['num_samples']} samples in {res['num_shards']} shards -> "
               f"{args.out} (computed {res['computed']}, {res['skipped_shards']} shard(s) of rank 0 resumed; "
               f"{res['samples_per_s']:.1f} samples/s)", flush=True)
     shutdown()
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(process_entry=True))

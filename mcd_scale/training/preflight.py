@@ -35,10 +35,7 @@ def check_inputs(cfg, verify_checkpoint: bool = False) -> dict:
     if cfg.train.objective != "mdlm" and cfg.distill.teacher:
         from mcd_scale.distill.checkpoints import resolve_teacher_file
 
-        try:
-            checked["teacher"] = resolve_teacher_file(cfg.distill.teacher)
-        except FileNotFoundError as exc:
-            raise InputError(str(exc)) from None
+        checked["teacher"] = resolve_teacher_file(cfg.distill.teacher)  # an InputError names the fix
     root = checkpoint_root(cfg.run.dir)
     tag = resolve_load_tag(root, cfg.checkpoint.load)
     if tag is not None:
