@@ -1,10 +1,14 @@
 """Fitting a network to per-token targets (mcd_scale/eval/multidraw.py), on a tiny hand-made model."""
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from mcd_scale.diffusion.schedules import LogLinear
-from mcd_scale.eval.multidraw import TargetSet, forward_states, target_cross_entropy, train_on_targets
+from mcd_scale.eval.multidraw import (TargetSet, forward_states, load_targets, save_targets, target_cross_entropy,
+                                     train_on_targets)
 
 V, L = 5, 6
 
@@ -61,3 +65,24 @@ def test_forward_states_mask_at_the_schedules_rate_and_cover_every_step():
     z2, _ = forward_states(x, 4, LogLinear(), V, seed=0, split="train")
     z3, _ = forward_states(x, 4, LogLinear(), V, seed=0, split="val")
     assert torch.equal(z, z2) and not torch.equal(z, z3)
+
+
+def test_reported_kl_is_ce_minus_the_targets_entropy_and_falls_to_zero():
+    train, val = _targets(32, 1), _targets(8, 2)
+    model = PerPosition()
+    # independent reference: KL(q || uniform) = log V - H(q) for the untrained (uniform) model
+    h = float(-(val.logq.exp() * val.logq).sum(-1).mean())
+    fit = train_on_targets(model, train, val, V, lr=0.1, batch=8, max_epochs=60, patience=5)
+    assert abs(fit["val_target_entropy"] - h) < 1e-5
+    assert abs(fit["val_kl_start"] - (math.log(V) - h)) < 1e-4
+    assert 0 <= fit["best_val_kl"] < 0.02
+
+
+def test_targets_cache_round_trips_and_refuses_other_settings(tmp_path):
+    t = _targets(4, 0)
+    path = str(tmp_path / "targets.train.safetensors")
+    save_targets(path, t, {"draws": 8, "states": 4})
+    back = load_targets(path, {"draws": 8, "states": 4})
+    assert torch.equal(back.z, t.z) and torch.equal(back.t, t.t) and torch.equal(back.logq, t.logq)
+    with pytest.raises(ValueError, match="draws=8.*16"):
+        load_targets(path, {"draws": 16, "states": 4})

@@ -31,6 +31,10 @@ def main(argv=None) -> int:
     ap.add_argument("--num-samples", type=int, default=32)
     ap.add_argument("--max-epochs", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--targets-cache", default=None,
+                    help="prefix of safetensors files holding the targets: read if present (and built with the same "
+                         "settings), written otherwise; lets other fits reuse the costly targets")
     a = ap.parse_args(argv)
     import torch
     torch.set_num_threads(1)
@@ -39,10 +43,13 @@ def main(argv=None) -> int:
         out = run_experiment(a.teacher, a.data, os.path.join(a.data, "chain.json"), a.out, steps=a.steps,
                              draws=a.draws, groups=a.groups, continuation_steps=a.continuation_steps,
                              train_states=a.train_states, val_states=a.val_states, num_samples=a.num_samples,
-                             seed=a.seed, max_epochs=a.max_epochs, log=lambda m: print(m, flush=True))
+                             seed=a.seed, max_epochs=a.max_epochs, lr=a.lr,
+                             targets_cache=a.targets_cache, log=lambda m: print(m, flush=True))
     except input_errors(FileNotFoundError, ValueError, KeyError) as exc:
         return fail("multidraw_train", exc)
-    print(f"multidraw_train: best held-out CE {out['best_val_ce']:.4f}, {out['seconds']:.0f} s -> {a.out}")
+    print(f"multidraw_train: held-out KL to the targets {out['val_kl_start']:.4f} (the teacher) -> "
+          f"{out['best_val_kl']:.4f} (best epoch); target entropy {out['val_target_entropy']:.4f}; "
+          f"{out['seconds']:.0f} s -> {a.out}")
     return 0
 
 

@@ -93,6 +93,34 @@ def target_cross_entropy(logits: torch.Tensor, targets: TargetSet, idx: torch.Te
     return (ce * masked).sum() / masked.sum().clamp(min=1)
 
 
+def target_entropy(targets: TargetSet, V: int) -> float:
+    """Mean over masked positions of H(q): the floor of :func:`target_cross_entropy` (CE - H = KL(q || p))."""
+    masked = targets.z == V
+    q = targets.logq.exp()
+    h = -(q * targets.logq).sum(-1)
+    return float((h * masked).sum() / masked.sum().clamp(min=1))
+
+
+def save_targets(path: str, targets: TargetSet, meta: dict) -> None:
+    """The targets as safetensors (no pickle), with what they were built from in the metadata; written atomically."""
+    from safetensors.torch import save_file
+    save_file({"z": targets.z.contiguous(), "t": targets.t.contiguous(), "logq": targets.logq.contiguous()},
+              path + ".tmp", metadata={k: json.dumps(v) for k, v in meta.items()})
+    os.replace(path + ".tmp", path)
+
+
+def load_targets(path: str, meta: dict) -> TargetSet:
+    """Targets saved by :func:`save_targets`; refused (ValueError naming the field) if built from other settings."""
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as fh:
+        saved = {k: json.loads(v) for k, v in (fh.metadata() or {}).items()}
+        for k, v in meta.items():
+            if saved.get(k) != v:
+                raise ValueError(f"{path}: targets built with {k}={saved.get(k)!r}, this run asks {v!r}; "
+                                 "pass another --targets-cache or delete this file")
+        return TargetSet(fh.get_tensor("z"), fh.get_tensor("t"), fh.get_tensor("logq"))
+
+
 def _snapshot(model: torch.nn.Module) -> dict:
     return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
 
@@ -110,8 +138,9 @@ def train_on_targets(model: torch.nn.Module, train: TargetSet, val: TargetSet, V
             idx = torch.arange(len(val.z))
             return float(target_cross_entropy(model(val.z, val.t), val, idx, V))
 
+    floor = target_entropy(val, V)  # CE - floor = KL(target || student) on the held-out states
     best, best_state, history, since = val_loss(), _snapshot(model), [], 0
-    history.append({"epoch": 0, "val_ce": best})
+    history.append({"epoch": 0, "val_ce": best, "val_kl": best - floor})
     for epoch in range(1, max_epochs + 1):
         model.train()
         perm = torch.randperm(len(train.z), generator=gen)
@@ -125,9 +154,9 @@ def train_on_targets(model: torch.nn.Module, train: TargetSet, val: TargetSet, V
             opt.step()
             total += loss.item() * len(idx)
         v = val_loss()
-        history.append({"epoch": epoch, "train_ce": total / len(perm), "val_ce": v})
+        history.append({"epoch": epoch, "train_ce": total / len(perm), "val_ce": v, "val_kl": v - floor})
         if log:
-            log(f"epoch {epoch}: train CE {total / len(perm):.4f}, held-out CE {v:.4f}")
+            log(f"epoch {epoch}: train CE {total / len(perm):.4f}, held-out CE {v:.4f} (KL to the targets {v - floor:.4f})")
         if v < best - 1e-4:
             best, since = v, 0
             best_state = _snapshot(model)
@@ -137,7 +166,8 @@ def train_on_targets(model: torch.nn.Module, train: TargetSet, val: TargetSet, V
                 break
     model.load_state_dict(best_state)
     model.eval()
-    return {"best_val_ce": best, "history": history}
+    return {"best_val_ce": best, "val_target_entropy": floor, "val_kl_start": history[0]["val_kl"],
+            "best_val_kl": best - floor, "history": history}
 
 
 def load_model_file(path: str, device: str = "cpu"):
@@ -162,6 +192,7 @@ def load_model_file(path: str, device: str = "cpu"):
 def run_experiment(teacher_path: str, data: str, chain_path: str, out: str, steps: int = 16, draws: int = 8,
                    groups: int = 3, continuation_steps: int = 64, train_states: int = 192, val_states: int = 32,
                    num_samples: int = 32, temperatures=(0.8, 0.9, 1.0), seed: int = 0, max_epochs: int = 40,
+                   lr: float = 3e-4, targets_cache: Optional[str] = None,
                    log: Callable[[str], None] = print) -> dict:
     """Targets from the ceiling on the teacher, the student (the teacher's weights) fitted to them, and the
     student's samples at ``steps`` written as samples JSONL rows (model "mcd-multidraw") to ``out``."""
@@ -189,10 +220,21 @@ def run_experiment(teacher_path: str, data: str, chain_path: str, out: str, step
         return forward_states(x, steps, schedule, V, seed, split)
 
     start = time.perf_counter()
-    tr = build_targets(ceiling, *states("train", train_states), V, log=log)
-    va = build_targets(ceiling, *states("val", val_states), V, log=log)
-    log(f"targets built in {time.perf_counter() - start:.0f} s")
-    fit = train_on_targets(student, tr, va, V, seed=seed, max_epochs=max_epochs, log=log)
+    meta = {"teacher": os.path.abspath(teacher_path), "steps": steps, "draws": draws, "groups": groups,
+            "continuation_steps": continuation_steps, "seed": seed}
+    sets = {}
+    for split, n in (("train", train_states), ("val", val_states)):
+        cache = f"{targets_cache}.{split}.safetensors" if targets_cache else None
+        if cache and os.path.exists(cache):
+            sets[split] = load_targets(cache, {**meta, "states": n})
+            log(f"targets: {split} read from {cache}")
+            continue
+        sets[split] = build_targets(ceiling, *states(split, n), V, log=log)
+        if cache:
+            save_targets(cache, sets[split], {**meta, "states": n})
+    tr, va = sets["train"], sets["val"]
+    log(f"targets ready in {time.perf_counter() - start:.0f} s")
+    fit = train_on_targets(student, tr, va, V, lr=lr, seed=seed, max_epochs=max_epochs, log=log)
 
     def student_fn(z, t):
         with torch.no_grad():
@@ -209,7 +251,8 @@ def run_experiment(teacher_path: str, data: str, chain_path: str, out: str, step
                                      "train_states": train_states, "nfe": res.nfe,
                                      "seconds_per_sample": res.seconds / num_samples}) + "\n")
     os.replace(out + ".tmp", out)
-    summary = {"best_val_ce": fit["best_val_ce"], "history": fit["history"], "seconds": time.perf_counter() - start}
+    summary = {k: fit[k] for k in ("best_val_ce", "val_target_entropy", "val_kl_start", "best_val_kl", "history")}
+    summary.update(seconds=time.perf_counter() - start, train_states=train_states, val_states=val_states, lr=lr)
     with open(out + ".fit.json", "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=1)
     return summary
