@@ -6,6 +6,26 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import pytest  # noqa: E402  (after the environment defaults above, which must precede any torch/deepspeed import)
 
+# The long tier: tests marked ``@pytest.mark.long`` are long variants of checks that a shorter test makes in the
+# suite; they run only with MCD_LONG_TESTS=1 (tools/dev/long_tests.py). docs/testing.md lists each one and the test
+# that covers it in the suite.
+LONG_TESTS_ENV = "MCD_LONG_TESTS"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"long: a long variant, run only with {LONG_TESTS_ENV}=1 "
+                                       "(tools/dev/long_tests.py); docs/testing.md names its short cover")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get(LONG_TESTS_ENV, "") == "1":
+        return
+    skip = pytest.mark.skip(reason=f"long tier ({LONG_TESTS_ENV}=1, tools/dev/long_tests.py; covered short: "
+                                   "docs/testing.md)")
+    for item in items:
+        if item.get_closest_marker("long") is not None:
+            item.add_marker(skip)
+
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):

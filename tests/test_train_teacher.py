@@ -263,12 +263,22 @@ def test_universal_checkpoint_resumes_at_another_layout(prepared, zero1_ref, tmp
     assert "tp 1 -> 2" in out and "checkpoint.universal: true" in out
 
 
-def test_nonfinite_policy_skips_then_aborts(prepared, tmp_path):
+# One ZeRO-1 DP=2 run of 4 steps whose step 2 is non-finite (read-only, shared): the skip policy's run and the
+# PP=1 side of the PP=2 comparison.
+NAN_AT_2 = ["train.steps=4", "parallel.zero_stage=1", "checkpoint.every=0"]
+
+
+@pytest.fixture(scope="module")
+def nan_at_2_pp1(prepared, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("nan_at_2") / "pp1"
+    res = train(run_dir, prepared, 2, NAN_AT_2, env={"MCD_FAULT_NAN_STEPS": "2"})
+    assert res.returncode == 0, res.stdout[-4000:]
+    return run_dir
+
+
+def test_nonfinite_policy_skips_then_aborts(prepared, nan_at_2_pp1, tmp_path):
     """One NaN step is skipped and counted; K in a row aborts with the 'diverged' exit code (3)."""
-    ok = train(tmp_path / "skip", prepared, 2, ["train.steps=4", "checkpoint.every=0"],
-               env={"MCD_FAULT_NAN_STEPS": "2"})
-    assert ok.returncode == 0, ok.stdout[-4000:]
-    rows = [json.loads(x) for x in open(tmp_path / "skip" / "metrics.jsonl") if '"train"' in x]
+    rows = [json.loads(x) for x in open(nan_at_2_pp1 / "metrics.jsonl") if '"train"' in x]
     assert rows[-1]["skipped_total"] == 1
     assert all(r["loss"] == r["loss"] for r in rows if r["step"] != 2)
     codes, out = train_ranks(tmp_path / "abort", prepared, 2, ["train.steps=6", "checkpoint.every=0",
@@ -278,20 +288,17 @@ def test_nonfinite_policy_skips_then_aborts(prepared, tmp_path):
     assert "non-finite losses in a row" in out
 
 
-def test_pp2_skips_a_nonfinite_step_like_pp1(prepared, tmp_path):
+def test_pp2_skips_a_nonfinite_step_like_pp1(prepared, nan_at_2_pp1, tmp_path):
     """The pipeline engine (PP=2) skips a NaN step through mcd_scale/training/nonfinite.py and ends in the state
     the plain engine (PP=1, DP=2) reaches with the same skip: same losses after it (fp32, rtol 1e-5)."""
-    common = ["train.steps=4", "parallel.zero_stage=1", "checkpoint.every=0"]
-    nan2 = {"MCD_FAULT_NAN_STEPS": "2"}
-    a = train(tmp_path / "pp1", prepared, 2, common, env=nan2)
-    assert a.returncode == 0, a.stdout[-4000:]
-    b = train(tmp_path / "pp2", prepared, 2, common + ["parallel.pp=2"], env=nan2)
+    common = NAN_AT_2
+    b = train(tmp_path / "pp2", prepared, 2, common + ["parallel.pp=2"], env={"MCD_FAULT_NAN_STEPS": "2"})
     assert b.returncode == 0, b.stdout[-4000:]
-    for run in ("pp1", "pp2"):
-        rows = [json.loads(x) for x in open(tmp_path / run / "metrics.jsonl") if '"train"' in x]
+    for run in (nan_at_2_pp1, tmp_path / "pp2"):
+        rows = [json.loads(x) for x in open(run / "metrics.jsonl") if '"train"' in x]
         assert rows[-1]["skipped_total"] == 1, (run, rows[-1])
         assert [r["step"] for r in rows if r["loss"] != r["loss"]] == [2], run
-    la, lb = losses(tmp_path / "pp1"), losses(tmp_path / "pp2")
+    la, lb = losses(nan_at_2_pp1), losses(tmp_path / "pp2")
     # Step 3 after a skipped step 2 differs from step 3 after a real update: the comparison is not vacuous.
     c = train(tmp_path / "pp1_clean", prepared, 2, common)
     assert c.returncode == 0, c.stdout[-4000:]
