@@ -152,8 +152,9 @@ def test_zero3_tp2_dp2_matches_zero0(prepared, dp2_zero0_ref, tmp_path):
 def test_bf16_zero3_tp2_tracks_fp32(prepared, tmp_path):
     """The 1B configs' precision and layout (bf16, ZeRO-3, TP=2 x DP=2, 4 ranks) on CPU: losses within bf16
     rounding of fp32 ZeRO-0 (and not equal to them: bf16 really ran), and the bf16 optimizer states are saved.
-    Kill -9 + bit-exact resume of this combination (with activation checkpointing on top) is
-    tests/test_recipe_1b.py::test_teacher_1b_shrunk_resumes_bit_exact_after_kill."""
+    The bit-exact resume of this combination (with activation checkpointing on top) is
+    tests/test_recipe_1b.py::test_teacher_1b_shrunk_resumes_bit_exact_from_its_step_1_checkpoint (the kill -9
+    variant is the long tier's test_teacher_1b_shrunk_resumes_bit_exact_after_kill)."""
     ref = train(tmp_path / "fp32", prepared, 2, ["train.steps=4", "parallel.zero_stage=0", "checkpoint.every=0"])
     assert ref.returncode == 0, ref.stdout[-4000:]
     bf16 = ["train.steps=4", "parallel.zero_stage=3", "parallel.tp=2", "train.precision=bf16", "checkpoint.every=4"]
