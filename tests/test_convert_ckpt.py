@@ -171,8 +171,9 @@ def _reshard_teacher(teacher, tmp_path) -> str:
 
 def test_reshard_teacher_from_shards_samples_and_resumes_at_tp2_pp2(teacher, tmp_path):
     """Reshard rebuilds the weights and the universal checkpoint from shards (equal to the live run's files, bit
-    for bit; resuming from a live universal checkpoint at TP=2 + ZeRO-3, PP=2 and ZeRO-0 is
-    tests/test_train_teacher.py::test_universal_checkpoint_resumes_at_another_layout); the resharded run inspects
+    for bit; resuming from a live universal checkpoint at TP=2 + ZeRO-3 and ZeRO-0 is
+    tests/test_train_teacher.py::test_universal_checkpoint_resumes_at_another_layout, at PP=2 the long tier's
+    test_universal_checkpoint_resumes_at_pp2); the resharded run inspects
     clean, samples as it is, and resumes at TP=2 x PP=2 (4 ranks, ZeRO-1) continuing the uninterrupted losses
     (rtol 1e-5); consolidating the TP=2 x PP=2 shards gives the file that run wrote."""
     from tests.test_train_teacher import assert_close, losses

@@ -152,8 +152,9 @@ def test_zero3_tp2_dp2_matches_zero0(prepared, dp2_zero0_ref, tmp_path):
 def test_bf16_zero3_tp2_tracks_fp32(prepared, tmp_path):
     """The 1B configs' precision and layout (bf16, ZeRO-3, TP=2 x DP=2, 4 ranks) on CPU: losses within bf16
     rounding of fp32 ZeRO-0 (and not equal to them: bf16 really ran), and the bf16 optimizer states are saved.
-    Kill -9 + bit-exact resume of this combination (with activation checkpointing on top) is
-    tests/test_recipe_1b.py::test_teacher_1b_shrunk_resumes_bit_exact_after_kill."""
+    The bit-exact resume of this combination (with activation checkpointing on top) is
+    tests/test_recipe_1b.py::test_teacher_1b_shrunk_resumes_bit_exact_from_its_step_1_checkpoint (the kill -9
+    variant is the long tier's test_teacher_1b_shrunk_resumes_bit_exact_after_kill)."""
     ref = train(tmp_path / "fp32", prepared, 2, ["train.steps=4", "parallel.zero_stage=0", "checkpoint.every=0"])
     assert ref.returncode == 0, ref.stdout[-4000:]
     bf16 = ["train.steps=4", "parallel.zero_stage=3", "parallel.tp=2", "train.precision=bf16", "checkpoint.every=4"]
@@ -229,14 +230,37 @@ def _checkpoint_copy(src_run, tag, dst_run, drop=()):
     return dst_run
 
 
+# The universal resume runs: ZERO1_REF's settings less its ZeRO stage, each resume adding its own layout.
+UNIVERSAL_RESUME = ["train.steps=6", "checkpoint.every=3", "checkpoint.universal=true", "checkpoint.keep_last=0"]
+
+
+def _universal_resume_continues(zero1_ref, prepared, tmp_path, name, nproc, layout):
+    """Resume a copy of the shared ZeRO-1 reference's step-3 checkpoint at ``layout`` through
+    universal.safetensors; steps 4-6 must continue the uninterrupted run's losses (rtol 1e-5)."""
+    run = _checkpoint_copy(zero1_ref, "step_000003", tmp_path / name)
+    res = train(run, prepared, nproc, UNIVERSAL_RESUME + layout)
+    assert res.returncode == 0, res.stdout[-4000:]
+    assert "universal resume from" in res.stdout and "resumed from" in res.stdout
+    assert_close(losses(run), losses(zero1_ref), [4, 5, 6], 1e-5, f"universal resume at {name} vs uninterrupted ZeRO-1")
+
+
+@pytest.mark.long  # the suite resumes a universal file equal to the live one at TP=2 x PP=2:
+# tests/test_convert_ckpt.py::test_reshard_teacher_from_shards_samples_and_resumes_at_tp2_pp2
+def test_universal_checkpoint_resumes_at_pp2(prepared, zero1_ref, tmp_path):
+    """The ZeRO-1 DP=2 run's step-3 universal checkpoint resumes at PP=2 (ZeRO-1) and continues its losses."""
+    _universal_resume_continues(zero1_ref, prepared, tmp_path, "pp2", 2, ["parallel.zero_stage=1", "parallel.pp=2"])
+
+
 def test_universal_checkpoint_resumes_at_another_layout(prepared, zero1_ref, tmp_path):
-    """checkpoint.universal: a ZeRO-1 DP=2 run's step-3 checkpoint resumes at ZeRO-3 TP=2, at PP=2 and at
-    ZeRO-0 on one rank, and each continues with the uninterrupted run's losses (rtol 1e-5, the layout-parity
-    tolerance; with the moments left at zero step 5 is off by ~2e-2). Without universal.safetensors
-    another layout is refused on every rank with exit 2 naming the fix."""
+    """checkpoint.universal: a ZeRO-1 DP=2 run's step-3 checkpoint resumes at ZeRO-3 TP=2 and at ZeRO-0 on one
+    rank, and each continues with the uninterrupted run's losses (rtol 1e-5, the layout-parity tolerance; with the
+    moments left at zero step 5 is off by ~2e-2). Without universal.safetensors another layout is refused on every
+    rank with exit 2 naming the fix. (The resume at PP=2 is the long tier's
+    test_universal_checkpoint_resumes_at_pp2; in the suite a universal file equal to the live one resumes at
+    TP=2 x PP=2 in tests/test_convert_ckpt.py::test_reshard_teacher_from_shards_samples_and_resumes_at_tp2_pp2.)"""
     from safetensors.torch import load_file
 
-    common = ["train.steps=6", "checkpoint.every=3", "checkpoint.universal=true", "checkpoint.keep_last=0"]
+    common = UNIVERSAL_RESUME
     assert set(common + ["parallel.zero_stage=1"]) == set(ZERO1_REF)  # the shared reference is this run
     ckpt = zero1_ref / "checkpoints" / "step_000003"
     uni, weights = load_file(ckpt / "universal.safetensors"), load_file(ckpt / "model.safetensors")
@@ -247,15 +271,9 @@ def test_universal_checkpoint_resumes_at_another_layout(prepared, zero1_ref, tmp
     assert len(uni) == 3 * len(weights) + 2
     from mcd_scale.export import convert as convert_ckpt
     assert convert_ckpt.inspect(str(zero1_ref))["universal"] is True
-    lref = losses(zero1_ref)
     for name, nproc, layout in (("z3tp2", 2, ["parallel.zero_stage=3", "parallel.tp=2"]),
-                                ("pp2", 2, ["parallel.zero_stage=1", "parallel.pp=2"]),
                                 ("z0", 1, ["parallel.zero_stage=0"])):
-        run = _checkpoint_copy(zero1_ref, "step_000003", tmp_path / name)
-        res = train(run, prepared, nproc, common + layout)
-        assert res.returncode == 0, res.stdout[-4000:]
-        assert "universal resume from" in res.stdout and "resumed from" in res.stdout
-        assert_close(losses(run), lref, [4, 5, 6], 1e-5, f"universal resume at {name} vs uninterrupted ZeRO-1")
+        _universal_resume_continues(zero1_ref, prepared, tmp_path, name, nproc, layout)
     run = _checkpoint_copy(zero1_ref, "step_000003", tmp_path / "no_universal", drop=("universal.safetensors",))
     assert convert_ckpt.inspect(str(run))["universal"] is False
     codes, out = train_ranks(run, prepared, 2, common + ["parallel.zero_stage=3", "parallel.tp=2"])
