@@ -25,6 +25,11 @@ def test_prepare_bench_reports_its_ratios(tmp_path_factory):
     assert out["w1_over_bare"] == w1["tokens_per_s"] / out["bare"]["tokens_per_s"]
     assert out["speedup_2w"] == w2["tokens_per_s"] / w1["tokens_per_s"]
     assert w1["peak_rss_mb"] > 50 and w2["peak_rss_mb"] > 50 and "rss_4x_over_1x" not in out  # --skip-4x
+    # memory sampled from the tree: the 2-worker run is seen as the tool plus its two workers (at least), and the
+    # sum of the processes' own high-water marks bounds the sampled peak from above
+    assert w1["processes_seen"] >= 1 and w2["processes_seen"] >= 3
+    assert w2["peak_hwm_sum_mb"] >= w2["peak_rss_mb"] * 0.99
+    assert out["w1_over_bare_cpu"] == (w1["tokens"] / (w1["main_cpu_s"] + w1["worker_cpu_s"])) / out["bare"]["tokens_per_cpu_s"]
     # CPU: the 1-worker run encodes in its own process, the 2-worker run in its pool
     assert w1["worker_cpu_s"] == 0 and w1["main_cpu_s"] > 0 and w2["worker_cpu_s"] > 0
     assert out["main_cpu_share_2w"] == w2["main_cpu_s"] / (w2["main_cpu_s"] + w2["worker_cpu_s"])
