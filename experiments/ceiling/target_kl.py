@@ -30,16 +30,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import torch
     torch.set_num_threads(1)
-    from safetensors import safe_open
     from mcd_scale.eval.multidraw import (load_model_file, load_targets, target_cross_entropy, target_disagreement,
                                           target_entropy)
     try:
-        def read(path):
-            with safe_open(path, framework="pt") as fh:
-                meta = {k: json.loads(v) for k, v in (fh.metadata() or {}).items()}
-            return load_targets(path, meta)
-
-        targets = read(a.targets)
+        targets = load_targets(a.targets)
         out = {"targets": a.targets, "states": len(targets.z)}
         V = None
         kls = {}
@@ -55,7 +49,7 @@ def main(argv=None) -> int:
         out["target_entropy"] = round(target_entropy(targets, V), 4)
         out["kl_to_targets"] = kls
         if a.noise:
-            out["target_noise_js"] = round(target_disagreement(targets, read(a.noise), V), 4)
+            out["target_noise_js"] = round(target_disagreement(targets, load_targets(a.noise), V), 4)
     except input_errors(FileNotFoundError, ValueError, KeyError) as exc:
         return fail("target_kl", exc)
     print(json.dumps(out))

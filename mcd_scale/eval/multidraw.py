@@ -109,12 +109,13 @@ def save_targets(path: str, targets: TargetSet, meta: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def load_targets(path: str, meta: dict) -> TargetSet:
-    """Targets saved by :func:`save_targets`; refused (ValueError naming the field) if built from other settings."""
+def load_targets(path: str, meta: Optional[dict] = None) -> TargetSet:
+    """Targets saved by :func:`save_targets`; with ``meta``, refused (ValueError naming the field) if built from
+    other settings."""
     from safetensors import safe_open
     with safe_open(path, framework="pt") as fh:
         saved = {k: json.loads(v) for k, v in (fh.metadata() or {}).items()}
-        for k, v in meta.items():
+        for k, v in (meta or {}).items():
             if saved.get(k) != v:
                 raise ValueError(f"{path}: targets built with {k}={saved.get(k)!r}, this run asks {v!r}; "
                                  "pass another --targets-cache or delete this file")
@@ -233,30 +234,30 @@ def run_experiment(teacher_path: str, data: str, chain_path: str, out: str, step
     start = time.perf_counter()
     meta = {"teacher": os.path.abspath(teacher_path), "steps": steps, "draws": draws, "groups": groups,
             "continuation_steps": continuation_steps, "seed": seed}
-    sets = {}
-    for split, n in (("train", train_states), ("val", val_states)):
-        cache = f"{targets_cache}.{split}.safetensors" if targets_cache else None
-        if cache and os.path.exists(cache):
-            sets[split] = load_targets(cache, {**meta, "states": n})
-            log(f"targets: {split} read from {cache}")
-            continue
-        sets[split] = build_targets(ceiling, *states(split, n), V, log=log)
-        if cache:
-            save_targets(cache, sets[split], {**meta, "states": n})
-    tr, va = sets["train"], sets["val"]
+
+    def cached(name: str, meta_of: dict, build: Callable[[], TargetSet]) -> TargetSet:
+        """Targets read from ``{targets_cache}.{name}.safetensors`` when built before with the same settings,
+        else built (and written there when a cache is given)."""
+        path = f"{targets_cache}.{name}.safetensors" if targets_cache else None
+        if path and os.path.exists(path):
+            log(f"targets: {name} read from {path}")
+            return load_targets(path, meta_of)
+        built = build()
+        if path:
+            save_targets(path, built, meta_of)
+        return built
+
+    tr = cached("train", {**meta, "states": train_states},
+                lambda: build_targets(ceiling, *states("train", train_states), V, log=log))
+    va = cached("val", {**meta, "states": val_states},
+                lambda: build_targets(ceiling, *states("val", val_states), V, log=log))
     log(f"targets ready in {time.perf_counter() - start:.0f} s")
     noise = None
     if noise_check:  # the held-out targets again from independent draws: their Monte Carlo noise, in nats
         other = IdealStudent("mcd-ceiling", chain, teacher_fn, steps, schedule, draws=draws, seed=seed + 202,
                              groups=groups, continuation_steps=continuation_steps)
-        cache = f"{targets_cache}.val_noise.safetensors" if targets_cache else None
-        noise_meta = {**meta, "seed": seed + 202, "states": val_states}
-        if cache and os.path.exists(cache):
-            va2 = load_targets(cache, noise_meta)
-        else:
-            va2 = build_targets(other, va.z, va.t, V, log=log)
-            if cache:
-                save_targets(cache, va2, noise_meta)
+        va2 = cached("val_noise", {**meta, "seed": seed + 202, "states": val_states},
+                     lambda: build_targets(other, va.z, va.t, V, log=log))
         noise = target_disagreement(va, va2, V)
         log(f"target noise: Jensen-Shannon divergence between two draw sets of the held-out targets {noise:.4f} nats")
     fit = train_on_targets(student, tr, va, V, lr=lr, seed=seed, max_epochs=max_epochs, log=log)
