@@ -156,22 +156,20 @@ def bare(corpus: str, tokenizer: str, mb: float) -> dict:
 
 def _descendants(root: int) -> list[int]:
     """root and every live process below it (from /proc/*/stat's parent pid)."""
-    parent = {}
+    children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
                 with open(f"/proc/{name}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-                parent[int(name)] = int(fields[1])
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
-    tree, frontier = {root}, [root]
+            children.setdefault(ppid, []).append(int(name))
+    tree, frontier = [root], [root]
     while frontier:
-        p = frontier.pop()
-        for child, pp in parent.items():
-            if pp == p and child not in tree:
-                tree.add(child)
-                frontier.append(child)
+        kids = children.get(frontier.pop(), [])
+        tree += kids
+        frontier += kids
     return sorted(tree)
 
 
