@@ -38,7 +38,7 @@ from mcd_scale.cli import InputError
 from mcd_scale.data.encode_worker import encode_chunk, worker_init
 from mcd_scale.data.ingest import BadDocument, IngestError, SourceInfo, decode_document, find_sources, iter_documents
 from mcd_scale.data.loader import SPLITS, TOKENS_FORMAT, TOKENS_FORMAT_VERSION
-from mcd_scale.data.manifest import manifest_path, sha256_bytes, sha256_file, write_manifest
+from mcd_scale.data.manifest import manifest_path, sha256_file, write_manifest
 from mcd_scale.data.packing import PACKS, Packer, SplitAssigner, smallest_keys, token_dtype
 from mcd_scale.data.shards import ShardedDataset, write_shards
 from mcd_scale.data.tokenizer import (TextTokenizer, TokenizerError, load_tokenizer, train_tokenizer,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
 import socket
 import time
 from dataclasses import dataclass, field

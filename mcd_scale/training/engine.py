@@ -12,7 +12,6 @@ Order of construction (why it is this order):
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from types import SimpleNamespace
 from typing import Callable, Iterable, Optional

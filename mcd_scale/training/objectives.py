@@ -7,8 +7,6 @@ Every random draw is keyed by (seed, global sample id, step) so any layout compu
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from mcd_scale.config import Config

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterator, Optional
+from typing import Optional
 
 from mcd_scale.data import bad_input, skip_log
 from mcd_scale.parallel import collectives
