@@ -78,15 +78,17 @@ def list_tags(root: str) -> list[str]:
     return sorted(tags, key=lambda d: int(TAG_RE.match(d).group(1)))
 
 
-def read_latest(root: str) -> Optional[str]:
+def read_latest(root: str, fix: Optional[str] = None) -> Optional[str]:
+    """The tag ``root/latest`` names, None without a ``latest`` file; a tag that is missing or incomplete is
+    refused with ``fix`` (default: the training run's)."""
     path = os.path.join(root, "latest")
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as fh:
         tag = fh.read().strip()
-    if not os.path.exists(os.path.join(root, tag, "COMPLETE")):
-        raise MissingCheckpoint(f"{path} names '{tag}' but {os.path.join(root, tag)} is missing or incomplete; "
-                                f"point 'checkpoint.load' at one of {list_tags(root)} or remove the run directory")
+    if not tag or not os.path.exists(os.path.join(root, tag, "COMPLETE")):
+        fix = fix or f"point 'checkpoint.load' at one of {list_tags(root)} or remove the run directory"
+        raise MissingCheckpoint(f"{path} names '{tag}' but {os.path.join(root, tag)} is missing or incomplete; {fix}")
     return tag
 
 

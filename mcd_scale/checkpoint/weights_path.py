@@ -24,7 +24,7 @@ import os
 from typing import Optional
 
 from mcd_scale.checkpoint.integrity import MARKER
-from mcd_scale.checkpoint.store import list_tags
+from mcd_scale.checkpoint.store import list_tags, read_latest
 from mcd_scale.errors import InputError, MissingCheckpoint
 
 WEIGHT_FILES = {"model": "model.safetensors", "ema": "model_ema.safetensors"}
@@ -52,16 +52,11 @@ def _tag_dir(root: str, what: str, path: str) -> Optional[str]:
     names, or None when it holds neither."""
     if os.path.isfile(os.path.join(root, MARKER)):
         return root
-    latest = os.path.join(root, LATEST)
-    if not os.path.isfile(latest):
-        return None
-    with open(latest, encoding="utf-8") as fh:
-        tag = fh.read().strip()
-    tag_dir = os.path.join(root, tag)
-    if not tag or not os.path.isfile(os.path.join(tag_dir, MARKER)):
-        raise MissingCheckpoint(f"{_label(what, path)}: {latest} names '{tag}' but {tag_dir} is missing or incomplete; "
-                                f"pass one of the complete checkpoints {list_tags(root) or '(none)'} instead")
-    return tag_dir
+    try:
+        tag = read_latest(root, fix=f"pass one of the complete checkpoints {list_tags(root) or '(none)'} instead")
+    except MissingCheckpoint as exc:
+        raise MissingCheckpoint(f"{_label(what, path)}: {exc}") from None
+    return None if tag is None else os.path.join(root, tag)
 
 
 def weights_in(tag_dir: str, which: str = "model", what: str = "", path: str = "") -> str:
