@@ -336,3 +336,44 @@ def test_preemption_saves_and_exits_for_requeue(prepared, tmp_path):
     assert second.returncode == 0, second.stdout[-4000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000005"
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tb"))
+
+
+def test_warning_signal_after_the_run_exits_0(prepared, tmp_path):
+    """SLURM's warning signal (SIGUSR1) reaching a rank after fit() returned, before the process exits (logger close,
+    plots, process-group shutdown, interpreter exit): the run is complete, so exit 0, not SIGUSR1's default action
+    (killed: -10 here, 138 in a shell). Each rank sends itself the signal at that point (no timing race)."""
+    run = tmp_path / "late"
+    codes, out = train_ranks(run, prepared, 2, ["train.steps=2", "checkpoint.every=0"],
+                             env={"MCD_FAULT_SIGNAL_AFTER_WORK": "1"})
+    assert codes == [0, 0], out[-4000:]
+    assert out.count("train: preemption signal after the run finished; exit 0") == 2, out[-4000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000002"
+
+
+def main_inprocess_handlers(run_dir: str, prepared: str) -> dict:
+    """One rank (tests.mp.run_ranks): mcd_scale.train.main called as a library, with the caller's own
+    SIGUSR1/SIGTERM handlers installed; are they the ones installed when it returns?"""
+    import signal
+
+    from mcd_scale.train import main
+
+    def callers_handler(signum, frame):
+        pass
+
+    sigs = (signal.SIGUSR1, signal.SIGTERM)
+    for sig in sigs:
+        signal.signal(sig, callers_handler)
+    argv = ["--config", "configs/tiny/teacher.yaml", "--set", f"data.path={prepared}", "--set", f"run.dir={run_dir}"]
+    for o in TINY + ["train.steps=1", "checkpoint.every=0"]:
+        argv += ["--set", o]
+    code = main(argv)
+    return {"code": code, "restored": [signal.getsignal(sig) is callers_handler for sig in sigs]}
+
+
+def test_inprocess_main_puts_the_signal_handlers_back(prepared, tmp_path):
+    """Only the process entry keeps its preemption handlers until exit; a caller of main() gets its own back."""
+    from tests.mp import run_ranks
+
+    [res] = run_ranks("tests.test_train_teacher:main_inprocess_handlers", 1,
+                      kwargs={"run_dir": str(tmp_path / "inprocess"), "prepared": prepared}, timeout=300)
+    assert res == {"code": 0, "restored": [True, True]}

@@ -26,8 +26,8 @@ optimizer steps:
 The step is read from the DeepSpeed engine (``global_steps`` + 1), which a resume restores, so a step
 number means the same step in a resumed run.
 
-``MCD_FAULT_SIGNAL_AFTER_WORK=1``: the precompute tool sends itself SIGUSR1 after its work returned
-(:func:`signal_self_after_work`).
+``MCD_FAULT_SIGNAL_AFTER_WORK=1``: the precompute tool and ``mcd_scale/train.py`` send themselves SIGUSR1 after
+their work returned (:func:`signal_self_after_work`).
 
 ``MCD_FAULT_SAMPLE_LOG=DIR`` records the samples every rank consumes (:class:`SampleLog`, the soak test).
 """
@@ -119,8 +119,9 @@ SIGNAL_AFTER_WORK_ENV = "MCD_FAULT_SIGNAL_AFTER_WORK"
 
 def signal_self_after_work() -> None:
     """With ``MCD_FAULT_SIGNAL_AFTER_WORK=1`` this process sends itself SIGUSR1 (SLURM's warning signal): called
-    by the precompute tool once its work has returned, it reproduces, without any timing guess, a rank that
-    finished its last shard before the warning signal reached it. The signal is delivered before this returns."""
+    by the precompute tool and by ``mcd_scale/train.py`` once their work has returned, it reproduces, without any
+    timing guess, a rank that finished its last shard or step before the warning signal reached it. The signal is
+    delivered before this returns."""
     if os.environ.get(SIGNAL_AFTER_WORK_ENV, "") not in ("", "0"):
         os.kill(os.getpid(), signal.SIGUSR1)
 

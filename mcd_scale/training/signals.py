@@ -3,7 +3,9 @@
 A handler that only sets a flag swallows the signal: left installed after the loop that polls the flag
 has returned, it makes the process immune to SIGTERM (``timeout``, ``kill``, a scheduler's grace signal)
 for the rest of its life. :class:`PreemptionFlag` therefore restores the previous handlers when closed;
-use it as a context manager, or call :meth:`PreemptionFlag.restore` in a ``finally``.
+use it as a context manager, or call :meth:`PreemptionFlag.restore` in a ``finally``. The one exception is a
+process's entry point (``mcd_scale/train.py``, the precompute tool): its flag stays installed until the process
+exits, so a signal that arrives after the work is done cannot kill the process with the default action.
 """
 from __future__ import annotations
 

@@ -47,14 +47,15 @@ def build_data(cfg: Config, objective_name: str):
     return train, val
 
 
-def run_training(cfg: Config, dims: Optional[ParallelDims] = None) -> int:
-    """Entry used by mcd_scale/train.py. Returns an exit code (see mcd_scale.EXIT_*)."""
+def run_training(cfg: Config, dims: Optional[ParallelDims] = None, preempt: Optional[PreemptionFlag] = None) -> int:
+    """Entry used by mcd_scale/train.py. Returns an exit code (see mcd_scale.EXIT_*). ``preempt``: the caller's
+    preemption flag (:meth:`Trainer.fit`)."""
     own_dist = dims is None
     if dims is None:
         dims = init_distributed(cfg.parallel.tp, cfg.parallel.pp, timeout_s=cfg.distributed.timeout_s)
     finished = False
     try:
-        code = Trainer(cfg, dims).fit()
+        code = Trainer(cfg, dims).fit(preempt)
         finished = True  # every exit of fit() (done, preempted, diverged) is reached by all ranks together
         return code
     finally:
@@ -119,7 +120,10 @@ class Trainer:
         return {"nelbo": out["nelbo"], "ppl_bound": out["ppl_bound"]}
 
     # ------------------------------------------------------------------ the loop
-    def fit(self) -> int:
+    def fit(self, preempt: Optional[PreemptionFlag] = None) -> int:
+        """The step loop. ``preempt``: the caller's preemption flag, installed for longer than this call (the
+        entry point's, for the process's lifetime); without one (benches, gpu_check, tests) a flag is installed
+        for the loop only and the previous handlers are put back when it ends."""
         cfg, state = self.cfg, self.state
         faults = self.faults
         sampler = GlobalBatchSampler(len(self.train_set), cfg.parallel.global_batch, cfg.train.seed)
@@ -132,8 +136,10 @@ class Trainer:
                                      self.dims.world_size, cfg.logging.peak_tflops, start_step=state.step)
         val = None
         # SIGTERM/SIGUSR1 set a flag; the step's one collective carries it (TrainEngine.train_step), so the ranks
-        # agree at a step boundary (never mid-step). The handlers are put back when fit() returns, whatever way.
-        preempt = PreemptionFlag()
+        # agree at a step boundary (never mid-step). Our own handlers are put back when fit() returns, whatever way.
+        own_flag = preempt is None
+        if own_flag:
+            preempt = PreemptionFlag()
         try:
             while state.step < cfg.train.steps:
                 t_wait = time.time()
@@ -194,7 +200,8 @@ class Trainer:
             if exit_code in (EXIT_OK, EXIT_PREEMPTED):
                 self._save()
         finally:
-            preempt.restore()
+            if own_flag:
+                preempt.restore()
             self.logger.close()
             if self.rank == 0:
                 plot_loss_curves(self.run_dir)
