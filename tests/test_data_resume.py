@@ -140,7 +140,7 @@ def test_other_flags_are_refused_and_force_replaces_only_ours(corpus, smol, refe
 def test_tokenizing_workers_start_light_and_return_one_buffer_per_chunk(smol):
     """A spawned worker imports the encoder, not prepare's imports that reach torch (~2 s of CPU per worker,
     part of every run's time); a chunk comes back as one ids buffer with per-document lengths (-1: bad)."""
-    from mcd_scale.data.encode_worker import encode_chunk
+    from mcd_scale.data.prepare_worker import encode_chunk
     from mcd_scale.data.prepare import _Encoder
     from mcd_scale.data.tokenizer import load_tokenizer
 
@@ -157,3 +157,86 @@ def test_tokenizing_workers_start_light_and_return_one_buffer_per_chunk(smol):
     assert ids.dtype == "uint16" and lengths.tolist() == [len(first), -1, len(third)]
     assert ids.tolist() == first.tolist() + third.tolist()
     assert [w for w, _ in bad] == ["f:2"] and nbytes == len(chunk[0][1]) + len(chunk[2][1])
+
+
+def test_crash_with_two_workers_resumes_to_the_same_bytes(corpus, smol, reference, tmp_path):
+    """With --workers 2 the shards are written by the writer pool: a crash in the main process stops the pools
+    with shards possibly in flight (half-written temporaries, or written and not yet recorded); the rerun
+    writes them again from the checkpoint and ends with the uninterrupted run's bytes."""
+    seen = []
+
+    def hook(state):
+        seen.append(state)
+        if len(seen) == 4:
+            raise _Crash()
+
+    out = tmp_path / "out"
+    with pytest.raises(_Crash):
+        prepare(_opts(corpus, out, smol, workers=2, chunk_docs=20, checkpoint_hook=hook))
+    assert seen[-1]["records"]["train"]  # shards were written (and recorded) before the crash
+    resumed_at = []
+    prepare(_opts(corpus, out, smol, workers=2, chunk_docs=20,
+                  checkpoint_hook=lambda st: resumed_at.append(st["next_doc"])))
+    assert resumed_at and resumed_at[0] > 0
+    assert _files(str(out)) == reference
+
+
+class _HeldBack:
+    """A stand-in for the writer pool whose results are not ready until released: shards stay in flight."""
+
+    def __init__(self):
+        self.calls = []
+
+    def apply_async(self, fn, args):
+        pool = self
+
+        class _Result:
+            def __init__(self):
+                self.value = None
+
+            def ready(self):
+                return self.value is not None
+
+            def get(self):
+                if self.value is None:
+                    self.value = fn(*args)
+                return self.value
+
+            wait = get
+
+        r = _Result()
+        pool.calls.append(r)
+        return r
+
+
+def test_a_checkpoint_keeps_the_shards_in_flight_as_unwritten(tmp_path):
+    """The checkpoint of a run whose shards are still being written holds those shards' sequences as
+    not written (records only of written shards); resuming from it gives the same shard bytes."""
+    import numpy as np
+
+    from mcd_scale.data.prepare import _SplitWriter
+
+    seqs = [np.arange(j * 8, j * 8 + 8, dtype=np.uint16) for j in range(11)]
+    straight = _SplitWriter(str(tmp_path / "straight"), "train", 4)
+    for s in seqs:
+        straight.add(s)
+    straight.flush()
+
+    pool = _HeldBack()
+    live = _SplitWriter(str(tmp_path / "resumed"), "train", 4, pool=pool, max_inflight=5)
+    for s in seqs:
+        live.add(s)
+    live.poll()
+    assert len(pool.calls) == 2 and live.records == [] and live.next_id == 0  # two shards in flight
+    unwritten = live.unwritten()
+    assert [u.tolist() for u in unwritten] == [s.tolist() for s in seqs]  # in flight first, then the buffer
+    pool.calls[0].get()
+    live.poll()
+    assert len(live.records) == 1 and live.next_id == 4 and len(live.unwritten()) == 7
+
+    resumed = _SplitWriter(str(tmp_path / "resumed"), "train", 4)  # a rerun from that first checkpoint
+    resumed.buffer = list(unwritten)
+    resumed.hand_out_full()
+    resumed.flush()
+    assert resumed.records == straight.records
+    assert _files(str(tmp_path / "resumed")) == _files(str(tmp_path / "straight"))

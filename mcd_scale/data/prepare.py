@@ -27,7 +27,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 import multiprocessing as mp
 
 import numpy as np
@@ -35,18 +35,20 @@ import sentencepiece
 from tqdm import tqdm
 
 from mcd_scale.cli import InputError
-from mcd_scale.data.encode_worker import encode_chunk, worker_init
+from mcd_scale.data.prepare_worker import (decode_rows, encode_chunk, worker_init, write_shard,
+                                           writer_init)
 from mcd_scale.data.ingest import BadDocument, IngestError, SourceInfo, decode_document, find_sources, iter_documents
 from mcd_scale.data.loader import SPLITS, TOKENS_FORMAT, TOKENS_FORMAT_VERSION
 from mcd_scale.data.manifest import manifest_path, sha256_file, write_manifest
 from mcd_scale.data.packing import PACKS, Packer, SplitAssigner, smallest_keys, token_dtype
-from mcd_scale.data.shards import ShardedDataset, write_shards
+from mcd_scale.data.shards import ShardedDataset
 from mcd_scale.data.tokenizer import (TextTokenizer, TokenizerError, load_tokenizer, train_tokenizer,
                                       training_lines)
 
 TOOL_VERSION = "2"
 STATE_DIR = ".prepare-state"
 DEFAULT_TOKENIZER_SAMPLE_BYTES = 100_000_000
+ENCODERS_PER_WRITER = 8  # shard-writing processes: one per this many encoding workers (see _Encoder)
 _SHARD_NAME = re.compile(r"^shard-\d{6}\.(tar|idx\.npy)(\.tmp)?$")
 
 
@@ -108,15 +110,21 @@ def _tokenizer_identity(tok: TextTokenizer, source: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- workers
 class _Encoder:
-    """Chunks in, results out in submission order; at most ``2 * workers`` chunks in flight (bounded memory)."""
+    """Chunks in, results out in submission order; at most ``2 * workers`` chunks in flight (bounded memory).
+    With more than one worker there are two pools: ``workers`` encoders (which also decode ``heldout.txt``) and
+    ``writer_pool``, the processes that write the shards (:class:`_SplitWriter`): one per
+    :data:`ENCODERS_PER_WRITER` encoders, because a writer imports webdataset (and with it torch: ~220 MB and
+    ~1.5 s of CPU per process, measured) and writes a 1024-token sequence ~12x faster than an encoder makes it."""
 
     def __init__(self, workers: int, init_args: tuple, loaded: Optional[TextTokenizer] = None):
-        self.pool = None
+        self.pool = self.writer_pool = None
         self.pending: collections.deque = collections.deque()
         self.limit = 2 * workers
         if workers > 1:
             # spawn: a forked child would inherit the parent's tokenizer thread pools (and their locks)
-            self.pool = mp.get_context("spawn").Pool(workers, initializer=worker_init, initargs=init_args)
+            ctx = mp.get_context("spawn")
+            self.pool = ctx.Pool(workers, initializer=worker_init, initargs=(*init_args, None, True))
+            self.writer_pool = ctx.Pool(-(-workers // ENCODERS_PER_WRITER), initializer=writer_init)
         else:
             worker_init(*init_args, loaded=loaded)
 
@@ -135,35 +143,113 @@ class _Encoder:
             f, r = self.pending.popleft()
             yield f, r.get()
 
+    def decoded(self, rows: Iterator[np.ndarray], batch: int = 64) -> Iterator[str]:
+        """The texts of ``rows`` in order (the pool's workers decode batches of them, when there is a pool)."""
+        batches = _batched(rows, batch)
+        if self.pool is None:
+            for b in batches:
+                yield from decode_rows(b)
+        else:
+            for texts in self.pool.imap(decode_rows, batches):
+                yield from texts
+
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+        for pool in (self.pool, self.writer_pool):
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+
+
+def _batched(rows: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield np.stack(batch)
+            batch = []
+    if batch:
+        yield np.stack(batch)
 
 
 # ---------------------------------------------------------------------------------------------- writing
 class _SplitWriter:
-    def __init__(self, out: str, name: str, samples_per_shard: int):
+    """One split's shards. Every ``samples_per_shard`` sequences make a shard, written by the writer pool when
+    there is one (``pool``: at most ``max_inflight`` shards handed out and not yet written) or here. ``records`` holds
+    the written shards, in order; ``next_id`` is the number of samples in them. A checkpoint saves the
+    sequences of the shards still in flight as not written (:meth:`unwritten`): a resumed run writes them again,
+    the same bytes under the same names."""
+
+    def __init__(self, out: str, name: str, samples_per_shard: int, pool=None, max_inflight: int = 2):
         self.dir = os.path.join(out, name)
         self.spp = samples_per_shard
+        self.pool, self.max_inflight = pool, max_inflight
         self.buffer: list[np.ndarray] = []
         self.records: list[dict] = []
         self.next_id = 0
+        self.inflight: collections.deque = collections.deque()  # (sequences [n, L], AsyncResult), oldest first
+        self.newly_written = 0  # shards written since the last call of take_newly_written()
 
-    def add(self, seq: np.ndarray) -> bool:
+    def add(self, seq: np.ndarray) -> None:
         self.buffer.append(seq)
-        if len(self.buffer) == self.spp:
-            self.flush()
-            return True
-        return False
+        if len(self.buffer) >= self.spp:
+            self.hand_out_full()
+
+    def hand_out_full(self) -> None:
+        """Every full shard of the buffer (after a resume it may hold several) to the writer."""
+        while len(self.buffer) >= self.spp:
+            seqs, self.buffer = self.buffer[:self.spp], self.buffer[self.spp:]
+            self._hand_out(seqs)
 
     def flush(self) -> None:
-        if not self.buffer:
+        """The last, short shard; then wait until every shard is written."""
+        if self.buffer:
+            seqs, self.buffer = self.buffer, []
+            self._hand_out(seqs)
+        while self.inflight:
+            self._collect_oldest()
+
+    def _hand_out(self, seqs: list[np.ndarray]) -> None:
+        block = np.stack(seqs)
+        number = len(self.records) + len(self.inflight)
+        first_id = self.next_id + sum(len(b) for b, _ in self.inflight)
+        if self.pool is None:
+            self._written(write_shard(self.dir, number, first_id, block))
             return
-        samples = ((self.next_id + j, {"ids": s}) for j, s in enumerate(self.buffer))
-        self.records += write_shards(self.dir, samples, self.spp, first_shard=len(self.records))
-        self.next_id += len(self.buffer)
-        self.buffer = []
+        self.inflight.append((block, self.pool.apply_async(write_shard, (self.dir, number, first_id, block))))
+        while len(self.inflight) > self.max_inflight:
+            self._collect_oldest()
+
+    def _collect_oldest(self) -> None:
+        _, result = self.inflight.popleft()
+        self._written(result.get())
+
+    def _written(self, record: dict) -> None:
+        self.records.append(record)
+        self.next_id += record["num_samples"]
+        self.newly_written += 1
+
+    def poll(self) -> None:
+        """Takes the records of the shards written by now, in order, without waiting."""
+        while self.inflight and self.inflight[0][1].ready():
+            self._collect_oldest()
+
+    def take_newly_written(self) -> int:
+        n, self.newly_written = self.newly_written, 0
+        return n
+
+    def unwritten(self) -> list[np.ndarray]:
+        """The sequences not yet in a written shard, in order: those of the shards in flight, then the buffer."""
+        return [row for block, _ in self.inflight for row in block] + self.buffer
+
+    def settle(self) -> None:
+        """On the way out after an error: let the shards in flight finish (their errors are not this one's), so
+        no temporary file of ours is left half-written when the pool is stopped."""
+        while self.inflight:
+            _, result = self.inflight.popleft()
+            try:
+                result.wait()
+            except Exception:  # noqa: BLE001 - the error being raised is the one the user must see
+                pass
 
 
 def _write_bytes(path: str, data: bytes) -> None:
@@ -414,87 +500,100 @@ def _prepare(o: PrepareOptions) -> dict:
     tok_path = os.path.join(o.out, "tokenizer.model" if tok.kind == "sentencepiece" else "tokenizer")
     encoder = _Encoder(o.workers, (tok_path, o.text_field, o.tokenizer == "train", dtype.name), loaded=tok)
     bar = None
-    if o.progress:
-        bar = tqdm(desc="prepare", unit="doc", initial=next_doc, smoothing=0.1, dynamic_ncols=True)
-    t_loop = time.time()
-    docs_iter = iter_documents(sources, o.text_field, o.doc_boundary, o.dataset_split)
-    run_tokens, run_bytes = 0, 0
-
-    def consume(first: int, result: tuple) -> bool:
-        nonlocal next_doc, num_bytes, run_tokens, run_bytes
-        ids, lengths, bad, nbytes = result
-        finished = False
-        bad_docs = iter(bad)
-        start = 0
-        for j, n in enumerate(lengths.tolist()):
-            doc_index = first + j
-            if n < 0:
-                where, reason = next(bad_docs)
-                if not o.skip_bad_docs:
-                    raise PrepareError(f"{where}: {reason}")
-                skipped.append({"document": doc_index, "where": where, "reason": reason})
-                continue
-            split = assigner.split(doc_index)
-            run_tokens += n + 2
-            for seq in packers[split].add(ids[start:start + n]):
-                finished |= writers[split].add(seq)
-            start += n
-        next_doc = first + len(lengths)
-        num_bytes += nbytes
-        run_bytes += nbytes
-        if bar is not None:
-            el = max(time.time() - t_loop, 1e-9)
-            bar.update(len(lengths))
-            bar.set_postfix_str(f"{run_tokens / el:,.0f} tok/s, {run_bytes / el / 1e6:.1f} MB/s", refresh=False)
-        return finished
-
-    def checkpoint() -> None:
-        nonlocal generation
-        generation += 1
-        st = {"flags": flags, "generation": generation, "next_doc": next_doc, "num_bytes": num_bytes,
-              "skipped": skipped, "tokenizer_sha256": sha256_file(os.path.join(o.out, "tokenizer.model"))
-              if tok.kind == "sentencepiece" else "",
-              "packers": {s: packers[s].state() for s in SPLITS},
-              "records": {s: writers[s].records for s in SPLITS}, "next_id": {s: writers[s].next_id for s in SPLITS}}
-        state.save(st, {s: writers[s].buffer for s in SPLITS}, o.seq_len, dtype)
-        if o.checkpoint_hook is not None:
-            o.checkpoint_hook(st)
-
-    if not resumed:
-        checkpoint()  # from here on the directory always names its flags: a kill is resumed, not refused
     try:
-        for first, chunk in _chunks(docs_iter, o.chunk_docs, next_doc, o.chunk_bytes):
-            for done_first, result in encoder.submit(first, chunk):
-                if consume(done_first, result):
+        for w in writers.values():  # from here on shards are written by the pool's workers, when there is one
+            w.pool, w.max_inflight = encoder.writer_pool, 2
+            w.hand_out_full()  # a resumed buffer also holds the shards that were in flight at its checkpoint
+        if o.progress:
+            bar = tqdm(desc="prepare", unit="doc", initial=next_doc, smoothing=0.1, dynamic_ncols=True)
+        t_loop = time.time()
+        docs_iter = iter_documents(sources, o.text_field, o.doc_boundary, o.dataset_split)
+        run_tokens, run_bytes = 0, 0
+
+        def consume(first: int, result: tuple) -> None:
+            nonlocal next_doc, num_bytes, run_tokens, run_bytes
+            ids, lengths, bad, nbytes = result
+            bad_docs = iter(bad)
+            start = 0
+            for j, n in enumerate(lengths.tolist()):
+                doc_index = first + j
+                if n < 0:
+                    where, reason = next(bad_docs)
+                    if not o.skip_bad_docs:
+                        raise PrepareError(f"{where}: {reason}")
+                    skipped.append({"document": doc_index, "where": where, "reason": reason})
+                    continue
+                split = assigner.split(doc_index)
+                run_tokens += n + 2
+                for seq in packers[split].add(ids[start:start + n]):
+                    writers[split].add(seq)
+                start += n
+            next_doc = first + len(lengths)
+            num_bytes += nbytes
+            run_bytes += nbytes
+            if bar is not None:
+                el = max(time.time() - t_loop, 1e-9)
+                bar.update(len(lengths))
+                bar.set_postfix_str(f"{run_tokens / el:,.0f} tok/s, {run_bytes / el / 1e6:.1f} MB/s", refresh=False)
+
+        def checkpoint() -> None:
+            nonlocal generation
+            generation += 1
+            st = {"flags": flags, "generation": generation, "next_doc": next_doc, "num_bytes": num_bytes,
+                  "skipped": skipped, "tokenizer_sha256": sha256_file(os.path.join(o.out, "tokenizer.model"))
+                  if tok.kind == "sentencepiece" else "",
+                  "packers": {s: packers[s].state() for s in SPLITS},
+                  "records": {s: writers[s].records for s in SPLITS}, "next_id": {s: writers[s].next_id for s in SPLITS}}
+            state.save(st, {s: writers[s].unwritten() for s in SPLITS}, o.seq_len, dtype)
+            if o.checkpoint_hook is not None:
+                o.checkpoint_hook(st)
+
+        if not resumed:
+            checkpoint()  # from here on the directory always names its flags: a kill is resumed, not refused
+
+        def written_a_shard() -> bool:
+            for w in writers.values():
+                w.poll()
+            return sum(w.take_newly_written() for w in writers.values()) > 0
+
+        try:
+            for first, chunk in _chunks(docs_iter, o.chunk_docs, next_doc, o.chunk_bytes):
+                for done_first, result in encoder.submit(first, chunk):
+                    consume(done_first, result)
+                    if written_a_shard():
+                        checkpoint()
+            for done_first, result in encoder.drain():
+                consume(done_first, result)
+                if written_a_shard():
                     checkpoint()
-        for done_first, result in encoder.drain():
-            if consume(done_first, result):
-                checkpoint()
-    except IngestError as exc:
-        raise PrepareError(str(exc)) from None
+        except IngestError as exc:
+            raise PrepareError(str(exc)) from None
+
+        for s in SPLITS:
+            for seq in packers[s].finish():
+                writers[s].add(seq)
+            writers[s].flush()
+        counts = {s: writers[s].next_id for s in SPLITS}
+        if counts["train"] == 0:
+            raise PrepareError(f"no training sequences ({counts}): more text, or smaller --val-docs/--heldout-docs")
+
+        # heldout.txt: the held-out sequences decoded (EOS as a blank line), separated by blank lines
+        heldout_path = os.path.join(o.out, "heldout.txt")
+        with open(heldout_path + ".tmp", "w", encoding="utf-8") as fh:
+            if writers["heldout"].records:
+                ds = ShardedDataset(os.path.join(o.out, "heldout"), manifest={
+                    "num_samples": writers["heldout"].next_id, "shards": writers["heldout"].records})
+                rows = (ds[i]["ids"] for i in range(len(ds)))
+                for i, text in enumerate(encoder.decoded(rows)):
+                    fh.write(("\n\n" if i else "") + text)
+            fh.write("\n")
+        os.replace(heldout_path + ".tmp", heldout_path)
     finally:
+        for w in writers.values():
+            w.settle()
         encoder.close()
         if bar is not None:
             bar.close()
-
-    for s in SPLITS:
-        for seq in packers[s].finish():
-            writers[s].add(seq)
-        writers[s].flush()
-    counts = {s: writers[s].next_id for s in SPLITS}
-    if counts["train"] == 0:
-        raise PrepareError(f"no training sequences ({counts}): more text, or smaller --val-docs/--heldout-docs")
-
-    # heldout.txt: the held-out sequences decoded (EOS as a blank line), separated by blank lines
-    heldout_path = os.path.join(o.out, "heldout.txt")
-    with open(heldout_path + ".tmp", "w", encoding="utf-8") as fh:
-        if writers["heldout"].records:
-            ds = ShardedDataset(os.path.join(o.out, "heldout"), manifest={
-                "num_samples": writers["heldout"].next_id, "shards": writers["heldout"].records})
-            for i in range(len(ds)):
-                fh.write(("\n\n" if i else "") + tok.decode(ds[i]["ids"]))
-        fh.write("\n")
-    os.replace(heldout_path + ".tmp", heldout_path)
 
     tokens = sum(p.tokens for p in packers.values())
     manifest = {
