@@ -92,11 +92,14 @@ def test_crash_after_a_checkpoint_resumes_to_the_same_bytes(corpus, smol, refere
     assert m["splits"]["train"]["num_samples"] > 0
 
 
-def test_kill_9_mid_run_then_rerun_gives_the_same_bytes(corpus, smol, reference, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_kill_9_mid_run_then_rerun_gives_the_same_bytes(corpus, smol, reference, tmp_path, workers):
+    """With 2 workers the kill also takes the pools (they die with the main process) while shards may be in
+    flight in the writer; the rerun (with the same worker count) rewrites those from the checkpoint."""
     out = tmp_path / "out"
     args = [sys.executable, TOOL, corpus, "--tokenizer", smol, "--out", str(out), "--seq-len", "64", "--seed", "11",
             "--val-docs", "0.05", "--heldout-docs", "0.05", "--samples-per-shard", "32", "--chunk-docs", "50",
-            "--quiet"]
+            "--workers", str(workers), "--quiet"]
     proc = subprocess.Popen(args, env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = out / ".prepare-state" / "state.json"
     deadline = time.time() + 120
