@@ -79,13 +79,23 @@ def _sets(items) -> list[str]:
 
 class _Preemption:
     """SIGUSR1/SIGTERM to the driver: passed on to the running child (which saves at its next boundary and
-    exits 4); no further child is started, and the driver exits 4 so the SLURM script requeues."""
+    exits 4); no further child is started, and the driver exits 4 so the SLURM script requeues. :meth:`restore`
+    puts the previous handlers back (an in-process caller's); off the main thread nothing is installed."""
 
     def __init__(self):
         self.requested = False
         self.child: "subprocess.Popen | None" = None
+        self._previous: dict = {}
         for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+
+    def restore(self) -> None:
+        previous, self._previous = self._previous, {}
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
     def _handler(self, signum, frame):
         self.requested = True
@@ -141,12 +151,27 @@ def round_metrics(run_dir: str) -> dict:
     return {"loss": loss, "val_nelbo": nelbo, "last_logged_step": step}
 
 
-def main(argv=None) -> int:
+def main(argv=None, process_entry: bool = False) -> int:
+    """Run the rounds: exit 0 (done), 2 (bad input), 4 (preempted: rerun to resume), or a child's failing code.
+
+    The preemption handlers are installed before the input checks, which hash the teacher file (seconds for a
+    1B teacher): a warning signal then stops the driver before its first child (exit 4), where USR1's default
+    action would have killed it (exit 138). As the process entry (``process_entry``: tools/distill_rounds.py)
+    they stay installed until exit; an in-process caller gets its previous handlers back."""
+    args = parse_args(argv)
+    preemption = _Preemption()
+    try:
+        return _run(args, preemption)
+    finally:
+        if not process_entry:
+            preemption.restore()
+
+
+def _run(args, preemption: _Preemption) -> int:
     # lazy: loads torch; importing this module does not need it
     from mcd_scale.distill.checkpoints import resolve_teacher_file
     from mcd_scale.distill.rounds import plan_rounds
 
-    args = parse_args(argv)
     try:  # the inputs before any child starts: one line, exit 2
         cfg = load_config(args.config, args.overrides)
         d = cfg.distill
@@ -160,7 +185,6 @@ def main(argv=None) -> int:
     except input_errors(ValueError, FileNotFoundError) as exc:
         return fail("distill_rounds", exc)
     launch = launcher_argv(args.launcher)
-    preemption = _Preemption()
     run_dir = os.path.abspath(args.out)
     os.makedirs(run_dir, exist_ok=True)
     summary_path = os.path.join(run_dir, "rounds.json")
