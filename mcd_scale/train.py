@@ -24,7 +24,7 @@ from mcd_scale.parallel.distributed import detect_launch_env  # noqa: E402
 from mcd_scale.parallel.memory_plan import memory_plan  # noqa: E402
 from mcd_scale.training.optim import adamw_options  # noqa: E402
 from mcd_scale.training.preflight import check_inputs  # noqa: E402
-from mcd_scale.training.signals import PreemptionFlag  # noqa: E402
+from mcd_scale.signals import PreemptionFlag, run_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,12 +65,7 @@ def main(argv=None, process_entry: bool = False) -> int:
     in-process caller (the tests) gets its previous handlers back.
     """
     args = build_parser().parse_args(argv)
-    preempt = PreemptionFlag()
-    try:
-        return _run(args, preempt)
-    finally:
-        if not process_entry:
-            preempt.restore()
+    return run_entry(lambda preempt: _run(args, preempt), process_entry)
 
 
 def _run(args, preempt: PreemptionFlag) -> int:

@@ -147,7 +147,7 @@ def test_micro_batches_are_prepared_one_at_a_time_and_fit_restores_signal_handle
 
 
 def test_preemption_flag_sets_on_signal_and_puts_the_old_handlers_back():
-    from mcd_scale.training.signals import PreemptionFlag
+    from mcd_scale.signals import PreemptionFlag
 
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     with PreemptionFlag() as flag:

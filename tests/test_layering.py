@@ -30,7 +30,7 @@ PACKAGE = "mcd_scale"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "rng"),             # exit codes and input-error types; keyed random generators
     ("(root)",),                   # mcd_scale/__init__.py: version, exit codes re-exported
-    ("cli", "config"),             # the CLI convention; the typed config tree
+    ("cli", "config", "signals"),  # the CLI convention; the typed config tree; entry points' preemption flag
     ("parallel",),                 # launch, ParallelDims, collectives, memory plan, the DeepSpeed dict
     ("model",),                    # the transformer, init, weights
     ("checkpoint",),               # save/load, integrity, universal checkpoints, consolidation, export

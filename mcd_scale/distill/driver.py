@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ import time
 from mcd_scale.checkpoint.integrity import verify_file
 from mcd_scale.cli import ArgumentParser, add_config_args, add_out_arg, fail, input_errors
 from mcd_scale.config import ConfigError, load_config
+from mcd_scale.signals import PreemptionFlag, run_entry
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 """The checkout: each round runs its entry points (tools/precompute_trajectories.py, mcd_scale/train.py) as programs."""
@@ -77,28 +77,16 @@ def _sets(items) -> list[str]:
     return out
 
 
-class _Preemption:
+class _Preemption(PreemptionFlag):
     """SIGUSR1/SIGTERM to the driver: passed on to the running child (which saves at its next boundary and
-    exits 4); no further child is started, and the driver exits 4 so the SLURM script requeues. :meth:`restore`
-    puts the previous handlers back (an in-process caller's); off the main thread nothing is installed."""
+    exits 4); no further child is started, and the driver exits 4 so the SLURM script requeues."""
 
     def __init__(self):
-        self.requested = False
-        self.child: "subprocess.Popen | None" = None
-        self._previous: dict = {}
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread
-                pass
-
-    def restore(self) -> None:
-        previous, self._previous = self._previous, {}
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.child: "subprocess.Popen | None" = None  # before the handlers are installed: they read it
+        super().__init__()
 
     def _handler(self, signum, frame):
-        self.requested = True
+        super()._handler(signum, frame)
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signum)
 
@@ -157,14 +145,9 @@ def main(argv=None, process_entry: bool = False) -> int:
     The preemption handlers are installed before the input checks, which hash the teacher file (seconds for a
     1B teacher): a warning signal then stops the driver before its first child (exit 4), where USR1's default
     action would have killed it (exit 138). As the process entry (``process_entry``: tools/distill_rounds.py)
-    they stay installed until exit; an in-process caller gets its previous handlers back."""
+    they stay installed until exit; an in-process caller gets its previous handlers back (:func:`run_entry`)."""
     args = parse_args(argv)
-    preemption = _Preemption()
-    try:
-        return _run(args, preemption)
-    finally:
-        if not process_entry:
-            preemption.restore()
+    return run_entry(lambda preemption: _run(args, preemption), process_entry, _Preemption())
 
 
 def _run(args, preemption: _Preemption) -> int:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from mcd_scale.data.manifest import (ManifestError, dumps_manifest, load_manifest, manifest_path,
                                      sha256_file, write_manifest)
 from mcd_scale.errors import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED
-from mcd_scale.training.signals import PreemptionFlag
+from mcd_scale.signals import PreemptionFlag, run_entry
 from mcd_scale.data.trajectories import (THRESHOLD_PURPOSE, TIME_PURPOSE, TRAJ_FORMAT,
                                          TRAJ_FORMAT_VERSION, sample_time, threshold_K,
                                          thresholds_for)
@@ -510,12 +510,7 @@ def main(argv: Optional[Sequence[str]] = None, process_entry: bool = False) -> i
     an in-process caller (the tests) gets its previous handlers back.
     """
     args = build_parser().parse_args(argv)
-    preempt = PreemptionFlag()
-    try:
-        return _run(args, preempt)
-    finally:
-        if not process_entry:
-            preempt.restore()
+    return run_entry(lambda preempt: _run(args, preempt), process_entry)
 
 
 def _run(args, preempt: PreemptionFlag) -> int:

@@ -22,7 +22,7 @@ from mcd_scale.checkpoint.manager import CheckpointManager
 from mcd_scale.checkpoint.store import TrainState
 from mcd_scale.config import Config, save_resolved
 from mcd_scale.parallel.distributed import ParallelDims, init_distributed, shutdown
-from mcd_scale.training.signals import PreemptionFlag
+from mcd_scale.signals import PreemptionFlag
 from mcd_scale.training.validation import validation_nelbo
 from mcd_scale.data.loader import MicroBatchLoader, open_prepared, step_batches
 from mcd_scale.training.telemetry import MetricsLogger, ThroughputMeter, plot_loss_curves, train_console_line

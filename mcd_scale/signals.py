@@ -4,13 +4,14 @@ A handler that only sets a flag swallows the signal: left installed after the lo
 has returned, it makes the process immune to SIGTERM (``timeout``, ``kill``, a scheduler's grace signal)
 for the rest of its life. :class:`PreemptionFlag` therefore restores the previous handlers when closed;
 use it as a context manager, or call :meth:`PreemptionFlag.restore` in a ``finally``. The one exception is a
-process's entry point (``mcd_scale/train.py``, the precompute tool): its flag stays installed until the process
-exits, so a signal that arrives after the work is done cannot kill the process with the default action.
+process's entry point (``mcd_scale/train.py``, the precompute tool, the distill driver; :func:`run_entry`): its
+flag is installed before any work and stays until the process exits, so a signal that arrives after the work is
+done cannot kill the process with the default action (exit 138, which no batch script accepts as done).
 """
 from __future__ import annotations
 
 import signal
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -43,3 +44,16 @@ class PreemptionFlag:
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+def run_entry(work: Callable[[PreemptionFlag], int], process_entry: bool,
+              flag: Optional[PreemptionFlag] = None) -> int:
+    """``work(flag)`` with the preemption handlers installed before any of it (``flag``, or a new
+    :class:`PreemptionFlag`). As the process's entry point (``process_entry``) the handlers stay installed until
+    the process exits; an in-process caller (the tests) gets its previous handlers back."""
+    flag = flag if flag is not None else PreemptionFlag()
+    try:
+        return work(flag)
+    finally:
+        if not process_entry:
+            flag.restore()
