@@ -36,7 +36,10 @@ def test_prepare_bench_reports_its_ratios(tmp_path_factory):
     # sum of the processes' own high-water marks bounds the sampled peak from above
     assert w1["processes_seen"] >= 1 and w2["processes_seen"] >= 4  # + the shard writer
     assert w2["peak_hwm_sum_mb"] >= w2["peak_rss_mb"] * 0.99
-    assert out["w1_over_bare_cpu"] > 0 and out["bare_drift"] > 0
+    w1_tpc = out["w1_tokens_per_cpu_s_runs"]
+    assert w1_tpc[0] == w1["tokens"] / (w1["main_cpu_s"] + w1["worker_cpu_s"])
+    assert out["w1_over_bare_cpu"] == pytest.approx(
+        (sum(w1_tpc) / 2) / ((bare["tokens_per_cpu_s"] + again["tokens_per_cpu_s"]) / 2), rel=1e-12)
     # CPU: the 1-worker run encodes in its own process, the 2-worker run in its pool
     assert w1["worker_cpu_s"] == 0 and w1["main_cpu_s"] > 0 and w2["worker_cpu_s"] > 0
     assert out["main_cpu_share_2w"] == w2["main_cpu_s"] / (w2["main_cpu_s"] + w2["worker_cpu_s"])

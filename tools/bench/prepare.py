@@ -302,8 +302,8 @@ def main() -> None:
         res["w1_over_bare"] = statistics.mean(res["w1_tokens_per_s_runs"]) / bare_tps
         # the same ratio in CPU time (tokens per CPU second of the whole tool): meaningful on a loaded machine,
         # where wall-time figures taken minutes apart see different loads
-        w1_tpc = statistics.mean(r["tokens"] / (r["main_cpu_s"] + r["worker_cpu_s"]) for r in runs[1])
-        res["w1_over_bare_cpu"] = w1_tpc / bare_tpc
+        res["w1_tokens_per_cpu_s_runs"] = [r["tokens"] / (r["main_cpu_s"] + r["worker_cpu_s"]) for r in runs[1]]
+        res["w1_over_bare_cpu"] = statistics.mean(res["w1_tokens_per_cpu_s_runs"]) / bare_tpc
         res["speedup_2w_pairs"] = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(runs[1], runs[2])]
         res["speedup_2w"] = statistics.median(res["speedup_2w_pairs"])
         w1_cpu = res["w1"]["main_cpu_s"] + res["w1"]["worker_cpu_s"]
